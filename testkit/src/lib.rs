@@ -1,0 +1,145 @@
+//! Test support shared by the vma-rs crates: where the reference vectors live and what
+//! Proxmox's own `vma` tool says they hold (parsed from `spec/vectors/EXPECTED.txt`).
+#![deny(missing_docs)]
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use sha2::{Digest, Sha256};
+
+/// The vectors' folder, `spec/vectors` at the repository root.
+pub fn vectors_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("testkit lives in the workspace")
+        .join("spec/vectors")
+}
+
+/// One file that `vma extract` of a vector produces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpectedFile {
+    /// File name inside the extraction folder (`disk-drive-scsi0.raw`, `qemu-server.conf`).
+    pub name: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Its sha256, lower-case hex.
+    pub sha256: String,
+}
+
+/// What one vector holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Vector {
+    /// The archive's file name, e.g. `vec1-two-drives.vma`.
+    pub file: String,
+    /// The lines `vma list` prints for it, in order.
+    pub list: Vec<String>,
+    /// The files `vma extract` produces.
+    pub files: Vec<ExpectedFile>,
+}
+
+impl Vector {
+    /// Path of the archive.
+    pub fn path(&self) -> PathBuf {
+        vectors_dir().join(&self.file)
+    }
+
+    /// Reads the whole archive.
+    pub fn bytes(&self) -> Vec<u8> {
+        std::fs::read(self.path()).expect("vector readable")
+    }
+
+    /// The expected extracted file of this name.
+    pub fn file(&self, name: &str) -> Option<&ExpectedFile> {
+        self.files.iter().find(|f| f.name == name)
+    }
+}
+
+/// Every vector with its expected contents, in the order EXPECTED.txt names them.
+pub fn vectors() -> Vec<Vector> {
+    let text = std::fs::read_to_string(vectors_dir().join("EXPECTED.txt"))
+        .expect("spec/vectors/EXPECTED.txt readable");
+    let mut by_stem: BTreeMap<String, Vector> = BTreeMap::new();
+    let mut order = Vec::new();
+    let mut listing: Option<String> = None;
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("## ") {
+            let file = rest
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            listing = Some(file.trim_end_matches(".vma").to_string());
+            continue;
+        }
+        if line.starts_with('#') || line.trim().is_empty() {
+            if line.starts_with("# Other") {
+                listing = None;
+            }
+            continue;
+        }
+        if let Some(stem) = &listing {
+            let v = by_stem.entry(stem.clone()).or_default();
+            v.list.push(line.to_string());
+            continue;
+        }
+        let mut parts = line.split_whitespace();
+        let (Some(sha), Some(size), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
+            panic!("unparsed EXPECTED.txt line: {line}");
+        };
+        let (stem, name) = path.split_once('/').expect("archive/file");
+        if !by_stem.contains_key(stem) {
+            order.push(stem.to_string());
+        }
+        let v = by_stem.entry(stem.to_string()).or_default();
+        v.file = format!("{stem}.vma");
+        v.files.push(ExpectedFile {
+            name: name.to_string(),
+            size: size.parse().expect("size"),
+            sha256: sha.to_string(),
+        });
+    }
+    let vectors: Vec<Vector> = order
+        .into_iter()
+        .map(|stem| by_stem.remove(&stem).unwrap())
+        .collect();
+    assert_eq!(vectors.len(), 4, "EXPECTED.txt names four vectors");
+    for v in &vectors {
+        assert!(!v.list.is_empty(), "{}: no `vma list` lines parsed", v.file);
+    }
+    vectors
+}
+
+/// Lower-case hex sha256 of some bytes.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Lower-case hex sha256 of a file.
+pub fn sha256_file(path: &std::path::Path) -> String {
+    let mut hasher = Sha256::new();
+    let mut file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    std::io::copy(&mut file, &mut hasher).expect("read");
+    hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Parses a `CFG:`/`DEV:` line of `vma list` into (kind, size, name), for tests that
+/// compare decoded headers with the reference listing.
+pub fn parse_list_line(line: &str) -> Option<(&str, u64, &str)> {
+    if let Some(rest) = line.strip_prefix("CFG: size: ") {
+        let (size, name) = rest.split_once(" name: ")?;
+        return Some(("CFG", size.parse().ok()?, name));
+    }
+    if let Some(rest) = line.strip_prefix("DEV: dev_id=") {
+        let (_, rest) = rest.split_once(" size: ")?;
+        let (size, name) = rest.split_once(" devname: ")?;
+        return Some(("DEV", size.parse().ok()?, name));
+    }
+    None
+}

@@ -1,0 +1,225 @@
+//! vma-rs's integrity extension: a CRC32C over each extent's data and a seal that closes
+//! the archive, both carried in blockinfo slots with dev_id 0, which every VMA reader skips.
+//!
+//! Layout (see `spec/FORMAT.md`, "Integrity extension"):
+//! - Checksum entry, slot 58 (the 59th, which Proxmox's writer never fills): dev_id 0, mask
+//!   = [`CHECKSUM_TAG`], reserved = [`INTEGRITY_VERSION`], cluster = CRC32C of the
+//!   `block_count * 4096` data bytes that follow the extent header.
+//! - Seal: one extent with block_count 0 and every slot dev_id 0, after the last data
+//!   extent. Slot 0: mask = [`SEAL_TAG`], reserved = version, cluster = payload length.
+//!   Slots 1.. carry the payload, 7 bytes each (mask big-endian, reserved, cluster
+//!   big-endian): the number of extents before the seal (u64 big-endian) and the SHA-256
+//!   of every archive byte before the seal.
+
+use crate::consts::VMA_BLOCKS_PER_EXTENT;
+use crate::extent::{BlockInfo, BlockMask, ExtentHeader};
+use uuid::Uuid;
+
+/// Slot of the per-extent checksum entry.
+pub const CHECKSUM_SLOT: usize = VMA_BLOCKS_PER_EXTENT - 1;
+/// Mask bits that mark a checksum entry (`"CS"`).
+pub const CHECKSUM_TAG: u16 = 0x4353;
+/// Mask bits of slot 0 that mark a seal extent (`"SL"`).
+pub const SEAL_TAG: u16 = 0x534c;
+/// The version this crate writes and understands.
+pub const INTEGRITY_VERSION: u8 = 1;
+/// Payload bytes per seal slot: the 56 bits beside dev_id.
+const SEAL_BYTES_PER_SLOT: usize = 7;
+/// Payload of a version-1 seal: extent count and SHA-256.
+const SEAL_PAYLOAD_LEN: usize = 8 + 32;
+
+/// What an extent header says about the integrity of its data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataChecksum {
+    /// No checksum entry (an archive from another writer, or an extent using all 59 slots).
+    Absent,
+    /// CRC32C of the extent's data bytes.
+    Crc32c(u32),
+    /// A checksum entry of a version this crate does not know: to be reported, not trusted.
+    UnknownVersion(u8),
+}
+
+/// CRC32C (Castagnoli) of extent data, hardware-accelerated where the CPU allows.
+pub fn data_crc32c(data: &[u8]) -> u32 {
+    crc32c::crc32c(data)
+}
+
+/// Continues a CRC32C over more bytes, for data that arrives in pieces.
+pub fn data_crc32c_append(crc: u32, data: &[u8]) -> u32 {
+    crc32c::crc32c_append(crc, data)
+}
+
+impl ExtentHeader {
+    /// The data checksum this extent carries.
+    pub fn data_checksum(&self) -> DataChecksum {
+        let info = self.blockinfo[CHECKSUM_SLOT];
+        if info.dev_id != 0 || info.mask.bits() != CHECKSUM_TAG {
+            return DataChecksum::Absent;
+        }
+        if info.reserved != INTEGRITY_VERSION {
+            return DataChecksum::UnknownVersion(info.reserved);
+        }
+        DataChecksum::Crc32c(info.cluster)
+    }
+
+    /// Records the CRC32C of the extent's data in the checksum slot. Returns `false` (and
+    /// changes nothing) when that slot holds a cluster.
+    pub fn set_data_checksum(&mut self, crc: u32) -> bool {
+        let slot = &mut self.blockinfo[CHECKSUM_SLOT];
+        if slot.dev_id != 0 {
+            return false;
+        }
+        *slot = BlockInfo {
+            mask: BlockMask::from_bits_retain(CHECKSUM_TAG),
+            reserved: INTEGRITY_VERSION,
+            dev_id: 0,
+            cluster: crc,
+        };
+        true
+    }
+}
+
+/// The archive seal: proof that the archive is complete and unaltered up to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seal {
+    /// Number of extents before the seal.
+    pub extents: u64,
+    /// SHA-256 over every archive byte before the seal.
+    pub sha256: [u8; 32],
+}
+
+/// What an extent is, as far as the seal goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SealKind {
+    /// Not a seal: an ordinary extent.
+    NotASeal,
+    /// A version-1 seal.
+    Seal(Seal),
+    /// A seal of a version this crate does not know.
+    UnknownVersion(u8),
+    /// Tagged as a seal but not laid out as one (data, a used slot, a bad length).
+    Malformed,
+}
+
+impl Seal {
+    /// The seal extent header for an archive with this uuid.
+    pub fn to_extent(&self, uuid: Uuid) -> ExtentHeader {
+        let mut payload = [0u8; SEAL_PAYLOAD_LEN];
+        payload[..8].copy_from_slice(&self.extents.to_be_bytes());
+        payload[8..].copy_from_slice(&self.sha256);
+        let mut slots = [BlockInfo::EMPTY; VMA_BLOCKS_PER_EXTENT];
+        slots[0] = BlockInfo {
+            mask: BlockMask::from_bits_retain(SEAL_TAG),
+            reserved: INTEGRITY_VERSION,
+            dev_id: 0,
+            cluster: SEAL_PAYLOAD_LEN as u32,
+        };
+        for (slot, chunk) in slots[1..]
+            .iter_mut()
+            .zip(payload.chunks(SEAL_BYTES_PER_SLOT))
+        {
+            let mut b = [0u8; SEAL_BYTES_PER_SLOT];
+            b[..chunk.len()].copy_from_slice(chunk);
+            *slot = BlockInfo {
+                mask: BlockMask::from_bits_retain(u16::from_be_bytes([b[0], b[1]])),
+                reserved: b[2],
+                dev_id: 0,
+                cluster: u32::from_be_bytes([b[3], b[4], b[5], b[6]]),
+            };
+        }
+        ExtentHeader::new(uuid, slots)
+    }
+
+    /// Classifies an extent header (already decoded and checked) as a seal or not.
+    pub fn from_extent(extent: &ExtentHeader) -> SealKind {
+        let first = extent.blockinfo[0];
+        if first.dev_id != 0 || first.mask.bits() != SEAL_TAG {
+            return SealKind::NotASeal;
+        }
+        if extent.block_count != 0 || extent.blockinfo.iter().any(|s| s.dev_id != 0) {
+            return SealKind::Malformed;
+        }
+        if first.reserved != INTEGRITY_VERSION {
+            return SealKind::UnknownVersion(first.reserved);
+        }
+        if first.cluster as usize != SEAL_PAYLOAD_LEN {
+            return SealKind::Malformed;
+        }
+        let mut payload = Vec::with_capacity(SEAL_PAYLOAD_LEN + SEAL_BYTES_PER_SLOT);
+        for slot in &extent.blockinfo[1..] {
+            payload.extend_from_slice(&slot.mask.bits().to_be_bytes());
+            payload.push(slot.reserved);
+            payload.extend_from_slice(&slot.cluster.to_be_bytes());
+            if payload.len() >= SEAL_PAYLOAD_LEN {
+                break;
+            }
+        }
+        SealKind::Seal(Seal {
+            extents: u64::from_be_bytes(payload[..8].try_into().unwrap()),
+            sha256: payload[8..SEAL_PAYLOAD_LEN].try_into().unwrap(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::header::DeviceId;
+
+    #[test]
+    fn seal_round_trips_through_bytes() {
+        let seal = Seal {
+            extents: 0x0102_0304_0506_0708,
+            sha256: std::array::from_fn(|i| i as u8 * 7 + 1),
+        };
+        let extent = seal.to_extent(Uuid::from_u128(9));
+        let bytes = extent.encode();
+        let back = ExtentHeader::decode(&bytes).unwrap();
+        assert_eq!(back.block_count, 0);
+        assert!(
+            back.clusters().next().is_none(),
+            "no slot a reader would use"
+        );
+        assert_eq!(Seal::from_extent(&back), SealKind::Seal(seal));
+    }
+
+    #[test]
+    fn ordinary_extents_are_not_seals_and_carry_no_checksum() {
+        let mut slots = [BlockInfo::EMPTY; VMA_BLOCKS_PER_EXTENT];
+        slots[0] = BlockInfo::new(DeviceId::new(1).unwrap(), 0, BlockMask::B0);
+        let mut e = ExtentHeader::new(Uuid::nil(), slots);
+        assert_eq!(Seal::from_extent(&e), SealKind::NotASeal);
+        assert_eq!(e.data_checksum(), DataChecksum::Absent);
+        assert!(e.set_data_checksum(0xdead_beef));
+        let back = ExtentHeader::decode(&e.encode()).unwrap();
+        assert_eq!(back.data_checksum(), DataChecksum::Crc32c(0xdead_beef));
+        assert_eq!(back.block_count, 1, "the checksum entry stores no blocks");
+    }
+
+    #[test]
+    fn unknown_versions_and_bad_seals_are_told_apart() {
+        let mut e = Seal {
+            extents: 1,
+            sha256: [0; 32],
+        }
+        .to_extent(Uuid::nil());
+        e.blockinfo[0].reserved = 2;
+        assert_eq!(Seal::from_extent(&e), SealKind::UnknownVersion(2));
+        e.blockinfo[0].reserved = INTEGRITY_VERSION;
+        e.blockinfo[7].dev_id = 1;
+        assert_eq!(Seal::from_extent(&e), SealKind::Malformed);
+        let mut e = ExtentHeader::new(Uuid::nil(), [BlockInfo::EMPTY; VMA_BLOCKS_PER_EXTENT]);
+        e.blockinfo[CHECKSUM_SLOT].mask = BlockMask::from_bits_retain(CHECKSUM_TAG);
+        e.blockinfo[CHECKSUM_SLOT].reserved = 9;
+        assert_eq!(e.data_checksum(), DataChecksum::UnknownVersion(9));
+    }
+
+    #[test]
+    fn crc32c_is_castagnoli() {
+        assert_eq!(data_crc32c(b"123456789"), 0xe306_9283);
+        assert_eq!(
+            data_crc32c_append(data_crc32c(b"1234"), b"56789"),
+            0xe306_9283
+        );
+    }
+}
