@@ -1,0 +1,371 @@
+//! Helpers shared by the integration tests: an in-memory export, a raw NBD
+//! client speaking bytes over a socket, and QEMU tool checks.
+
+#![allow(dead_code)]
+
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use vma_nbd::proto::*;
+use vma_nbd::{BlockSize, Export, Extent, Server, ServerHandle};
+
+/// Granularity at which [`MemExport`] reports holes.
+pub const HOLE_GRANULE: u64 = 64 * 1024;
+
+/// A RAM disk: a `Vec` behind a `Mutex`.
+pub struct MemExport {
+    pub data: Mutex<Vec<u8>>,
+    pub read_only: bool,
+    /// Report all-zero 64 KiB granules as holes in `block_status`.
+    pub report_holes: bool,
+    pub block: BlockSize,
+    pub block_status_calls: AtomicUsize,
+    pub writes: AtomicUsize,
+    pub flushes: AtomicUsize,
+}
+
+impl MemExport {
+    pub fn new(data: Vec<u8>, read_only: bool) -> Arc<Self> {
+        Self::with(data, read_only, false, BlockSize::default())
+    }
+
+    pub fn with(data: Vec<u8>, read_only: bool, report_holes: bool, block: BlockSize) -> Arc<Self> {
+        Arc::new(Self {
+            data: Mutex::new(data),
+            read_only,
+            report_holes,
+            block,
+            block_status_calls: AtomicUsize::new(0),
+            writes: AtomicUsize::new(0),
+            flushes: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn snapshot(&self) -> Vec<u8> {
+        self.data.lock().unwrap().clone()
+    }
+}
+
+impl Export for MemExport {
+    fn size(&self) -> u64 {
+        self.data.lock().unwrap().len() as u64
+    }
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let data = self.data.lock().unwrap();
+        let start = offset as usize;
+        buf.copy_from_slice(&data[start..start + buf.len()]);
+        Ok(())
+    }
+    fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        assert!(
+            !self.read_only,
+            "server called write_at on a read-only export"
+        );
+        let mut data = self.data.lock().unwrap();
+        let start = offset as usize;
+        data[start..start + buf.len()].copy_from_slice(buf);
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.flushes.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+    fn block_status(&self, offset: u64, len: u32) -> io::Result<Vec<Extent>> {
+        self.block_status_calls.fetch_add(1, Ordering::SeqCst);
+        if !self.report_holes {
+            return Ok(vec![Extent::data(u64::from(len))]);
+        }
+        let data = self.data.lock().unwrap();
+        let end = offset + u64::from(len);
+        let mut out = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let granule_end = ((pos / HOLE_GRANULE) + 1) * HOLE_GRANULE;
+            let next = granule_end.min(end);
+            let g_start = (pos / HOLE_GRANULE * HOLE_GRANULE) as usize;
+            let g_end = (granule_end as usize).min(data.len());
+            let zero = data[g_start..g_end].iter().all(|&b| b == 0);
+            out.push(if zero {
+                Extent::hole(next - pos)
+            } else {
+                Extent::data(next - pos)
+            });
+            pos = next;
+        }
+        Ok(out)
+    }
+    fn block_size(&self) -> BlockSize {
+        self.block
+    }
+}
+
+/// Panics unless the QEMU tools used by the tests can be run.
+pub fn require_qemu_tools() {
+    for tool in ["qemu-img", "qemu-io"] {
+        match Command::new(tool).arg("--version").output() {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => panic!(
+                "{tool} --version failed ({}): install QEMU tools (qemu-utils) to run these tests",
+                out.status
+            ),
+            Err(e) => {
+                panic!("cannot run {tool}: {e}; install QEMU tools (qemu-utils) to run these tests")
+            }
+        }
+    }
+}
+
+/// A deterministic, non-zero-heavy test pattern.
+pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u32).wrapping_mul(2_654_435_761).rotate_left(7) as u8 ^ seed)
+        .collect()
+}
+
+/// Starts a server with the given exports on a unix socket in a new tempdir.
+pub fn start(exports: Vec<(&str, Arc<MemExport>)>) -> (tempfile::TempDir, PathBuf, ServerHandle) {
+    let mut b = Server::builder();
+    for (name, e) in exports {
+        b = b.export(name, e);
+    }
+    start_with(b)
+}
+
+pub fn start_with(builder: vma_nbd::ServerBuilder) -> (tempfile::TempDir, PathBuf, ServerHandle) {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("nbd.sock");
+    let handle = builder.build().unwrap().listen_unix(&sock).unwrap();
+    (dir, sock, handle)
+}
+
+pub fn nbd_uri(name: &str, sock: &Path) -> String {
+    format!("nbd+unix:///{name}?socket={}", sock.display())
+}
+
+/// Runs a command, returning its output (never panics on failure status).
+pub fn run(cmd: &str, args: &[&str]) -> Output {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"))
+}
+
+/// Runs a command and panics with its output unless it succeeds.
+pub fn run_ok(cmd: &str, args: &[&str]) -> Output {
+    let out = run(cmd, args);
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A raw NBD client for protocol tests.
+pub struct Client {
+    pub s: UnixStream,
+}
+
+pub struct OptReply {
+    pub option: u32,
+    pub kind: u32,
+    pub data: Vec<u8>,
+}
+
+pub struct Chunk {
+    pub flags: u16,
+    pub kind: u16,
+    pub handle: u64,
+    pub payload: Vec<u8>,
+}
+
+impl Client {
+    /// Connects and does the initial greeting (client flags: fixed newstyle,
+    /// no zeroes).
+    pub fn connect(path: &Path) -> Client {
+        Self::connect_flags(path, FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES)
+    }
+
+    pub fn connect_flags(path: &Path, flags: u32) -> Client {
+        let s = UnixStream::connect(path).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut c = Client { s };
+        let g = c.read_n(18);
+        assert_eq!(&g[..8], b"NBDMAGIC");
+        assert_eq!(&g[8..16], b"IHAVEOPT");
+        assert_eq!(
+            u16::from_be_bytes([g[16], g[17]]),
+            FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES
+        );
+        c.send(&flags.to_be_bytes());
+        c
+    }
+
+    pub fn send(&mut self, b: &[u8]) {
+        self.s.write_all(b).unwrap();
+    }
+
+    pub fn read_n(&mut self, n: usize) -> Vec<u8> {
+        let mut v = vec![0u8; n];
+        self.s.read_exact(&mut v).unwrap();
+        v
+    }
+
+    pub fn option(&mut self, option: u32, data: &[u8]) {
+        let mut v = IHAVEOPT.to_be_bytes().to_vec();
+        v.extend_from_slice(&option.to_be_bytes());
+        v.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        v.extend_from_slice(data);
+        self.send(&v);
+    }
+
+    pub fn opt_reply(&mut self) -> OptReply {
+        let h = self.read_n(20);
+        assert_eq!(
+            u64::from_be_bytes(h[..8].try_into().unwrap()),
+            OPTION_REPLY_MAGIC
+        );
+        let option = u32::from_be_bytes(h[8..12].try_into().unwrap());
+        let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
+        let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
+        let data = self.read_n(len as usize);
+        OptReply { option, kind, data }
+    }
+
+    /// Sends `OPT_INFO`/`OPT_GO` and collects the replies up to the final one.
+    pub fn info(&mut self, option: u32, name: &str, requests: &[u16]) -> (Vec<OptReply>, OptReply) {
+        self.option(option, &info_data(name, requests));
+        let mut infos = Vec::new();
+        loop {
+            let r = self.opt_reply();
+            assert_eq!(r.option, option);
+            if r.kind == REP_INFO {
+                infos.push(r);
+            } else {
+                return (infos, r);
+            }
+        }
+    }
+
+    /// Negotiates (optionally structured replies and `base:allocation`) and
+    /// enters transmission with `OPT_GO`; returns (size, transmission flags).
+    pub fn go(&mut self, name: &str, structured: bool, meta: bool) -> (u64, u16) {
+        if structured {
+            self.option(OPT_STRUCTURED_REPLY, &[]);
+            assert_eq!(self.opt_reply().kind, REP_ACK);
+        }
+        if meta {
+            self.option(OPT_SET_META_CONTEXT, &meta_data(name, &["base:allocation"]));
+            let r = self.opt_reply();
+            assert_eq!(r.kind, REP_META_CONTEXT);
+            assert_eq!(&r.data[4..], b"base:allocation");
+            assert_eq!(self.opt_reply().kind, REP_ACK);
+        }
+        let (infos, fin) = self.info(OPT_GO, name, &[INFO_BLOCK_SIZE]);
+        assert_eq!(
+            fin.kind,
+            REP_ACK,
+            "GO failed: {:?}",
+            String::from_utf8_lossy(&fin.data)
+        );
+        let export = infos
+            .iter()
+            .find(|r| r.data[..2] == INFO_EXPORT.to_be_bytes())
+            .expect("INFO_EXPORT missing");
+        assert_eq!(export.data.len(), 12);
+        let size = u64::from_be_bytes(export.data[2..10].try_into().unwrap());
+        let flags = u16::from_be_bytes(export.data[10..12].try_into().unwrap());
+        (size, flags)
+    }
+
+    pub fn request(&mut self, command: u16, flags: u16, handle: u64, offset: u64, length: u32) {
+        let h = RequestHeader {
+            flags,
+            command,
+            handle,
+            offset,
+            length,
+        };
+        self.send(&h.encode());
+    }
+
+    /// Reads a simple reply: (error, handle).
+    pub fn simple_reply(&mut self) -> (u32, u64) {
+        let r = self.read_n(16);
+        assert_eq!(
+            u32::from_be_bytes(r[..4].try_into().unwrap()),
+            SIMPLE_REPLY_MAGIC
+        );
+        (
+            u32::from_be_bytes(r[4..8].try_into().unwrap()),
+            u64::from_be_bytes(r[8..16].try_into().unwrap()),
+        )
+    }
+
+    pub fn chunk(&mut self) -> Chunk {
+        let r = self.read_n(20);
+        assert_eq!(
+            u32::from_be_bytes(r[..4].try_into().unwrap()),
+            STRUCTURED_REPLY_MAGIC
+        );
+        let len = u32::from_be_bytes(r[16..20].try_into().unwrap());
+        Chunk {
+            flags: u16::from_be_bytes(r[4..6].try_into().unwrap()),
+            kind: u16::from_be_bytes(r[6..8].try_into().unwrap()),
+            handle: u64::from_be_bytes(r[8..16].try_into().unwrap()),
+            payload: self.read_n(len as usize),
+        }
+    }
+
+    /// True if the server closed the connection (EOF or reset).
+    pub fn is_closed(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        match self.s.read(&mut b) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::TimedOut =>
+            {
+                false
+            }
+            Err(_) => true,
+        }
+    }
+
+    pub fn disconnect(mut self) {
+        self.request(CMD_DISC, 0, 0, 0, 0);
+        assert!(self.is_closed());
+    }
+}
+
+pub fn info_data(name: &str, requests: &[u16]) -> Vec<u8> {
+    let mut v = (name.len() as u32).to_be_bytes().to_vec();
+    v.extend_from_slice(name.as_bytes());
+    v.extend_from_slice(&(requests.len() as u16).to_be_bytes());
+    for r in requests {
+        v.extend_from_slice(&r.to_be_bytes());
+    }
+    v
+}
+
+pub fn meta_data(name: &str, queries: &[&str]) -> Vec<u8> {
+    let mut v = (name.len() as u32).to_be_bytes().to_vec();
+    v.extend_from_slice(name.as_bytes());
+    v.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+    for q in queries {
+        v.extend_from_slice(&(q.len() as u32).to_be_bytes());
+        v.extend_from_slice(q.as_bytes());
+    }
+    v
+}
