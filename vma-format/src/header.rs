@@ -323,6 +323,33 @@ impl ArchiveHeader {
         Ok(out)
     }
 
+    /// The archive offset of the first non-zero byte in the header's reserved fields (the
+    /// area after `header_size`, the word after `config_data`, and the reserved parts of every
+    /// `dev_info` entry), or `None` when they are all zero, as Proxmox's writer leaves them.
+    ///
+    /// [`decode`](Self::decode) does not look at them (Proxmox's reader does not either); a
+    /// strict reader calls this too. `bytes` shorter than the fixed header are checked as
+    /// far as they go.
+    pub fn first_nonzero_reserved(bytes: &[u8]) -> Option<usize> {
+        let mut ranges = vec![
+            off::RESERVED..off::CONFIG_NAMES,
+            off::RESERVED2..off::DEV_INFO,
+        ];
+        for id in 0..VMA_MAX_DEVICES {
+            let at = off::DEV_INFO + off::DEV_INFO_SIZE * id;
+            ranges.push(at + off::DEV_RESERVED..at + off::DEV_SIZE);
+            ranges.push(at + off::DEV_RESERVED2..at + off::DEV_INFO_SIZE);
+        }
+        ranges.into_iter().find_map(|r| {
+            let end = r.end.min(bytes.len());
+            let start = r.start.min(end);
+            bytes[start..end]
+                .iter()
+                .position(|&b| b != 0)
+                .map(|p| start + p)
+        })
+    }
+
     /// The device with this id.
     pub fn device(&self, id: DeviceId) -> Option<&DeviceInfo> {
         self.devices.iter().find(|d| d.id == id)
@@ -482,5 +509,40 @@ impl BlobBuilder {
 
     fn bytes(&self) -> &[u8] {
         &self.buffer
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reserved_fields_are_found_wherever_they_are_set() {
+        let header = ArchiveHeader {
+            uuid: Uuid::from_u128(1),
+            ctime: 0,
+            configs: vec![],
+            devices: vec![DeviceInfo {
+                id: DeviceId(3),
+                name: "d".into(),
+                size: 4096,
+            }],
+        };
+        let bytes = header.encode().unwrap();
+        assert_eq!(ArchiveHeader::first_nonzero_reserved(&bytes), None);
+        let dev3 = off::DEV_INFO + 3 * off::DEV_INFO_SIZE;
+        for at in [
+            off::RESERVED,
+            off::CONFIG_NAMES - 1,
+            off::RESERVED2 + 3,
+            dev3 + off::DEV_RESERVED,
+            dev3 + off::DEV_INFO_SIZE - 1,
+        ] {
+            let mut b = bytes.clone();
+            b[at] = 1;
+            assert_eq!(ArchiveHeader::first_nonzero_reserved(&b), Some(at));
+        }
+        // Short input is checked as far as it goes.
+        assert_eq!(ArchiveHeader::first_nonzero_reserved(&bytes[..100]), None);
     }
 }
