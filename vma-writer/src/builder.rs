@@ -1,0 +1,308 @@
+//! Declaring an archive: identity, config entries and devices, before any data.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use vma_format::{
+    ArchiveHeader, ConfigEntry, DeviceId, DeviceInfo, Uuid, VMA_MAX_BLOB_SIZE, VMA_MAX_CONFIGS,
+    VMA_MAX_DEVICE_SIZE, VMA_MAX_WRITER_DEVICE_ID, VMSTATE_DEVICE_NAME,
+};
+
+use crate::error::{Error, Result};
+use crate::file::FileWriter;
+use crate::writer::Writer;
+
+/// Tells the tokens of one builder from those of another.
+static NEXT_ARCHIVE: AtomicU64 = AtomicU64::new(1);
+
+/// A disk of the archive, as [`Builder::add_device`] hands it out; pass it to the write
+/// calls. Cheap to copy and to send to other threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Device {
+    pub(crate) id: DeviceId,
+    pub(crate) archive: u64,
+}
+
+impl Device {
+    /// The device's id in the archive (1, 2, ... in declaration order).
+    pub fn id(&self) -> DeviceId {
+        self.id
+    }
+}
+
+/// The VM's RAM-state stream (the device `vmstate`), as [`Builder::add_vmstate`] hands it
+/// out; pass it to [`WriterHandle::append_vmstate`](crate::WriterHandle::append_vmstate).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct VmState {
+    pub(crate) id: DeviceId,
+    pub(crate) archive: u64,
+}
+
+impl VmState {
+    /// The stream's device id in the archive.
+    pub fn id(&self) -> DeviceId {
+        self.id
+    }
+}
+
+/// Declares an archive: its uuid and time, its config entries and its devices. Turning it
+/// into a [`Writer`] with [`build`](Builder::build) (or [`create_file`](Builder::create_file))
+/// consumes it, so nothing can be declared once data has started.
+#[derive(Debug)]
+pub struct Builder {
+    pub(crate) archive: u64,
+    pub(crate) header: ArchiveHeader,
+    pub(crate) integrity: bool,
+    pub(crate) fsync: bool,
+}
+
+impl Default for Builder {
+    fn default() -> Builder {
+        Builder::new()
+    }
+}
+
+impl Builder {
+    /// An empty declaration with a random (v4) uuid, the current time, the integrity
+    /// extension on and fsync on (for file output).
+    pub fn new() -> Builder {
+        let ctime = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+            .unwrap_or(0);
+        Builder {
+            archive: NEXT_ARCHIVE.fetch_add(1, Ordering::Relaxed),
+            header: ArchiveHeader {
+                uuid: Uuid::new_v4(),
+                ctime,
+                configs: Vec::new(),
+                devices: Vec::new(),
+            },
+            integrity: true,
+            fsync: true,
+        }
+    }
+
+    /// Sets the archive's uuid (to reproduce an archive bit for bit).
+    pub fn uuid(&mut self, uuid: Uuid) -> &mut Builder {
+        self.header.uuid = uuid;
+        self
+    }
+
+    /// Sets the creation time, in seconds since the Unix epoch.
+    pub fn ctime(&mut self, secs: i64) -> &mut Builder {
+        self.header.ctime = secs;
+        self
+    }
+
+    /// Switches vma-rs's integrity extension (a CRC32C per extent and a SHA-256 seal at
+    /// the end, both invisible to other readers) on or off. Off, the archive's layout is
+    /// exactly what Proxmox's own writer produces. Default: on.
+    pub fn integrity(&mut self, on: bool) -> &mut Builder {
+        self.integrity = on;
+        self
+    }
+
+    /// For [`create_file`](Builder::create_file) only: whether finishing fsyncs the
+    /// archive before renaming it into place, and its directory after. Default: on.
+    pub fn fsync(&mut self, on: bool) -> &mut Builder {
+        self.fsync = on;
+        self
+    }
+
+    /// The archive's uuid (random unless set).
+    pub fn archive_uuid(&self) -> Uuid {
+        self.header.uuid
+    }
+
+    /// Adds a config entry. Like Proxmox's `vma create`, only the basename of `name` is
+    /// stored (`/etc/pve/qemu-server/100.conf` becomes `100.conf`).
+    ///
+    /// Fails for an unusable or duplicate name, data over 65535 bytes, or a 257th entry.
+    pub fn add_config(&mut self, name: &str, data: &[u8]) -> Result<()> {
+        let name = name.rsplit('/').next().unwrap_or(name);
+        check_name("config", name)?;
+        if self.header.configs.iter().any(|c| c.name == name) {
+            return Err(Error::DuplicateName {
+                kind: "config",
+                name: name.to_owned(),
+            });
+        }
+        if data.len() > VMA_MAX_BLOB_SIZE {
+            return Err(Error::ConfigTooLarge {
+                name: name.to_owned(),
+                len: data.len(),
+                max: VMA_MAX_BLOB_SIZE,
+            });
+        }
+        if self.header.configs.len() >= VMA_MAX_CONFIGS {
+            return Err(Error::TooManyConfigs {
+                max: VMA_MAX_CONFIGS,
+            });
+        }
+        self.header.configs.push(ConfigEntry {
+            name: name.to_owned(),
+            data: data.to_vec(),
+        });
+        Ok(())
+    }
+
+    /// Adds a disk of `size` bytes (recorded as given; see
+    /// [`round_up_to_sector`](crate::round_up_to_sector) for Proxmox's rounding). Ids are
+    /// handed out 1, 2, ... in the order of `add_device` and `add_vmstate` calls.
+    ///
+    /// Fails for an unusable or duplicate name, the name `vmstate`, size 0, a size over
+    /// 256 TiB, or a 255th device.
+    pub fn add_device(&mut self, name: &str, size: u64) -> Result<Device> {
+        if name == VMSTATE_DEVICE_NAME {
+            return Err(Error::ReservedName);
+        }
+        let id = self.push_device(name, size)?;
+        Ok(Device {
+            id,
+            archive: self.archive,
+        })
+    }
+
+    /// Adds the VM's RAM-state stream (the device `vmstate`) of `size` bytes, written with
+    /// [`append_vmstate`](crate::WriterHandle::append_vmstate).
+    pub fn add_vmstate(&mut self, size: u64) -> Result<VmState> {
+        let id = self.push_device(VMSTATE_DEVICE_NAME, size)?;
+        Ok(VmState {
+            id,
+            archive: self.archive,
+        })
+    }
+
+    fn push_device(&mut self, name: &str, size: u64) -> Result<DeviceId> {
+        check_name("device", name)?;
+        if self.header.devices.iter().any(|d| d.name == name) {
+            return Err(Error::DuplicateName {
+                kind: "device",
+                name: name.to_owned(),
+            });
+        }
+        if size == 0 {
+            return Err(Error::ZeroSizeDevice {
+                name: name.to_owned(),
+            });
+        }
+        if size > VMA_MAX_DEVICE_SIZE {
+            return Err(Error::DeviceTooLarge {
+                name: name.to_owned(),
+                size,
+                max: VMA_MAX_DEVICE_SIZE,
+            });
+        }
+        let next = self.header.devices.len() + 1;
+        let id = u8::try_from(next)
+            .ok()
+            .filter(|&id| id <= VMA_MAX_WRITER_DEVICE_ID)
+            .and_then(DeviceId::new)
+            .ok_or(Error::TooManyDevices {
+                max: VMA_MAX_WRITER_DEVICE_ID as usize,
+            })?;
+        self.header.devices.push(DeviceInfo {
+            id,
+            name: name.to_owned(),
+            size,
+        });
+        Ok(id)
+    }
+
+    /// Encodes the header (which also validates it as a whole).
+    pub(crate) fn encode_header(&self) -> Result<Vec<u8>> {
+        if self.header.configs.is_empty() && self.header.devices.is_empty() {
+            return Err(Error::EmptyArchive);
+        }
+        Ok(self.header.encode()?)
+    }
+
+    /// Starts writing the archive into `sink`, on a dedicated sink thread that owns it
+    /// until [`Writer::finish`] hands it back.
+    ///
+    /// Fails with [`Error::EmptyArchive`] when nothing was declared, or when the header
+    /// cannot be encoded.
+    pub fn build<W: Write + Send + 'static>(self, sink: W) -> Result<Writer<W>> {
+        Writer::start(self, sink)
+    }
+
+    /// Starts writing the archive to the file `path`, under a temporary name in the same
+    /// directory; [`FileWriter::finish`] renames it into place. Fails with
+    /// [`Error::TargetExists`] if `path` exists: an archive is never overwritten.
+    pub fn create_file(self, path: impl AsRef<Path>) -> Result<FileWriter> {
+        FileWriter::create(self, path.as_ref())
+    }
+}
+
+/// A name must be stored as given and be extractable as a plain file name.
+fn check_name(kind: &'static str, name: &str) -> Result<()> {
+    let reason = if name.is_empty() {
+        "is empty"
+    } else if name == "." || name == ".." {
+        "is not a plain file name"
+    } else if name.contains('/') {
+        "contains '/'"
+    } else if name.contains('\0') {
+        "contains a NUL byte"
+    } else if name.len() > 255 {
+        "is longer than 255 bytes"
+    } else {
+        return Ok(());
+    };
+    Err(Error::BadName {
+        kind,
+        name: name.to_owned(),
+        reason,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn declarations_are_checked() {
+        let mut b = Builder::new();
+        b.add_config("/etc/pve/qemu-server/100.conf", b"x").unwrap();
+        assert_eq!(b.header.configs[0].name, "100.conf");
+        assert!(matches!(
+            b.add_config("100.conf", b"y"),
+            Err(Error::DuplicateName { .. })
+        ));
+        assert!(matches!(
+            b.add_config("dir/", b"y"),
+            Err(Error::BadName { .. })
+        ));
+        assert!(matches!(
+            b.add_config("big", &vec![0; 65536]),
+            Err(Error::ConfigTooLarge { .. })
+        ));
+        assert!(matches!(
+            b.add_device("vmstate", 1),
+            Err(Error::ReservedName)
+        ));
+        assert!(matches!(
+            b.add_device("d", 0),
+            Err(Error::ZeroSizeDevice { .. })
+        ));
+        assert!(matches!(
+            b.add_device("d", VMA_MAX_DEVICE_SIZE + 1),
+            Err(Error::DeviceTooLarge { .. })
+        ));
+        for i in 1..=254u32 {
+            let d = b.add_device(&format!("d{i}"), 1).unwrap();
+            assert_eq!(u32::from(d.id().get()), i);
+        }
+        assert!(matches!(
+            b.add_device("one-more", 1),
+            Err(Error::TooManyDevices { max: 254 })
+        ));
+        assert!(matches!(
+            Builder::new().encode_header(),
+            Err(Error::EmptyArchive)
+        ));
+    }
+}

@@ -1,0 +1,119 @@
+//! File output that never leaves a file looking like a complete archive unless it is one.
+
+use std::ffi::OsString;
+use std::fs::{self, File};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tempfile::NamedTempFile;
+
+use crate::builder::{Builder, Device, VmState};
+use crate::error::{Error, Result};
+use crate::writer::{forward_writes, Summary, Writer, WriterHandle};
+
+/// An archive being written to a file. The data goes to `.NAME.partial-XXXXXX` in the
+/// target's directory (mode 0600); only a successful [`finish`](FileWriter::finish)
+/// renames it to `NAME`. An aborted, failed or dropped writer removes the temporary file;
+/// a killed process leaves it behind under its `.partial` name, never under `NAME`.
+///
+/// `NAME` is never overwritten: [`Builder::create_file`] fails if it exists, and the final
+/// rename fails (without replacing anything) if it appeared in the meantime.
+#[derive(Debug)]
+pub struct FileWriter {
+    writer: Writer<NamedTempFile>,
+    path: PathBuf,
+    fsync: bool,
+}
+
+fn file_error(path: &Path, op: &'static str, e: io::Error) -> Error {
+    Error::File {
+        path: path.to_owned(),
+        op,
+        source: Arc::new(e),
+    }
+}
+
+/// The directory a path's file lives in (`.` for a bare name).
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    }
+}
+
+impl FileWriter {
+    pub(crate) fn create(builder: Builder, path: &Path) -> Result<FileWriter> {
+        let Some(name) = path.file_name() else {
+            let e = io::Error::new(io::ErrorKind::InvalidInput, "the path names no file");
+            return Err(file_error(path, "create", e));
+        };
+        match fs::symlink_metadata(path) {
+            Ok(_) => {
+                return Err(Error::TargetExists {
+                    path: path.to_owned(),
+                })
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(file_error(path, "create", e)),
+        }
+        // Validate the declaration before creating anything on disk.
+        builder.encode_header()?;
+        let mut prefix = OsString::from(".");
+        prefix.push(name);
+        prefix.push(".partial-");
+        let temp = tempfile::Builder::new()
+            .prefix(&prefix)
+            .tempfile_in(parent_dir(path))
+            .map_err(|e| file_error(path, "create", e))?;
+        let fsync = builder.fsync;
+        Ok(FileWriter {
+            writer: builder.build(temp)?,
+            path: path.to_owned(),
+            fsync,
+        })
+    }
+
+    forward_writes!(writer.handle);
+
+    /// The final path of the archive.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Finishes the archive (see [`Writer::finish`]), fsyncs it if the builder asked for it
+    /// (the default), renames it to its final name without replacing an existing file, and
+    /// fsyncs the directory. On any error the temporary file is removed.
+    pub fn finish(self) -> Result<Summary> {
+        let FileWriter {
+            writer,
+            path,
+            fsync,
+        } = self;
+        let (summary, temp) = writer.finish()?;
+        if fsync {
+            temp.as_file()
+                .sync_all()
+                .map_err(|e| file_error(temp.path(), "fsync", e))?;
+        }
+        if let Err(e) = temp.persist_noclobber(&path) {
+            return Err(if e.error.kind() == io::ErrorKind::AlreadyExists {
+                Error::TargetExists { path }
+            } else {
+                file_error(&path, "rename", e.error)
+            });
+        }
+        if fsync {
+            let dir = parent_dir(&path);
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| file_error(dir, "fsync", e))?;
+        }
+        Ok(summary)
+    }
+
+    /// Abandons the archive and removes the temporary file.
+    pub fn abort(self) -> Result<()> {
+        self.writer.abort().map(drop)
+    }
+}
