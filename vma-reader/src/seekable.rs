@@ -1,0 +1,524 @@
+//! Random access to the devices of an archive file, without extracting anything.
+//!
+//! Reads go through positional reads ([`FileExt::read_at`]) rather than a memory map:
+//! the bytes are copied once either way (from the page cache into the caller's buffer),
+//! but a mapped file that shrinks under the reader (another process truncating the
+//! archive) kills the process with `SIGBUS`, while `pread` returns an error the caller
+//! can handle. It also needs no `unsafe` and no address space for archives larger than
+//! memory.
+
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use vma_format::integrity::{DataChecksum, Seal, SealKind};
+use vma_format::{
+    cluster, ArchiveHeader, BlockMask, DeviceId, DeviceInfo, VMA_BLOCKS_PER_CLUSTER,
+    VMA_BLOCKS_PER_EXTENT, VMA_BLOCK_SIZE, VMA_CLUSTER_SIZE, VMA_EXTENT_HEADER_SIZE,
+    VMA_MAX_DEVICES,
+};
+
+use crate::error::{Error, Result};
+use crate::index::{DeviceIndex, MAX_RELATIVE_OFFSET};
+use crate::integrity::{IntegrityReport, SealStatus};
+use crate::stream::{decode_extent, read_header};
+use crate::validate::Validator;
+use crate::verify::{verify, VerifyOptions, VerifyReport};
+
+/// Bytes read at once while scanning headers of extents that store no data.
+const SCAN_WINDOW: usize = 64 * 1024;
+
+/// An archive file opened for random access.
+///
+/// Opening reads the header and every extent header (seeking over the data), checks
+/// them all as the streaming reader does (header MD5s, uuid, reserved fields, unknown
+/// devices, clusters past the end, duplicates, missing clusters, truncation) and builds
+/// an index from each cluster to its stored data. See the crate docs for the index's
+/// memory. Data CRC32Cs and the seal's SHA-256 need the data: [`verify_data`](Self::verify_data).
+///
+/// The archive must not change while open: reads of a truncated file fail with an I/O
+/// error, and a rewritten file yields whatever its bytes now are.
+#[derive(Debug, Clone)]
+pub struct SeekableArchive {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    file: File,
+    header: ArchiveHeader,
+    header_size: u64,
+    file_len: u64,
+    /// Indexed by device id.
+    index: Vec<Option<DeviceIndex>>,
+    integrity: IntegrityReport,
+    memory: usize,
+}
+
+/// A device named by id or by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceRef<'a> {
+    /// By id.
+    Id(DeviceId),
+    /// By name.
+    Name(&'a str),
+}
+
+impl From<DeviceId> for DeviceRef<'_> {
+    fn from(id: DeviceId) -> Self {
+        DeviceRef::Id(id)
+    }
+}
+
+impl<'a> From<&'a str> for DeviceRef<'a> {
+    fn from(name: &'a str) -> Self {
+        DeviceRef::Name(name)
+    }
+}
+
+impl<'a> From<&'a String> for DeviceRef<'a> {
+    fn from(name: &'a String) -> Self {
+        DeviceRef::Name(name)
+    }
+}
+
+impl SeekableArchive {
+    /// Opens and indexes the archive at `path`.
+    pub fn open(path: impl AsRef<Path>) -> Result<SeekableArchive> {
+        let file = File::open(path.as_ref()).map_err(|source| Error::Read { offset: 0, source })?;
+        Self::from_file(file)
+    }
+
+    /// Indexes an open archive file.
+    pub fn from_file(file: File) -> Result<SeekableArchive> {
+        let file_len = file
+            .metadata()
+            .map_err(|source| Error::Read { offset: 0, source })?
+            .len();
+        let (header, bytes) = read_header(&mut Positional::new(&file))?;
+        let header_size = bytes.len() as u64;
+        drop(bytes);
+        if file_len.saturating_sub(header_size) > MAX_RELATIVE_OFFSET {
+            return Err(Error::Usage(format!(
+                "archive of {file_len} bytes is larger than the seekable reader can index"
+            )));
+        }
+
+        // A complete archive has a slot for each cluster: bound what the header may make
+        // us allocate by what the file can hold.
+        let clusters: u64 = header
+            .devices
+            .iter()
+            .filter(|d| !d.is_vmstate())
+            .map(DeviceInfo::cluster_count)
+            .sum();
+        let max_clusters = file_len.saturating_sub(header_size) / VMA_EXTENT_HEADER_SIZE as u64
+            * VMA_BLOCKS_PER_EXTENT as u64;
+        if clusters > max_clusters {
+            return Err(Error::TooSmallForDevices {
+                file_len,
+                clusters,
+                max_clusters,
+            });
+        }
+
+        let mut index: Vec<Option<DeviceIndex>> = (0..VMA_MAX_DEVICES).map(|_| None).collect();
+        for d in &header.devices {
+            index[d.id.index()] = Some(DeviceIndex::default());
+        }
+        let mut validator = Validator::new(&header);
+        let mut integrity = IntegrityReport::default();
+        let mut scanner = Scanner::new(&file, file_len);
+        let mut pos = header_size;
+        let mut sealed = false;
+        while pos < file_len {
+            let raw = scanner.header_at(pos)?;
+            let extent = decode_extent(raw, pos, &header)?;
+            match Seal::from_extent(&extent) {
+                SealKind::NotASeal => {}
+                SealKind::Seal(seal) => {
+                    integrity.seal = if seal.extents == integrity.total_extents {
+                        SealStatus::NotVerified
+                    } else {
+                        SealStatus::Mismatch {
+                            offset: pos,
+                            reason: format!(
+                                "it counts {} extents before it, the archive has {}",
+                                seal.extents, integrity.total_extents
+                            ),
+                        }
+                    };
+                    let end = pos + VMA_EXTENT_HEADER_SIZE as u64;
+                    if end < file_len {
+                        return Err(Error::DataAfterSeal { offset: end });
+                    }
+                    validator.finish(pos)?;
+                    sealed = true;
+                    break;
+                }
+                SealKind::UnknownVersion(v) => {
+                    integrity.seal = SealStatus::UnknownVersion(v);
+                    scanner.last_data = 0;
+                    pos += VMA_EXTENT_HEADER_SIZE as u64;
+                    continue;
+                }
+                SealKind::Malformed => return Err(Error::MalformedSeal { offset: pos }),
+            }
+            let len = extent.extent_len() as u64;
+            if pos + len > file_len {
+                return Err(Error::TruncatedExtent {
+                    offset: pos,
+                    got: file_len - pos,
+                    needed: len,
+                });
+            }
+            let data_start = pos + VMA_EXTENT_HEADER_SIZE as u64 - header_size;
+            validator.check_extent(pos, &extent, |slot, range| {
+                if let Some(ix) = index[slot.device.index()].as_mut() {
+                    ix.set(slot.cluster, slot.mask, data_start + range.start as u64);
+                }
+            })?;
+            match extent.data_checksum() {
+                DataChecksum::Absent => {}
+                DataChecksum::Crc32c(_) => integrity.checksummed_extents += 1,
+                DataChecksum::UnknownVersion(_) => integrity.unverifiable_extents += 1,
+            }
+            integrity.total_extents += 1;
+            scanner.last_data = extent.data_len();
+            pos += len;
+        }
+        if !sealed {
+            validator.finish(file_len)?;
+        }
+        drop(validator);
+        for ix in index.iter_mut().flatten() {
+            ix.shrink();
+        }
+        let memory = index.iter().flatten().map(DeviceIndex::memory).sum();
+        Ok(SeekableArchive {
+            shared: Arc::new(Shared {
+                file,
+                header,
+                header_size,
+                file_len,
+                index,
+                integrity,
+                memory,
+            }),
+        })
+    }
+
+    /// The archive header.
+    pub fn header(&self) -> &ArchiveHeader {
+        &self.shared.header
+    }
+
+    /// The archive file's length.
+    pub fn len(&self) -> u64 {
+        self.shared.file_len
+    }
+
+    /// Whether the archive file is empty (never, for an archive that opened).
+    pub fn is_empty(&self) -> bool {
+        self.shared.file_len == 0
+    }
+
+    /// The devices, in id order.
+    pub fn devices(&self) -> &[DeviceInfo] {
+        &self.shared.header.devices
+    }
+
+    /// The data of a config entry.
+    pub fn config(&self, name: &str) -> Option<&[u8]> {
+        self.shared.header.config(name).map(|c| c.data.as_slice())
+    }
+
+    /// What the extent headers say about integrity: `checksummed_extents` counts extents
+    /// that carry a CRC32C (not yet checked), and a seal whose extent count matches is
+    /// [`SealStatus::NotVerified`] until [`verify_data`](Self::verify_data) hashes it.
+    pub fn integrity(&self) -> &IntegrityReport {
+        &self.shared.integrity
+    }
+
+    /// Bytes of memory the index holds.
+    pub fn index_memory(&self) -> usize {
+        self.shared.memory
+    }
+
+    /// Reads the whole archive sequentially, checking every extent's CRC32C and the
+    /// seal's SHA-256, as [`verify`] does.
+    pub fn verify_data(&self, options: VerifyOptions<'_>) -> Result<VerifyReport> {
+        verify(Positional::new(&self.shared.file), options)
+    }
+
+    /// A reader of one device.
+    pub fn device<'a>(&self, which: impl Into<DeviceRef<'a>>) -> Result<DeviceReader> {
+        let which = which.into();
+        let info = match which {
+            DeviceRef::Id(id) => self.shared.header.device(id),
+            DeviceRef::Name(name) => self.shared.header.device_by_name(name),
+        };
+        let Some(info) = info else {
+            return Err(Error::NoSuchDevice(match which {
+                DeviceRef::Id(id) => format!("with id {id}"),
+                DeviceRef::Name(name) => format!("{name:?}"),
+            }));
+        };
+        Ok(DeviceReader {
+            shared: Arc::clone(&self.shared),
+            id: info.id,
+            size: info.size,
+            pos: 0,
+        })
+    }
+}
+
+/// Reads extent headers, in windows when extents are small so that an archive of
+/// mostly zero clusters (headers back to back) is scanned in large reads.
+struct Scanner<'f> {
+    file: &'f File,
+    file_len: u64,
+    window: Vec<u8>,
+    start: u64,
+    last_data: usize,
+}
+
+impl<'f> Scanner<'f> {
+    fn new(file: &'f File, file_len: u64) -> Scanner<'f> {
+        Scanner {
+            file,
+            file_len,
+            window: Vec::with_capacity(SCAN_WINDOW),
+            start: 0,
+            last_data: 0,
+        }
+    }
+
+    fn header_at(&mut self, pos: u64) -> Result<&[u8]> {
+        let need = VMA_EXTENT_HEADER_SIZE as u64;
+        let have = self.file_len - pos;
+        if have < need {
+            return Err(Error::TruncatedExtent {
+                offset: pos,
+                got: have,
+                needed: need,
+            });
+        }
+        let inside = pos >= self.start && pos + need <= self.start + self.window.len() as u64;
+        if !inside {
+            // After an extent with data the next header is far away: read just it.
+            let want = if self.last_data == 0 {
+                SCAN_WINDOW
+            } else {
+                VMA_EXTENT_HEADER_SIZE
+            };
+            let len = (want as u64).min(have) as usize;
+            self.window.resize(len, 0);
+            self.file
+                .read_exact_at(&mut self.window, pos)
+                .map_err(|source| Error::Read {
+                    offset: pos,
+                    source,
+                })?;
+            self.start = pos;
+        }
+        let at = (pos - self.start) as usize;
+        Ok(&self.window[at..at + VMA_EXTENT_HEADER_SIZE])
+    }
+}
+
+/// A `Read` over a file by positional reads, leaving the file's own offset alone.
+struct Positional<'f> {
+    file: &'f File,
+    pos: u64,
+}
+
+impl<'f> Positional<'f> {
+    fn new(file: &'f File) -> Self {
+        Positional { file, pos: 0 }
+    }
+}
+
+impl Read for Positional<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.file.read_at(buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+/// One device of a [`SeekableArchive`] as a byte array: [`Read`] + [`Seek`], and
+/// positional [`read_at`](Self::read_at) that several threads may call at once.
+/// Blocks the archive does not store read as zeros. Cloning is cheap (a reference count
+/// and a position).
+#[derive(Debug, Clone)]
+pub struct DeviceReader {
+    shared: Arc<Shared>,
+    id: DeviceId,
+    size: u64,
+    pos: u64,
+}
+
+impl DeviceReader {
+    /// The device id.
+    pub fn id(&self) -> DeviceId {
+        self.id
+    }
+
+    /// The device info from the header.
+    pub fn info(&self) -> &DeviceInfo {
+        self.shared.header.device(self.id).expect("device exists")
+    }
+
+    /// The device size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn index(&self) -> &DeviceIndex {
+        self.shared.index[self.id.index()]
+            .as_ref()
+            .expect("every device has an index")
+    }
+
+    /// The blocks of a cluster the archive stores (the others read as zeros), or `None`
+    /// for a cluster past the device end.
+    pub fn mask(&self, cluster: u32) -> Option<BlockMask> {
+        cluster::cluster_span(cluster, self.size)?;
+        Some(self.index().get(cluster as u64).0)
+    }
+
+    /// Whether the archive stores any block of this cluster (false past the end).
+    pub fn is_allocated(&self, cluster: u32) -> bool {
+        self.mask(cluster).is_some_and(|m| !m.is_empty())
+    }
+
+    /// From `offset`, how many bytes (at most `max_len`) share one state, stored or
+    /// zero, in 4 KiB blocks: `(length, stored)`, or `None` at or past the device end.
+    /// What an NBD server needs to answer block-status queries with holes.
+    pub fn allocation(&self, offset: u64, max_len: u64) -> Option<(u64, bool)> {
+        if offset >= self.size || max_len == 0 {
+            return None;
+        }
+        let limit = self.size.min(offset.saturating_add(max_len));
+        let block = VMA_BLOCK_SIZE as u64;
+        let stored_at = |at: u64| {
+            let (mask, _) = self.index().get(at / VMA_CLUSTER_SIZE as u64);
+            mask.has_block((at % VMA_CLUSTER_SIZE as u64 / block) as usize)
+        };
+        let state = stored_at(offset);
+        let mut end = (offset / block + 1) * block;
+        while end < limit {
+            // Whole zero clusters without an entry are skipped at once.
+            let (mask, _) = self.index().get(end / VMA_CLUSTER_SIZE as u64);
+            if !state && mask.is_empty() && end % VMA_CLUSTER_SIZE as u64 == 0 {
+                end += VMA_CLUSTER_SIZE as u64;
+                continue;
+            }
+            if stored_at(end) != state {
+                break;
+            }
+            end += block;
+        }
+        Some((end.min(limit) - offset, state))
+    }
+
+    /// Reads up to `buf.len()` bytes at `offset`; fewer only at the device end, 0 at or
+    /// past it. Takes `&self`: any number of threads may read at once.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        if offset >= self.size {
+            return Ok(0);
+        }
+        let n = (buf.len() as u64).min(self.size - offset) as usize;
+        let cluster_size = VMA_CLUSTER_SIZE as u64;
+        let mut done = 0;
+        while done < n {
+            let at = offset + done as u64;
+            let within = (at % cluster_size) as usize;
+            let take = (n - done).min(VMA_CLUSTER_SIZE - within);
+            let (mask, relative) = self.index().get(at / cluster_size);
+            let data = self.shared.header_size + relative;
+            self.read_cluster(mask, data, within, &mut buf[done..done + take])?;
+            done += take;
+        }
+        Ok(n)
+    }
+
+    /// Fills `out` with the cluster's bytes from `within` on: runs of stored blocks in one
+    /// read each, zeros elsewhere.
+    fn read_cluster(
+        &self,
+        mask: BlockMask,
+        data: u64,
+        within: usize,
+        out: &mut [u8],
+    ) -> io::Result<()> {
+        let end = within + out.len();
+        let mut p = within;
+        while p < end {
+            let j = p / VMA_BLOCK_SIZE;
+            let stored = mask.has_block(j);
+            let mut k = j + 1;
+            while k < VMA_BLOCKS_PER_CLUSTER
+                && k * VMA_BLOCK_SIZE < end
+                && mask.has_block(k) == stored
+            {
+                k += 1;
+            }
+            let run_end = end.min(k * VMA_BLOCK_SIZE);
+            let dst = &mut out[p - within..run_end - within];
+            if stored {
+                let before = BlockMask::from_bits_retain(mask.bits() & ((1u16 << j) - 1));
+                let at = data + (before.stored_len() + p % VMA_BLOCK_SIZE) as u64;
+                self.shared.file.read_exact_at(dst, at)?;
+            } else {
+                dst.fill(0);
+            }
+            p = run_end;
+        }
+        Ok(())
+    }
+}
+
+impl Read for DeviceReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.read_at(buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl Seek for DeviceReader {
+    fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
+        let new = match pos {
+            SeekFrom::Start(n) => Some(n),
+            SeekFrom::End(d) => self.size.checked_add_signed(d),
+            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+        };
+        match new {
+            Some(n) => {
+                self.pos = n;
+                Ok(n)
+            }
+            None => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "seek to a negative or overflowing position",
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send_sync<T: Send + Sync + Clone>() {}
+
+    #[test]
+    fn readers_are_shareable() {
+        assert_send_sync::<DeviceReader>();
+        assert_send_sync::<SeekableArchive>();
+    }
+}

@@ -1,0 +1,581 @@
+//! The one-pass streaming reader: header, then extent by extent into one reused buffer.
+
+use std::io::{self, Read};
+use std::ops::Range;
+
+use sha2::{Digest, Sha256};
+use vma_format::integrity::{self, DataChecksum, Seal, SealKind};
+use vma_format::{
+    cluster, ArchiveHeader, BlockMask, DeviceId, ExtentHeader, VMA_BLOCK_SIZE,
+    VMA_EXTENT_HEADER_SIZE, VMA_FIXED_HEADER_SIZE, VMA_MAX_EXTENT_SIZE,
+};
+
+use crate::error::{Error, Result};
+use crate::integrity::{
+    describe_clusters, ClusterAddress, DamagedExtent, ExtentChecksum, IntegrityReport, SealStatus,
+};
+use crate::validate::{CheckedSlot, Validator};
+use crate::verify::{DeviceReport, VerifyReport};
+
+/// What a reader checks beyond the format itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadOptions {
+    /// Check each extent's CRC32C where it carries one (cheap; default on).
+    pub verify_checksums: bool,
+    /// Keep a SHA-256 of every byte to check a seal against (costs time; default on).
+    pub verify_seal: bool,
+    /// Fail at the first CRC32C or seal mismatch instead of recording it in the
+    /// [`IntegrityReport`] (default off).
+    pub stop_on_damage: bool,
+}
+
+impl Default for ReadOptions {
+    fn default() -> Self {
+        ReadOptions {
+            verify_checksums: true,
+            verify_seal: true,
+            stop_on_damage: false,
+        }
+    }
+}
+
+/// Reads an archive in one pass from any [`Read`]: a file, a pipe, a decompressor.
+///
+/// [`new`](Self::new) reads and checks the header; [`next_extent`](Self::next_extent)
+/// then yields extent after extent, each checked (MD5, uuid, slots, duplicates, CRC32C)
+/// before it is handed out. After the last extent it checks that no cluster is missing,
+/// and only then returns `Ok(None)`. Memory: one extent buffer (at most
+/// [`VMA_MAX_EXTENT_SIZE`] bytes) plus about one bit per cluster seen.
+///
+/// After an error every further call fails with [`Error::Failed`].
+pub struct StreamReader<R> {
+    pub(crate) inner: R,
+    pub(crate) core: Core,
+}
+
+impl<R: Read> StreamReader<R> {
+    /// Reads and checks the archive header, with default [`ReadOptions`].
+    pub fn new(reader: R) -> Result<StreamReader<R>> {
+        Self::with_options(reader, ReadOptions::default())
+    }
+
+    /// Reads and checks the archive header.
+    pub fn with_options(mut reader: R, options: ReadOptions) -> Result<StreamReader<R>> {
+        let core = Core::open(&mut reader, options)?;
+        Ok(StreamReader {
+            inner: reader,
+            core,
+        })
+    }
+
+    pub(crate) fn from_parts(inner: R, core: Core) -> StreamReader<R> {
+        StreamReader { inner, core }
+    }
+
+    pub(crate) fn set_stop_on_damage(&mut self, yes: bool) {
+        self.core.options.stop_on_damage = yes;
+    }
+
+    /// The next extent, checked; `Ok(None)` once the archive ended complete.
+    pub fn next_extent(&mut self) -> Result<Option<Extent<'_>>> {
+        self.core.next_extent(&mut self.inner)
+    }
+
+    /// Reads to the end, checking everything, and returns the report.
+    pub fn verify_all(&mut self, mut progress: impl FnMut(u64)) -> Result<VerifyReport> {
+        while let Some(e) = self.next_extent()? {
+            let end = e.offset() + e.len() as u64;
+            progress(end);
+        }
+        progress(self.position());
+        Ok(self.report())
+    }
+
+    /// Gives back the inner reader.
+    pub fn into_inner(self) -> R {
+        self.inner
+    }
+}
+
+impl<R> StreamReader<R> {
+    /// The archive header.
+    pub fn header(&self) -> &ArchiveHeader {
+        &self.core.header
+    }
+
+    /// Size of the header in bytes; the first extent starts here.
+    pub fn header_size(&self) -> u64 {
+        self.core.header_size
+    }
+
+    /// Archive bytes consumed so far.
+    pub fn position(&self) -> u64 {
+        self.core.pos
+    }
+
+    /// Whether the archive was read to its end and found complete.
+    pub fn is_finished(&self) -> bool {
+        self.core.state == State::Done
+    }
+
+    /// What the integrity extension said so far (complete once finished).
+    pub fn integrity(&self) -> &IntegrityReport {
+        &self.core.integrity
+    }
+
+    /// Figures per device and integrity so far (complete once finished).
+    pub fn report(&self) -> VerifyReport {
+        self.core.report()
+    }
+
+    /// Bytes of memory the reader holds, roughly: its extent buffer and the set of
+    /// clusters seen.
+    pub fn memory(&self) -> usize {
+        self.core.buf.capacity() + self.core.validator.memory()
+    }
+
+    /// How many clusters of the vmstate device `id` arrived (they run 0, 1, 2, ...).
+    pub(crate) fn vmstate_clusters(&self, id: DeviceId) -> u64 {
+        self.core.validator.vmstate_clusters(id)
+    }
+}
+
+/// One extent, checked, borrowed from the reader's buffer until the next call.
+#[derive(Debug, Clone, Copy)]
+pub struct Extent<'a> {
+    header: &'a ExtentHeader,
+    data: &'a [u8],
+    slots: &'a [(CheckedSlot, Range<usize>)],
+    offset: u64,
+    index: u64,
+    checksum: ExtentChecksum,
+}
+
+impl<'a> Extent<'a> {
+    /// Archive offset of the extent header.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// Index of the extent, 0 for the first after the archive header.
+    pub fn index(&self) -> u64 {
+        self.index
+    }
+
+    /// Length of the extent: header plus data.
+    pub fn len(&self) -> usize {
+        VMA_EXTENT_HEADER_SIZE + self.data.len()
+    }
+
+    /// Whether the extent stores no data (a header only).
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    /// The decoded extent header.
+    pub fn header(&self) -> &'a ExtentHeader {
+        self.header
+    }
+
+    /// The data after the header: the stored blocks of all its clusters.
+    pub fn data(&self) -> &'a [u8] {
+        self.data
+    }
+
+    /// What the data checksum said.
+    pub fn checksum(&self) -> ExtentChecksum {
+        self.checksum
+    }
+
+    /// The clusters, in slot order.
+    pub fn clusters(&self) -> impl Iterator<Item = Cluster<'a>> + 'a {
+        let data = self.data;
+        self.slots.iter().map(move |(s, range)| Cluster {
+            device: s.device,
+            cluster: s.cluster,
+            mask: s.mask,
+            span: s.span,
+            data: &data[range.clone()],
+            data_offset: range.start,
+        })
+    }
+}
+
+/// One cluster of an extent: which device and cluster it is, which blocks are stored,
+/// and those blocks' bytes (a slice of the reader's buffer, not a copy).
+#[derive(Debug, Clone, Copy)]
+pub struct Cluster<'a> {
+    /// The device.
+    pub device: DeviceId,
+    /// Cluster number within the device.
+    pub cluster: u32,
+    /// Stored blocks; the others are zero.
+    pub mask: BlockMask,
+    /// Bytes of the cluster inside the device: 65536, less for the device's last cluster.
+    pub span: usize,
+    /// The stored blocks, `mask.stored_len()` bytes in block order.
+    pub data: &'a [u8],
+    data_offset: usize,
+}
+
+impl<'a> Cluster<'a> {
+    /// Byte offset of the cluster within its device.
+    pub fn device_offset(&self) -> u64 {
+        cluster::cluster_offset(self.cluster)
+    }
+
+    /// Offset of this cluster's stored blocks within the extent's data.
+    pub fn data_offset(&self) -> usize {
+        self.data_offset
+    }
+
+    /// Each stored block: its index in the cluster (0..16) and its bytes, cut at the
+    /// device end.
+    pub fn blocks(&self) -> impl Iterator<Item = (usize, &'a [u8])> + 'a {
+        let data = self.data;
+        let span = self.span;
+        self.mask.stored_block_offsets().map(move |(j, at)| {
+            let len = VMA_BLOCK_SIZE.min(span.saturating_sub(j * VMA_BLOCK_SIZE));
+            (j, &data[at..at + len])
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Reading,
+    Sealed,
+    Done,
+    Failed,
+}
+
+/// The reader without its `Read`: everything that need not be generic.
+pub(crate) struct Core {
+    header: ArchiveHeader,
+    header_size: u64,
+    pub(crate) options: ReadOptions,
+    buf: Vec<u8>,
+    extent: Option<ExtentHeader>,
+    slots: Vec<(CheckedSlot, Range<usize>)>,
+    pos: u64,
+    validator: Validator,
+    integrity: IntegrityReport,
+    sha: Option<Sha256>,
+    state: State,
+    current: (u64, u64, ExtentChecksum),
+}
+
+/// Reads until `buf` is full or the input ends; returns the bytes read.
+pub(crate) fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+/// Reads and checks an archive header from the start of `r`; returns its bytes.
+pub(crate) fn read_header(r: &mut dyn Read) -> Result<(ArchiveHeader, Vec<u8>)> {
+    let mut bytes = vec![0u8; VMA_FIXED_HEADER_SIZE];
+    let got = read_full(r, &mut bytes).map_err(|source| Error::Read { offset: 0, source })?;
+    if got < VMA_FIXED_HEADER_SIZE {
+        // Say "not a VMA archive" rather than "short" when the prefix already shows it.
+        let needed = match ArchiveHeader::header_size_from_prefix(&bytes[..got]) {
+            Ok(size) => size,
+            Err(vma_format::FormatError::TooShort { .. }) => VMA_FIXED_HEADER_SIZE,
+            Err(e) => return Err(Error::Header(e)),
+        };
+        return Err(Error::TruncatedHeader {
+            got: got as u64,
+            needed: needed as u64,
+        });
+    }
+    let size = ArchiveHeader::header_size_from_prefix(&bytes).map_err(Error::Header)?;
+    // Read the rest as it arrives rather than allocating what the header claims.
+    r.take((size - VMA_FIXED_HEADER_SIZE) as u64)
+        .read_to_end(&mut bytes)
+        .map_err(|source| Error::Read {
+            offset: VMA_FIXED_HEADER_SIZE as u64,
+            source,
+        })?;
+    if bytes.len() < size {
+        return Err(Error::TruncatedHeader {
+            got: bytes.len() as u64,
+            needed: size as u64,
+        });
+    }
+    let header = ArchiveHeader::decode(&bytes).map_err(Error::Header)?;
+    if let Some(at) = ArchiveHeader::first_nonzero_reserved(&bytes) {
+        return Err(Error::HeaderReserved {
+            offset: at as u64,
+            value: bytes[at],
+        });
+    }
+    Ok((header, bytes))
+}
+
+/// Decodes an extent header read at `offset` and checks it belongs to the archive.
+pub(crate) fn decode_extent(
+    bytes: &[u8],
+    offset: u64,
+    header: &ArchiveHeader,
+) -> Result<ExtentHeader> {
+    let extent = ExtentHeader::decode(bytes).map_err(|source| Error::Extent { offset, source })?;
+    if extent.uuid != header.uuid {
+        return Err(Error::ExtentUuid {
+            offset,
+            expected: header.uuid,
+            found: extent.uuid,
+        });
+    }
+    Ok(extent)
+}
+
+impl Core {
+    fn open(r: &mut dyn Read, options: ReadOptions) -> Result<Core> {
+        let (header, bytes) = read_header(r)?;
+        let sha = options.verify_seal.then(|| {
+            let mut sha = Sha256::new();
+            sha.update(&bytes);
+            sha
+        });
+        Ok(Core {
+            validator: Validator::new(&header),
+            header,
+            header_size: bytes.len() as u64,
+            options,
+            buf: Vec::new(),
+            extent: None,
+            slots: Vec::new(),
+            pos: bytes.len() as u64,
+            integrity: IntegrityReport::default(),
+            sha,
+            state: State::Reading,
+            current: (0, 0, ExtentChecksum::Absent),
+        })
+    }
+
+    fn next_extent(&mut self, r: &mut dyn Read) -> Result<Option<Extent<'_>>> {
+        match self.state {
+            State::Failed => return Err(Error::Failed),
+            State::Done => return Ok(None),
+            _ => {}
+        }
+        match self.advance(r) {
+            Ok(true) => {
+                let (offset, index, checksum) = self.current;
+                let header = self.extent.as_ref().expect("set by advance");
+                Ok(Some(Extent {
+                    data: &self.buf[VMA_EXTENT_HEADER_SIZE..header.extent_len()],
+                    header,
+                    slots: &self.slots,
+                    offset,
+                    index,
+                    checksum,
+                }))
+            }
+            Ok(false) => {
+                self.state = State::Done;
+                Ok(None)
+            }
+            Err(e) => {
+                self.state = State::Failed;
+                Err(e)
+            }
+        }
+    }
+
+    /// Reads the next data extent into the buffer; `false` at a complete end.
+    fn advance(&mut self, r: &mut dyn Read) -> Result<bool> {
+        if self.buf.len() < VMA_EXTENT_HEADER_SIZE {
+            self.buf.resize(VMA_EXTENT_HEADER_SIZE, 0);
+        }
+        loop {
+            let offset = self.pos;
+            let got = read_full(r, &mut self.buf[..VMA_EXTENT_HEADER_SIZE])
+                .map_err(|source| Error::Read { offset, source })?;
+            if got == 0 {
+                if self.state != State::Sealed {
+                    self.validator.finish(offset)?;
+                }
+                return Ok(false);
+            }
+            if self.state == State::Sealed {
+                return Err(Error::DataAfterSeal { offset });
+            }
+            if got < VMA_EXTENT_HEADER_SIZE {
+                return Err(Error::TruncatedExtent {
+                    offset,
+                    got: got as u64,
+                    needed: VMA_EXTENT_HEADER_SIZE as u64,
+                });
+            }
+            let extent = decode_extent(&self.buf[..VMA_EXTENT_HEADER_SIZE], offset, &self.header)?;
+            match Seal::from_extent(&extent) {
+                SealKind::NotASeal => {}
+                SealKind::Seal(seal) => {
+                    self.check_seal(offset, &seal)?;
+                    // A complete archive has every cluster before its seal.
+                    self.validator.finish(offset)?;
+                    self.pos += VMA_EXTENT_HEADER_SIZE as u64;
+                    self.state = State::Sealed;
+                    continue;
+                }
+                SealKind::UnknownVersion(v) => {
+                    // A seal this crate cannot read: reported, skipped like an empty extent.
+                    self.integrity.seal = SealStatus::UnknownVersion(v);
+                    if let Some(sha) = &mut self.sha {
+                        sha.update(&self.buf[..VMA_EXTENT_HEADER_SIZE]);
+                    }
+                    self.pos += VMA_EXTENT_HEADER_SIZE as u64;
+                    continue;
+                }
+                SealKind::Malformed => return Err(Error::MalformedSeal { offset }),
+            }
+            let len = extent.extent_len();
+            debug_assert!(len <= VMA_MAX_EXTENT_SIZE);
+            if self.buf.len() < len {
+                self.buf.resize(len, 0);
+            }
+            let got =
+                read_full(r, &mut self.buf[VMA_EXTENT_HEADER_SIZE..len]).map_err(|source| {
+                    Error::Read {
+                        offset: offset + VMA_EXTENT_HEADER_SIZE as u64,
+                        source,
+                    }
+                })?;
+            if VMA_EXTENT_HEADER_SIZE + got < len {
+                return Err(Error::TruncatedExtent {
+                    offset,
+                    got: (VMA_EXTENT_HEADER_SIZE + got) as u64,
+                    needed: len as u64,
+                });
+            }
+            self.slots.clear();
+            let slots = &mut self.slots;
+            self.validator
+                .check_extent(offset, &extent, |s, range| slots.push((*s, range)))?;
+            let index = self.integrity.total_extents;
+            let checksum = self.check_data(offset, index, &extent, len)?;
+            if let Some(sha) = &mut self.sha {
+                sha.update(&self.buf[..len]);
+            }
+            self.integrity.total_extents += 1;
+            self.pos += len as u64;
+            self.current = (offset, index, checksum);
+            self.extent = Some(extent);
+            return Ok(true);
+        }
+    }
+
+    fn check_data(
+        &mut self,
+        offset: u64,
+        index: u64,
+        extent: &ExtentHeader,
+        len: usize,
+    ) -> Result<ExtentChecksum> {
+        match extent.data_checksum() {
+            DataChecksum::Absent => Ok(ExtentChecksum::Absent),
+            DataChecksum::UnknownVersion(v) => {
+                self.integrity.unverifiable_extents += 1;
+                Ok(ExtentChecksum::UnknownVersion(v))
+            }
+            DataChecksum::Crc32c(_) if !self.options.verify_checksums => {
+                Ok(ExtentChecksum::NotChecked)
+            }
+            DataChecksum::Crc32c(stored) => {
+                self.integrity.checksummed_extents += 1;
+                let computed = integrity::data_crc32c(&self.buf[VMA_EXTENT_HEADER_SIZE..len]);
+                if computed == stored {
+                    return Ok(ExtentChecksum::Verified);
+                }
+                let clusters: Vec<ClusterAddress> = self
+                    .slots
+                    .iter()
+                    .map(|(s, _)| ClusterAddress {
+                        device: s.device,
+                        cluster: s.cluster,
+                    })
+                    .collect();
+                if self.options.stop_on_damage {
+                    return Err(Error::DataChecksum {
+                        index,
+                        offset,
+                        stored,
+                        computed,
+                        clusters: describe_clusters(&clusters, |id| self.device_name(id)),
+                    });
+                }
+                self.integrity.damaged.push(DamagedExtent {
+                    index,
+                    offset,
+                    stored,
+                    computed,
+                    clusters,
+                });
+                Ok(ExtentChecksum::Mismatch { stored, computed })
+            }
+        }
+    }
+
+    fn check_seal(&mut self, offset: u64, seal: &Seal) -> Result<()> {
+        let extents = self.integrity.total_extents;
+        let mut reason = None;
+        if seal.extents != extents {
+            reason = Some(format!(
+                "it counts {} extents before it, the archive has {extents}",
+                seal.extents
+            ));
+        }
+        let hashed = self.sha.as_ref().map(|sha| sha.clone().finalize());
+        if reason.is_none() {
+            if let Some(h) = hashed {
+                if h.as_slice() != seal.sha256 {
+                    reason = Some("the SHA-256 of the archive before it differs".into());
+                }
+            }
+        }
+        self.integrity.seal = match reason {
+            None if hashed.is_some() => SealStatus::Sealed,
+            None => SealStatus::NotVerified,
+            Some(reason) if self.options.stop_on_damage => {
+                return Err(Error::SealMismatch { offset, reason })
+            }
+            Some(reason) => SealStatus::Mismatch { offset, reason },
+        };
+        Ok(())
+    }
+
+    fn device_name(&self, id: DeviceId) -> String {
+        self.validator
+            .device(id)
+            .map_or_else(|| format!("device {id}"), |d| d.name.clone())
+    }
+
+    fn report(&self) -> VerifyReport {
+        VerifyReport {
+            devices: self
+                .validator
+                .devices()
+                .map(|d| DeviceReport {
+                    id: d.id,
+                    name: d.name.clone(),
+                    size: d.size,
+                    clusters: d.stats.clusters,
+                    stored_bytes: d.stats.stored_bytes,
+                    zero_clusters: d.stats.zero_clusters,
+                    zero_bytes: d.size.saturating_sub(d.stats.stored_bytes),
+                })
+                .collect(),
+            integrity: self.integrity.clone(),
+            archive_bytes: self.pos,
+            complete: self.state == State::Done,
+        }
+    }
+}

@@ -1,0 +1,80 @@
+//! Verification: every check, nothing written.
+
+use std::io::Read;
+
+use vma_format::DeviceId;
+
+use crate::error::Result;
+use crate::integrity::IntegrityReport;
+use crate::stream::{ReadOptions, StreamReader};
+
+/// What verification found for one device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceReport {
+    /// Device id.
+    pub id: DeviceId,
+    /// Device name.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Cluster slots read for it.
+    pub clusters: u64,
+    /// Cluster slots that store nothing (all-zero clusters).
+    pub zero_clusters: u64,
+    /// Device bytes covered by stored blocks.
+    pub stored_bytes: u64,
+    /// Device bytes not stored, which read as zero.
+    pub zero_bytes: u64,
+}
+
+/// What reading an archive found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// Per device, in id order.
+    pub devices: Vec<DeviceReport>,
+    /// What the integrity extension says.
+    pub integrity: IntegrityReport,
+    /// Archive bytes read.
+    pub archive_bytes: u64,
+    /// Whether the archive was read to its end and found complete.
+    pub complete: bool,
+}
+
+impl VerifyReport {
+    /// Complete, with no damaged extent and no seal mismatch.
+    pub fn is_ok(&self) -> bool {
+        self.complete && self.integrity.is_ok()
+    }
+}
+
+/// Options of [`verify`].
+#[derive(Default)]
+pub struct VerifyOptions<'a> {
+    /// Fail at the first CRC32C or seal mismatch rather than listing them in the report.
+    pub stop_on_damage: bool,
+    /// Called after each extent with the archive bytes read so far.
+    pub progress: Option<&'a mut dyn FnMut(u64)>,
+}
+
+/// Reads a whole archive and runs every check, writing nothing.
+///
+/// Structural damage (checksums of headers, truncation, duplicate, missing or misplaced
+/// clusters) is an `Err`. Data CRC32C and seal mismatches are listed in the report
+/// ([`VerifyReport::is_ok`] is false), unless `stop_on_damage` makes them errors too.
+/// The seal's SHA-256 is always computed.
+pub fn verify<R: Read>(reader: R, options: VerifyOptions<'_>) -> Result<VerifyReport> {
+    verify_dyn(&mut { reader }, options)
+}
+
+fn verify_dyn(reader: &mut dyn Read, options: VerifyOptions<'_>) -> Result<VerifyReport> {
+    let read = ReadOptions {
+        verify_checksums: true,
+        verify_seal: true,
+        stop_on_damage: options.stop_on_damage,
+    };
+    let mut stream = StreamReader::with_options(reader, read)?;
+    match options.progress {
+        Some(p) => stream.verify_all(p),
+        None => stream.verify_all(|_| {}),
+    }
+}
