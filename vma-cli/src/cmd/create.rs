@@ -1,0 +1,207 @@
+//! `vma create`.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use vma_writer::{round_up_to_sector, source_size, Builder};
+
+use crate::error::{CliError, Result};
+use crate::progress::{LineStyle, Progress};
+
+/// Arguments of `vma create`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The archive to create; it must not exist. It appears under this name only once
+    /// complete.
+    file: PathBuf,
+    /// A config file to embed (stored under its base name). May be repeated.
+    #[arg(short = 'c')]
+    configs: Vec<PathBuf>,
+    /// A disk: `format=raw:<device name>=<path>` (a file or block device). May be repeated.
+    #[arg(short = 'd')]
+    disks: Vec<String>,
+    /// Older form: `[<device name>=]<path>`; a path without a name becomes disk0, disk1, ...
+    #[arg(conflicts_with = "disks")]
+    paths: Vec<String>,
+    /// Print progress and per-image statistics on stderr, like Proxmox's tool.
+    #[arg(short = 'v')]
+    verbose: bool,
+    /// Leave out vma-rs's data checksums and seal (the archive is then laid out exactly
+    /// as Proxmox's writer lays it out).
+    #[arg(long)]
+    no_integrity: bool,
+    /// fsync the archive and its directory before reporting success.
+    #[arg(long)]
+    sync: bool,
+}
+
+/// One disk to back up.
+struct Disk {
+    name: String,
+    path: PathBuf,
+    file: File,
+    size: u64,
+}
+
+fn parse_disk(spec: &str, index: usize, need_format: bool) -> Result<(String, PathBuf)> {
+    let rest = match spec.strip_prefix("format=") {
+        Some(rest) => {
+            let (format, rest) = rest.split_once(':').ok_or_else(|| {
+                CliError::usage(format!("option 'format' not terminated ('{spec}')"))
+            })?;
+            if format != "raw" {
+                return Err(CliError::usage(format!(
+                    "format '{format}' is not supported for '{spec}': only raw images and block devices"
+                )));
+            }
+            rest
+        }
+        None if need_format => {
+            return Err(CliError::usage(format!(
+                "No format specified for device: '{spec}'"
+            )))
+        }
+        None => spec,
+    };
+    Ok(match rest.split_once('=') {
+        Some((name, path)) if !name.is_empty() => (name.to_string(), PathBuf::from(path)),
+        Some(_) => return Err(CliError::usage(format!("empty device name in '{spec}'"))),
+        None => (format!("disk{index}"), PathBuf::from(rest)),
+    })
+}
+
+pub(crate) fn run(args: Args) -> Result<()> {
+    let specs: Vec<(String, bool)> = if args.disks.is_empty() {
+        args.paths.iter().map(|p| (p.clone(), false)).collect()
+    } else {
+        args.disks.iter().map(|d| (d.clone(), true)).collect()
+    };
+    // Open every source before creating anything.
+    let mut disks = Vec::new();
+    for (index, (spec, need_format)) in specs.iter().enumerate() {
+        let (name, path) = parse_disk(spec, index, *need_format)?;
+        let file = File::open(&path).map_err(|e| CliError::io(path.display(), e))?;
+        let len = source_size(&file).map_err(|e| CliError::io(path.display(), e))?;
+        if len == 0 {
+            return Err(CliError::usage(format!(
+                "{}: the image is empty",
+                path.display()
+            )));
+        }
+        disks.push(Disk {
+            name,
+            path,
+            file,
+            size: round_up_to_sector(len),
+        });
+    }
+
+    let mut builder = Builder::new();
+    builder.integrity(!args.no_integrity).fsync(args.sync);
+    for config in &args.configs {
+        let data = std::fs::read(config).map_err(|e| CliError::io(config.display(), e))?;
+        builder.add_config(&config_name(config), &data)?;
+    }
+    let mut devices = Vec::new();
+    for disk in &disks {
+        devices.push(builder.add_device(&disk.name, disk.size)?);
+    }
+    let writer = builder.create_file(&args.file)?;
+
+    let total: u64 = disks.iter().map(|d| d.size).sum();
+    let done: Vec<AtomicU64> = disks.iter().map(|_| AtomicU64::new(0)).collect();
+    let mut progress = Progress::new(args.verbose, total, LineStyle::Create, "create");
+    let result = std::thread::scope(|scope| {
+        let workers: Vec<_> = disks
+            .iter()
+            .zip(&devices)
+            .zip(&done)
+            .map(|((disk, device), done)| {
+                let handle = writer.handle();
+                scope.spawn(move || {
+                    let mut report = |n: u64| done.store(n, Ordering::Relaxed);
+                    handle
+                        .write_file(*device, &disk.file, Some(&mut report))
+                        .map_err(|e| (disk.path.clone(), e))
+                })
+            })
+            .collect();
+        while !workers.iter().all(|w| w.is_finished()) {
+            progress.update(done.iter().map(|d| d.load(Ordering::Relaxed)).sum());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let mut first_error = None;
+        for w in workers {
+            let outcome = w
+                .join()
+                .unwrap_or_else(|_| Err((PathBuf::new(), vma_writer::Error::SinkPanicked)));
+            if let Err(e) = outcome {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error
+    });
+    progress.update(total);
+    progress.finish();
+    if let Some((path, e)) = result {
+        let _ = writer.abort();
+        let mut err = CliError::from(e);
+        if !path.as_os_str().is_empty() {
+            err.message = format!("{}: {}", path.display(), err.message);
+        }
+        return Err(err);
+    }
+    let summary = writer.finish()?;
+    if args.verbose {
+        for d in &summary.devices {
+            eprintln!(
+                "image {}: size={} zeros={} saved={}",
+                d.name,
+                d.size,
+                d.zero_bytes,
+                d.size.saturating_sub(d.zero_bytes)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The name a config file is stored under: its base name, as the reference stores it.
+fn config_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.to_string_lossy().into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_disk;
+
+    #[test]
+    fn disk_specs() {
+        assert_eq!(
+            parse_disk("format=raw:drive-scsi0=/a=b", 0, true).unwrap(),
+            ("drive-scsi0".into(), "/a=b".into())
+        );
+        assert_eq!(
+            parse_disk("/x.raw", 3, false).unwrap(),
+            ("disk3".into(), "/x.raw".into())
+        );
+        assert_eq!(
+            parse_disk("n=/x.raw", 3, false).unwrap(),
+            ("n".into(), "/x.raw".into())
+        );
+        assert!(parse_disk("/x.raw", 0, true)
+            .unwrap_err()
+            .message
+            .contains("No format"));
+        assert!(parse_disk("format=qcow2:a=/x", 0, true)
+            .unwrap_err()
+            .message
+            .contains("qcow2"));
+        assert!(parse_disk("format=raw", 0, true).is_err());
+        assert!(parse_disk("format=raw:=/x", 0, true).is_err());
+    }
+}

@@ -1,0 +1,153 @@
+//! Argument parsing and dispatch.
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::error::{CliError, Exit, Result};
+
+mod cat;
+mod create;
+mod extract;
+mod list;
+mod serve;
+mod verify;
+
+/// Proxmox VE VMA backup archives: list, verify, extract, create, serve.
+///
+/// Archives may be plain or compressed with zstd, gzip or lzop, given as a file or `-`
+/// for standard input. Exit codes: 0 success, 1 internal error, 2 usage error, 3 invalid
+/// or damaged archive, 4 I/O error, 5 config or device not in the archive.
+#[derive(Parser, Debug)]
+#[command(name = "vma", version, max_term_width = 100)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print the configs and devices of an archive (Proxmox's format, or JSON).
+    List {
+        /// The archive, or `-` for standard input.
+        file: PathBuf,
+        /// Print JSON instead (with integrity information for plain archive files).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write one config blob to standard output.
+    Config {
+        /// The archive, or `-` for standard input.
+        file: PathBuf,
+        /// The config's name.
+        #[arg(short = 'c', default_value = "qemu-server.conf")]
+        config: String,
+    },
+    /// Create an archive from raw images or block devices.
+    Create(create::Args),
+    /// Extract every device and config into a new directory.
+    Extract(extract::Args),
+    /// Check an archive completely without writing anything.
+    Verify(verify::Args),
+    /// Write one device's raw image to standard output.
+    Cat {
+        /// The archive (a plain archive file).
+        file: PathBuf,
+        /// The device's name, e.g. drive-scsi0.
+        device: String,
+    },
+    /// Export the archive's disks read-only over NBD, without extracting.
+    Serve(serve::Args),
+}
+
+/// Runs `vma` with these arguments (the first is the program name) and returns the exit
+/// code. Errors are printed to stderr as one line starting with `vma: `.
+pub fn run<I, T>(args: I) -> Exit
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                    Exit::Ok
+                }
+                _ => Exit::Usage,
+            };
+        }
+    };
+    let result = match cli.command {
+        Command::List { file, json } => list::list(&file, json),
+        Command::Config { file, config } => list::config(&file, &config),
+        Command::Create(args) => create::run(args),
+        Command::Extract(args) => extract::run(args),
+        Command::Verify(args) => verify::run(args),
+        Command::Cat { file, device } => cat::run(&file, &device),
+        Command::Serve(args) => serve::run(args),
+    };
+    let _ = std::io::stdout().flush();
+    match result {
+        Ok(()) => Exit::Ok,
+        Err(e) if e.exit == Exit::Ok => Exit::Ok,
+        Err(e) => {
+            eprintln!("vma: {}", e.message);
+            e.exit
+        }
+    }
+}
+
+/// Writes to stdout; a closed pipe (`vma cat ... | head`) ends quietly.
+pub(crate) fn stdout_error(e: std::io::Error) -> CliError {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        CliError::new(Exit::Ok, "")
+    } else {
+        CliError::io("standard output", e)
+    }
+}
+
+/// Opens an archive for one pass (decompressing as needed) and reads its header.
+pub(crate) fn open_stream(
+    file: &std::path::Path,
+    options: vma_reader::ReadOptions,
+) -> Result<vma_reader::StreamReader<Box<dyn std::io::Read + Send>>> {
+    let (input, _) = crate::input::open(file).map_err(|e| CliError::io(file.display(), e))?;
+    Ok(vma_reader::StreamReader::with_options(input, options)?)
+}
+
+/// Opens a plain archive file for random access, explaining what to do with a
+/// compressed one or with standard input.
+pub(crate) fn open_seekable(file: &std::path::Path) -> Result<vma_reader::SeekableArchive> {
+    use crate::input::Compression;
+    if file.as_os_str() == "-" {
+        return Err(CliError::usage(
+            "this needs a plain archive file, not standard input: save it to a file first",
+        ));
+    }
+    let mut head = [0u8; 9];
+    let n = {
+        use std::io::Read;
+        let mut f = std::fs::File::open(file).map_err(|e| CliError::io(file.display(), e))?;
+        let mut got = 0;
+        while got < head.len() {
+            match f.read(&mut head[got..]) {
+                Ok(0) => break,
+                Ok(k) => got += k,
+                Err(e) => return Err(CliError::io(file.display(), e)),
+            }
+        }
+        got
+    };
+    let compression = Compression::detect(&head[..n]);
+    if let Some(hint) = compression.decompress_hint() {
+        return Err(CliError::usage(format!(
+            "{} is compressed ({compression:?}); random access needs a plain archive: {hint}",
+            file.display()
+        )));
+    }
+    Ok(vma_reader::SeekableArchive::open(file)?)
+}

@@ -1,0 +1,161 @@
+//! `vma verify`.
+
+use std::path::PathBuf;
+
+use serde_json::json;
+use vma_reader::{IntegrityReport, ReadOptions, SealStatus, VerifyReport};
+
+use super::list::{integrity_json, print_json, print_listing};
+use super::{open_seekable, open_stream};
+use crate::error::{CliError, Exit, Result};
+use crate::progress::{LineStyle, Progress};
+
+/// Arguments of `vma verify`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The archive, or `-` for standard input.
+    file: PathBuf,
+    /// Print the listing, progress lines and a summary.
+    #[arg(short = 'v')]
+    verbose: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Check the headers only (a plain archive file): every structural check, but no data
+    /// read, so data checksums and the seal's hash are not checked.
+    #[arg(long)]
+    quick: bool,
+}
+
+pub(crate) fn run(args: Args) -> Result<()> {
+    if args.quick {
+        let archive = open_seekable(&args.file)?;
+        if args.verbose {
+            print_listing(archive.header())?;
+        }
+        let integrity = archive.integrity().clone();
+        if args.json {
+            print_json(&json!({
+                "ok": true,
+                "mode": "quick",
+                "devices": archive.devices().iter().map(|d| json!({"id": d.id.get(), "name": d.name, "size": d.size})).collect::<Vec<_>>(),
+                "integrity": integrity_json(&integrity),
+            }))?;
+        } else if args.verbose {
+            println!("headers verified: {}", describe_integrity(&integrity, true));
+        }
+        return Ok(());
+    }
+
+    let mut stream = open_stream(&args.file, ReadOptions::default())?;
+    if args.verbose {
+        print_listing(stream.header())?;
+    }
+    let total: u64 = stream.header().devices.iter().map(|d| d.size).sum();
+    let header_size = stream.header_size();
+    let mut progress = Progress::new(args.verbose, total, LineStyle::Read, "verify");
+    // Progress follows archive bytes; scale them to device bytes for the reference lines.
+    let report = stream.verify_all(|pos| progress.update(pos.saturating_sub(header_size)));
+    progress.finish();
+    let report = report?;
+    if args.json {
+        print_json(&report_json(&report))?;
+    } else if args.verbose {
+        for d in &report.devices {
+            println!(
+                "device {}: {} clusters, {} bytes stored, {} zero bytes",
+                d.name, d.clusters, d.stored_bytes, d.zero_bytes
+            );
+        }
+        println!(
+            "integrity: {}",
+            describe_integrity(&report.integrity, false)
+        );
+    }
+    if !report.is_ok() {
+        return Err(CliError::new(Exit::Damaged, damage_message(&report)));
+    }
+    Ok(())
+}
+
+fn report_json(r: &VerifyReport) -> serde_json::Value {
+    json!({
+        "ok": r.is_ok(),
+        "mode": "full",
+        "complete": r.complete,
+        "archive_bytes": r.archive_bytes,
+        "devices": r.devices.iter().map(|d| json!({
+            "id": d.id.get(), "name": d.name, "size": d.size, "clusters": d.clusters,
+            "stored_bytes": d.stored_bytes, "zero_bytes": d.zero_bytes,
+        })).collect::<Vec<_>>(),
+        "integrity": integrity_json(&r.integrity),
+    })
+}
+
+/// One line on what the integrity extension says.
+pub(crate) fn describe_integrity(r: &IntegrityReport, headers_only: bool) -> String {
+    let checksums = if r.checksummed_extents == 0 && r.unverifiable_extents == 0 {
+        "no data checksums (archive written without vma-rs's integrity extension)".to_string()
+    } else if headers_only {
+        format!(
+            "{} of {} extents carry data checksums (not read)",
+            r.checksummed_extents, r.total_extents
+        )
+    } else {
+        format!(
+            "{} of {} extents' data checksums verified{}",
+            r.checksummed_extents - r.damaged.len() as u64,
+            r.total_extents,
+            if r.unverifiable_extents > 0 {
+                format!(", {} of an unknown version", r.unverifiable_extents)
+            } else {
+                String::new()
+            }
+        )
+    };
+    let seal = match &r.seal {
+        SealStatus::Unsealed => "not sealed".to_string(),
+        SealStatus::Sealed => "sealed, seal verified".to_string(),
+        SealStatus::NotVerified => "sealed (seal hash not checked)".to_string(),
+        SealStatus::UnknownVersion(v) => format!("sealed with an unknown seal version {v}"),
+        SealStatus::Mismatch { reason, .. } => format!("SEAL MISMATCH: {reason}"),
+    };
+    format!("{checksums}; {seal}")
+}
+
+/// The error message of a verify or extract that found damaged data.
+pub(crate) fn damage_message(r: &VerifyReport) -> String {
+    let mut parts = Vec::new();
+    for d in &r.integrity.damaged {
+        let mut clusters: Vec<String> = d
+            .clusters
+            .iter()
+            .take(8)
+            .map(|c| {
+                let name = r
+                    .devices
+                    .iter()
+                    .find(|dev| dev.id == c.device)
+                    .map(|dev| dev.name.as_str())
+                    .unwrap_or("?");
+                format!("{name} cluster {}", c.cluster)
+            })
+            .collect();
+        if d.clusters.len() > 8 {
+            clusters.push(format!("and {} more", d.clusters.len() - 8));
+        }
+        parts.push(format!(
+            "extent {} at byte {}: data checksum mismatch (holds {})",
+            d.index,
+            d.offset,
+            clusters.join(", ")
+        ));
+    }
+    if let SealStatus::Mismatch { offset, reason } = &r.integrity.seal {
+        parts.push(format!("seal at byte {offset}: {reason}"));
+    }
+    if !r.complete {
+        parts.push("archive incomplete".into());
+    }
+    format!("archive damaged: {}", parts.join("; "))
+}

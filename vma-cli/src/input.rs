@@ -1,0 +1,183 @@
+//! Opening an archive for streaming: a file or standard input, plain or compressed
+//! (zstd, gzip, lzop), recognised by its first bytes rather than its name, and read ahead
+//! on a second thread so that reading and decompressing overlap with parsing.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::path::Path;
+use std::thread;
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+
+use crate::lzop::{LzopReader, LZOP_MAGIC};
+
+/// How the archive bytes are packed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    /// A plain VMA archive.
+    None,
+    /// zstd (`.vma.zst`, Proxmox VE's default).
+    Zstd,
+    /// gzip (`.vma.gz`).
+    Gzip,
+    /// lzop (`.vma.lzo`).
+    Lzop,
+}
+
+impl Compression {
+    /// Recognises the packing from the first bytes of a stream.
+    pub fn detect(head: &[u8]) -> Compression {
+        if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+            Compression::Zstd
+        } else if head.starts_with(&[0x1f, 0x8b]) {
+            Compression::Gzip
+        } else if head.starts_with(&LZOP_MAGIC) {
+            Compression::Lzop
+        } else {
+            Compression::None
+        }
+    }
+
+    /// The command that turns such a file into a plain archive, for messages.
+    pub fn decompress_hint(self) -> Option<&'static str> {
+        match self {
+            Compression::None => None,
+            Compression::Zstd => Some("zstd -d -o ARCHIVE.vma ARCHIVE.vma.zst"),
+            Compression::Gzip => Some("gzip -dc ARCHIVE.vma.gz > ARCHIVE.vma"),
+            Compression::Lzop => Some("lzop -d -o ARCHIVE.vma ARCHIVE.vma.lzo"),
+        }
+    }
+}
+
+/// Size of the chunks passed between the read-ahead thread and the parser.
+const CHUNK: usize = 1 << 20;
+/// Chunks in flight: bounds the read-ahead memory to a few MiB.
+const DEPTH: usize = 4;
+
+/// Opens `path` (`-` is standard input) for one-pass reading, decompressing as needed.
+pub fn open(path: &Path) -> io::Result<(Box<dyn Read + Send>, Compression)> {
+    let source: Box<dyn Read + Send> = if path.as_os_str() == "-" {
+        Box::new(io::stdin())
+    } else {
+        Box::new(File::open(path)?)
+    };
+    open_reader(source)
+}
+
+/// Wraps any byte source: detects compression and starts the read-ahead thread.
+pub fn open_reader(
+    mut source: Box<dyn Read + Send>,
+) -> io::Result<(Box<dyn Read + Send>, Compression)> {
+    let mut head = [0u8; 9];
+    let mut got = 0;
+    while got < head.len() {
+        match source.read(&mut head[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let compression = Compression::detect(&head[..got]);
+    let rejoined: Box<dyn Read + Send> =
+        Box::new(io::Cursor::new(head[..got].to_vec()).chain(source));
+    let decoded: Box<dyn Read + Send> = match compression {
+        Compression::None => rejoined,
+        Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(rejoined)?),
+        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(
+            io::BufReader::with_capacity(CHUNK, rejoined),
+        )),
+        Compression::Lzop => Box::new(
+            LzopReader::new(io::BufReader::with_capacity(CHUNK, rejoined))
+                .map_err(io::Error::from)?,
+        ),
+    };
+    Ok((Box::new(ReadAhead::spawn(decoded)), compression))
+}
+
+/// A `Read` fed by a thread that reads (and decompresses) ahead into a few chunks.
+pub struct ReadAhead {
+    chunks: Receiver<io::Result<Vec<u8>>>,
+    recycle: Sender<Vec<u8>>,
+    current: Vec<u8>,
+    pos: usize,
+    finished: bool,
+}
+
+impl ReadAhead {
+    /// Starts the thread. It stops at end of input, at the first error (passed on to the
+    /// reader), or when the `ReadAhead` is dropped.
+    pub fn spawn(mut inner: Box<dyn Read + Send>) -> ReadAhead {
+        let (tx, chunks) = bounded::<io::Result<Vec<u8>>>(DEPTH);
+        let (recycle, free) = bounded::<Vec<u8>>(DEPTH + 2);
+        thread::Builder::new()
+            .name("vma-read-ahead".into())
+            .spawn(move || loop {
+                let mut buf = free.try_recv().unwrap_or_default();
+                buf.resize(CHUNK, 0);
+                let mut filled = 0;
+                let result = loop {
+                    match inner.read(&mut buf[filled..]) {
+                        Ok(0) => break Ok(()),
+                        Ok(n) => {
+                            filled += n;
+                            if filled == buf.len() {
+                                break Ok(());
+                            }
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => break Err(e),
+                    }
+                };
+                buf.truncate(filled);
+                let last = filled < CHUNK;
+                if filled > 0 && tx.send(Ok(buf)).is_err() {
+                    return;
+                }
+                if let Err(e) = result {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+                if last {
+                    return;
+                }
+            })
+            .expect("spawning the read-ahead thread");
+        ReadAhead {
+            chunks,
+            recycle,
+            current: Vec::new(),
+            pos: 0,
+            finished: false,
+        }
+    }
+}
+
+impl Read for ReadAhead {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.current.len() {
+            if self.finished || buf.is_empty() {
+                return Ok(0);
+            }
+            match self.chunks.recv() {
+                Ok(Ok(chunk)) => {
+                    let old = std::mem::replace(&mut self.current, chunk);
+                    let _ = self.recycle.try_send(old);
+                    self.pos = 0;
+                }
+                Ok(Err(e)) => {
+                    self.finished = true;
+                    return Err(e);
+                }
+                Err(_) => {
+                    self.finished = true;
+                    return Ok(0);
+                }
+            }
+        }
+        let n = buf.len().min(self.current.len() - self.pos);
+        buf[..n].copy_from_slice(&self.current[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
