@@ -1,0 +1,164 @@
+//! The VM's disks as `query-block` reports them, and their archive names.
+
+use serde_json::{json, Value};
+
+/// One disk of the VM that can be backed up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Drive {
+    /// The block node the backup job reads (`inserted.node-name`).
+    pub node_name: String,
+    /// The guest device's qdev id or path (`qdev`), when there is one.
+    pub qdev: Option<String>,
+    /// The device name in the archive: `drive-<qdev id>`, following
+    /// Proxmox VE's naming (e.g. `drive-scsi0`), else `drive-<node name>`.
+    pub device_name: String,
+    /// Size in bytes as QEMU sees it (`inserted.image.virtual-size`,
+    /// already rounded up to 512 by QEMU).
+    pub size: u64,
+}
+
+impl Drive {
+    /// The qdev path whose block backend HMP's `qemu-io -d` writes to
+    /// (`/machine/peripheral/<id>/virtio-backend` for virtio-blk).
+    pub fn qdev_id(&self) -> Option<&str> {
+        self.qdev.as_deref().and_then(qdev_id)
+    }
+
+    /// A JSON description of the drive (for the embedded config blob).
+    pub fn to_json(&self) -> Value {
+        json!({
+            "node-name": self.node_name,
+            "qdev": self.qdev,
+            "device": self.device_name,
+            "size": self.size,
+        })
+    }
+}
+
+/// The user-given id in a qdev reference: `vd0` for `vd0` or for
+/// `/machine/peripheral/vd0/virtio-backend`; `None` for devices without an
+/// id (`/machine/peripheral-anon/...`).
+pub fn qdev_id(qdev: &str) -> Option<&str> {
+    let id = match qdev.strip_prefix("/machine/peripheral/") {
+        Some(rest) => rest.split('/').next().unwrap_or(""),
+        None if qdev.starts_with('/') => return None,
+        None => qdev,
+    };
+    (!id.is_empty()).then_some(id)
+}
+
+/// The archive device name for a node and its qdev reference.
+pub fn device_name(node_name: &str, qdev: Option<&str>) -> String {
+    match qdev.and_then(qdev_id) {
+        Some(id) => format!("drive-{id}"),
+        None => format!("drive-{node_name}"),
+    }
+}
+
+/// The disks in a `query-block` reply: entries with a medium inserted, in
+/// QEMU's order. Entries without a node name or size are reported as errors
+/// since a backup could not address them.
+pub fn parse_query_block(reply: &Value) -> Result<Vec<Drive>, String> {
+    let entries = reply
+        .as_array()
+        .ok_or_else(|| format!("query-block: expected a list, got {reply}"))?;
+    let mut drives = Vec::new();
+    for entry in entries {
+        let Some(inserted) = entry.get("inserted") else {
+            continue;
+        };
+        let node_name = inserted
+            .get("node-name")
+            .and_then(Value::as_str)
+            .ok_or_else(|| format!("query-block: a drive without node-name: {entry}"))?;
+        let size = inserted
+            .pointer("/image/virtual-size")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| format!("query-block: drive {node_name} has no virtual-size"))?;
+        let qdev = entry
+            .get("qdev")
+            .and_then(Value::as_str)
+            .filter(|q| !q.is_empty())
+            .map(str::to_string);
+        drives.push(Drive {
+            node_name: node_name.to_string(),
+            device_name: device_name(node_name, qdev.as_deref()),
+            qdev,
+            size,
+        });
+    }
+    Ok(drives)
+}
+
+/// Keeps the drives whose node names are in `wanted` (all when empty), in
+/// the order given; an unknown name is an error listing the known ones.
+pub fn select(drives: Vec<Drive>, wanted: &[String]) -> Result<Vec<Drive>, String> {
+    if wanted.is_empty() {
+        return Ok(drives);
+    }
+    let mut out = Vec::new();
+    for name in wanted {
+        let Some(d) = drives.iter().find(|d| &d.node_name == name) else {
+            let known: Vec<&str> = drives.iter().map(|d| d.node_name.as_str()).collect();
+            return Err(format!(
+                "no drive with node name {name:?} (the VM has: {})",
+                known.join(", ")
+            ));
+        };
+        if out.iter().any(|o: &Drive| &o.node_name == name) {
+            return Err(format!("drive {name:?} given twice"));
+        }
+        out.push(d.clone());
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert_eq!(device_name("d0", Some("vd0")), "drive-vd0");
+        assert_eq!(
+            device_name("d0", Some("/machine/peripheral/scsi0/virtio-backend")),
+            "drive-scsi0"
+        );
+        assert_eq!(
+            device_name(
+                "d0",
+                Some("/machine/peripheral-anon/device[0]/virtio-backend")
+            ),
+            "drive-d0"
+        );
+        assert_eq!(device_name("#block123", None), "drive-#block123");
+        assert_eq!(device_name("d0", Some("")), "drive-d0");
+    }
+
+    #[test]
+    fn query_block() {
+        let reply = json!([
+            {"device": "", "qdev": "/machine/peripheral/vd0/virtio-backend",
+             "inserted": {"node-name": "d0", "image": {"virtual-size": 67108864}}},
+            {"device": "ide1-cd0", "qdev": "/machine/unattached/device[22]"},
+            {"device": "", "qdev": "vd1",
+             "inserted": {"node-name": "d1", "image": {"virtual-size": 41955840}}},
+        ]);
+        let drives = parse_query_block(&reply).unwrap();
+        assert_eq!(drives.len(), 2);
+        assert_eq!(drives[0].device_name, "drive-vd0");
+        assert_eq!(drives[0].qdev_id(), Some("vd0"));
+        assert_eq!(drives[1].size, 41955840);
+        assert_eq!(drives[1].device_name, "drive-vd1");
+
+        let sel = select(drives.clone(), &["d1".into()]).unwrap();
+        assert_eq!(sel.len(), 1);
+        assert!(select(drives.clone(), &["nope".into()])
+            .unwrap_err()
+            .contains("d0, d1"));
+        assert!(select(drives, &["d0".into(), "d0".into()]).is_err());
+
+        assert!(parse_query_block(&json!({})).is_err());
+        assert!(parse_query_block(&json!([{"inserted": {"node-name": "x"}}])).is_err());
+    }
+}

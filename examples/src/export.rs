@@ -1,0 +1,302 @@
+//! The NBD exports QEMU's backup jobs write into: one per drive, each turning
+//! NBD writes into archive range writes.
+//!
+//! The guest waits for every copy-before-write push to be acknowledged, so
+//! an export never answers QEMU with an error and never blocks on anything
+//! but handing the data to the archive writer. When archiving fails, the
+//! first error is latched, every later write is acknowledged and dropped,
+//! and the orchestrator (polling [`Latch::failure`]) cancels the jobs.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use vma_nbd::Export;
+
+/// Why the archive could not take a write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SinkError {
+    /// What went wrong, for the user.
+    pub message: String,
+    /// The archive's filesystem is full (`ENOSPC`/`EDQUOT`).
+    pub no_space: bool,
+}
+
+impl SinkError {
+    /// An error with `message` that is not about space.
+    pub fn new(message: impl Into<String>) -> SinkError {
+        SinkError {
+            message: message.into(),
+            no_space: false,
+        }
+    }
+}
+
+impl std::fmt::Display for SinkError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for SinkError {}
+
+/// Where the exports put the data: byte ranges of the archive's devices.
+///
+/// `offset` is a multiple of 64 KiB; `len` is a multiple of 64 KiB unless
+/// the range ends at the device's end. Called concurrently.
+pub trait RangeSink: Send + Sync {
+    /// Stores `data` at `offset` of device number `device` (0-based, in
+    /// declaration order).
+    fn write(&self, device: usize, offset: u64, data: &[u8]) -> Result<(), SinkError>;
+    /// Records `len` bytes of zeroes at `offset` of device number `device`.
+    fn write_zeroes(&self, device: usize, offset: u64, len: u64) -> Result<(), SinkError>;
+}
+
+/// The first archiving failure, shared by all exports of one backup.
+#[derive(Debug, Default)]
+pub struct Latch {
+    failed: AtomicBool,
+    error: Mutex<Option<SinkError>>,
+}
+
+impl Latch {
+    /// Records `err` unless a failure is already recorded.
+    pub fn fail(&self, err: SinkError) {
+        let mut slot = self.error.lock().unwrap_or_else(PoisonError::into_inner);
+        if slot.is_none() {
+            *slot = Some(err);
+        }
+        self.failed.store(true, Ordering::Release);
+    }
+
+    /// Whether a failure was recorded.
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    /// Takes the recorded failure (`None` if there is none, or it was taken).
+    pub fn take(&self) -> Option<SinkError> {
+        self.error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+}
+
+/// Byte counters of one export, readable while the backup runs.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Bytes received in `NBD_CMD_WRITE`s.
+    pub data_bytes: AtomicU64,
+    /// Bytes received as `NBD_CMD_WRITE_ZEROES`.
+    pub zero_bytes: AtomicU64,
+    /// Write requests (of both kinds).
+    pub requests: AtomicU64,
+    /// Requests that did not start where the previous one ended: QEMU's
+    /// parallel copy requests overtaking each other, and copy-before-write
+    /// pushes of areas ahead of the copy.
+    pub non_sequential: AtomicU64,
+    /// `NBD_CMD_FLUSH` requests.
+    pub flushes: AtomicU64,
+    last_end: AtomicU64,
+}
+
+impl Counters {
+    /// Bytes received so far (data and zeroes).
+    pub fn received(&self) -> u64 {
+        self.data_bytes.load(Ordering::Relaxed) + self.zero_bytes.load(Ordering::Relaxed)
+    }
+
+    fn note(&self, offset: u64, end: u64) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        if self.last_end.swap(end, Ordering::Relaxed) != offset {
+            self.non_sequential.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The NBD export of one drive.
+pub struct DriveExport {
+    sink: Arc<dyn RangeSink>,
+    latch: Arc<Latch>,
+    device: usize,
+    size: u64,
+    delay: Option<Duration>,
+    counters: Arc<Counters>,
+}
+
+impl std::fmt::Debug for DriveExport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DriveExport")
+            .field("device", &self.device)
+            .field("size", &self.size)
+            .field("delay", &self.delay)
+            .finish_non_exhaustive()
+    }
+}
+
+const CLUSTER: u64 = 65536;
+
+impl DriveExport {
+    /// An export of `size` bytes writing into device number `device` of
+    /// `sink`. `delay` is slept before each data write (to slow a backup down
+    /// for demos and tests).
+    pub fn new(
+        sink: Arc<dyn RangeSink>,
+        latch: Arc<Latch>,
+        device: usize,
+        size: u64,
+        delay: Option<Duration>,
+    ) -> DriveExport {
+        DriveExport {
+            sink,
+            latch,
+            device,
+            size,
+            delay,
+            counters: Arc::new(Counters::default()),
+        }
+    }
+
+    /// The export's counters.
+    pub fn counters(&self) -> Arc<Counters> {
+        Arc::clone(&self.counters)
+    }
+
+    /// Checks QEMU's request against what the archive writer takes: ranges
+    /// start on a cluster and cover whole clusters except at the end.
+    fn check_range(&self, offset: u64, len: u64) -> Result<(), SinkError> {
+        let end = offset.saturating_add(len);
+        if offset % CLUSTER != 0 || (len % CLUSTER != 0 && end != self.size) {
+            return Err(SinkError::new(format!(
+                "QEMU wrote {len} bytes at offset {offset} of device {}: not whole 64 KiB \
+                     clusters (is the job's cluster size 64 KiB?)",
+                self.device + 1
+            )));
+        }
+        Ok(())
+    }
+
+    fn store(&self, offset: u64, len: u64, op: impl FnOnce() -> Result<(), SinkError>) {
+        if self.latch.failed() {
+            return;
+        }
+        if let Err(e) = self.check_range(offset, len).and_then(|()| op()) {
+            self.latch.fail(e);
+        }
+    }
+}
+
+impl Export for DriveExport {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_only(&self) -> bool {
+        false
+    }
+
+    fn read_at(&self, _offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        // QEMU's backup job never reads its target; answer zeroes rather
+        // than an error, as an archive target has nothing else to show.
+        buf.fill(0);
+        Ok(())
+    }
+
+    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        if let Some(d) = self.delay {
+            std::thread::sleep(d);
+        }
+        let len = data.len() as u64;
+        self.counters.note(offset, offset + len);
+        self.store(offset, len, || self.sink.write(self.device, offset, data));
+        self.counters.data_bytes.fetch_add(len, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.counters.note(offset, offset + len);
+        self.store(offset, len, || {
+            self.sink.write_zeroes(self.device, offset, len)
+        });
+        self.counters.zero_bytes.fetch_add(len, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        // The archive is made durable when it is finished; nothing the
+        // backup job could wait for here.
+        self.counters.flushes.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Default)]
+    struct Recorder {
+        calls: Mutex<Vec<(usize, u64, u64, bool)>>,
+        fail_at: Option<u64>,
+    }
+
+    impl RangeSink for Recorder {
+        fn write(&self, device: usize, offset: u64, data: &[u8]) -> Result<(), SinkError> {
+            if Some(offset) == self.fail_at {
+                return Err(SinkError {
+                    message: "full".into(),
+                    no_space: true,
+                });
+            }
+            self.calls
+                .lock()
+                .unwrap()
+                .push((device, offset, data.len() as u64, false));
+            Ok(())
+        }
+        fn write_zeroes(&self, device: usize, offset: u64, len: u64) -> Result<(), SinkError> {
+            self.calls.lock().unwrap().push((device, offset, len, true));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn writes_pass_through_and_failures_latch() {
+        let rec = Arc::new(Recorder {
+            fail_at: Some(3 * CLUSTER),
+            ..Recorder::default()
+        });
+        let latch = Arc::new(Latch::default());
+        let size = 4 * CLUSTER + 512;
+        let e = DriveExport::new(rec.clone(), latch.clone(), 1, size, None);
+        e.write_at(CLUSTER, &vec![1; 2 * CLUSTER as usize]).unwrap();
+        e.write_zeroes(0, CLUSTER).unwrap();
+        e.write_at(4 * CLUSTER, &[7; 512]).unwrap();
+        assert!(!latch.failed());
+        assert_eq!(e.counters().non_sequential.load(Ordering::Relaxed), 3);
+        // Unaligned: latched, still acknowledged.
+        e.write_at(100, &[0; 512]).unwrap();
+        assert!(latch.failed());
+        assert!(latch.take().unwrap().message.contains("64 KiB"));
+        // After a failure nothing reaches the sink, everything is acked.
+        e.write_at(3 * CLUSTER, &vec![1; CLUSTER as usize]).unwrap();
+        assert_eq!(rec.calls.lock().unwrap().len(), 3);
+        assert_eq!(e.counters().received(), size + 512);
+    }
+
+    #[test]
+    fn sink_error_latches_first_error() {
+        let rec = Arc::new(Recorder {
+            fail_at: Some(0),
+            ..Recorder::default()
+        });
+        let latch = Arc::new(Latch::default());
+        let e = DriveExport::new(rec, latch.clone(), 0, 2 * CLUSTER, None);
+        e.write_at(0, &vec![1; CLUSTER as usize]).unwrap();
+        e.write_at(1, &[1]).unwrap();
+        assert!(latch.take().unwrap().no_space);
+        assert!(e.flush().is_ok());
+    }
+}

@@ -1,0 +1,315 @@
+//! Live backups of a real QEMU (qemu-system-x86_64, TCG, no guest OS).
+//!
+//! These tests never skip: without QEMU they fail, saying how to install it
+//! (scripts/install-deps). Every VM is killed when its fixture drops.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::Ordering;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use vma_examples::demo::{check_archive, job_offset, wait_for_jobs, Fixture};
+use vma_examples::{run_backup, BackupError, BackupOptions, Qmp};
+
+/// Fixture layout scale (MiB): a 16 MiB qcow2 and a 10 MiB + 12345 raw.
+const SCALE: u64 = 16;
+/// Per-write delay of throttled backups.
+const DELAY: Duration = Duration::from_millis(4);
+
+fn fixture() -> Fixture {
+    Fixture::with_size(SCALE).unwrap_or_else(|e| panic!("cannot start the test VM: {e}"))
+}
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_vma-live-backup")
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// The VM answers, runs no job, and holds none of our NBD target nodes.
+fn assert_vm_clean(qmp: &mut Qmp) {
+    let status = qmp.execute("query-status", Value::Null).unwrap();
+    assert!(status.get("status").is_some(), "{status}");
+    let jobs = qmp.execute("query-block-jobs", Value::Null).unwrap();
+    assert_eq!(jobs, json!([]), "jobs left behind");
+    let nodes = qmp.execute("query-named-block-nodes", Value::Null).unwrap();
+    let ours: Vec<&str> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n.get("node-name").and_then(Value::as_str))
+        .filter(|n| n.starts_with("vmalb"))
+        .collect();
+    assert!(ours.is_empty(), "target nodes left behind: {ours:?}");
+}
+
+fn run_bin(args: &[&str]) -> Output {
+    Command::new(bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn archive_holds_disks_as_of_backup_start_despite_guest_writes() {
+    let mut fx = fixture();
+    let out_dir = fx.dir().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let archive = out_dir.join("vm.vma");
+    let conf = fx.dir().join("100.conf");
+    std::fs::write(&conf, b"memory: 128\nvirtio0: local:vm-100-disk-0\n").unwrap();
+
+    let mut ctl = fx.vm.control().unwrap();
+    let mut opts = BackupOptions::new(&fx.vm.qmp_path, &archive).throttle(DELAY);
+    opts.configs.push(("qemu-server.conf".into(), conf));
+    let backup = thread::spawn(move || run_backup(&opts));
+    wait_for_jobs(&mut ctl, 2, Duration::from_secs(30)).unwrap();
+    let writes = fx.late_writes();
+    for w in &writes {
+        fx.guest_write(&mut ctl, *w).unwrap();
+        // The write returned, so its old data was pushed first; the job
+        // itself had not reached the area.
+        let done = job_offset(&mut ctl, w.disk).unwrap();
+        assert!(
+            done < w.offset,
+            "job {} had copied {done} bytes, past the write at {}",
+            w.disk,
+            w.offset
+        );
+    }
+    let report = backup.join().unwrap().unwrap();
+    assert_eq!(report.drives.len(), 2);
+    for (d, before) in report.drives.iter().zip(&fx.before) {
+        assert_eq!(d.drive.size, before.len() as u64);
+        assert_eq!(d.data_bytes + d.zero_request_bytes, d.drive.size);
+    }
+    assert_eq!(report.drives[1].drive.size % 65536, 12800);
+    assert_eq!(report.drives[0].drive.device_name, "drive-vd0");
+    // The pushes ahead of the sequential copy.
+    assert!(report.drives[0].non_sequential >= 2, "{report:?}");
+    assert_eq!(entries(&out_dir), ["vm.vma"]);
+
+    let into = fx.dir().join("extracted");
+    std::fs::create_dir(&into).unwrap();
+    let check = check_archive(&archive, false, &into).unwrap();
+    assert!(check.sealed);
+    assert_eq!(check.devices.len(), 2);
+    for (i, dev) in check.devices.iter().enumerate() {
+        assert_eq!(dev.name, format!("drive-vd{i}"));
+        assert!(
+            dev.data == fx.before[i],
+            "device {i}: the archive differs from the disk at backup start"
+        );
+    }
+    assert_eq!(
+        check.configs,
+        ["qemu-server.conf", "vma-live-backup.json"],
+        "{check:?}"
+    );
+    assert_eq!(
+        check.drives_config["qemu"]["version"]
+            .as_str()
+            .map(|v| v.starts_with(char::is_numeric)),
+        Some(true)
+    );
+    assert_eq!(check.drives_config["drives"][1]["node-name"], "d1");
+    assert_eq!(check.drives_config["drives"][1]["size"], fx.before[1].len());
+
+    assert_vm_clean(&mut ctl);
+    let after = fx.after(&writes);
+    let now = fx.quit_and_read(&mut ctl).unwrap();
+    for i in 0..2 {
+        assert!(now[i] == after[i], "disk {i} lacks the guest's writes");
+        assert!(now[i] != fx.before[i]);
+    }
+}
+
+#[test]
+fn binary_zstd_selected_drive_with_config() {
+    let fx = fixture();
+    let archive = fx.dir().join("vm.vma.zst");
+    let conf = fx.dir().join("fw");
+    std::fs::write(&conf, b"[OPTIONS]\nenable: 1\n").unwrap();
+    let qmp = fx.vm.qmp_path.to_str().unwrap();
+    let out = run_bin(&[
+        "--qmp",
+        qmp,
+        "--output",
+        archive.to_str().unwrap(),
+        "--zstd",
+        "--drive",
+        "d1",
+        "--config",
+        &format!("qemu-server.fw={}", conf.display()),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("drive-vd1") && !stdout.contains("drive-vd0"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("MiB/s"), "{stdout}");
+    // zstd frame magic.
+    assert_eq!(
+        &std::fs::read(&archive).unwrap()[..4],
+        &[0x28, 0xb5, 0x2f, 0xfd]
+    );
+
+    let into = fx.dir().join("x");
+    std::fs::create_dir(&into).unwrap();
+    let check = check_archive(&archive, true, &into).unwrap();
+    assert_eq!(check.devices.len(), 1);
+    assert!(check.devices[0].data == fx.before[1]);
+    assert_eq!(check.configs, ["qemu-server.fw", "vma-live-backup.json"]);
+
+    // The archive is never overwritten; a usage error exits 2.
+    let again = run_bin(&["--qmp", qmp, "--output", archive.to_str().unwrap()]);
+    assert_eq!(again.status.code(), Some(2), "{again:?}");
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+    let unknown = run_bin(&[
+        "--qmp",
+        qmp,
+        "--output",
+        "/nonexistent/x.vma",
+        "--drive",
+        "nope",
+    ]);
+    assert_eq!(unknown.status.code(), Some(2), "{unknown:?}");
+    assert_eq!(run_bin(&["--bogus"]).status.code(), Some(2));
+}
+
+/// A small tmpfs, unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: PathBuf, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(&dir).unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(
+            st.success(),
+            "mounting a tmpfs needs root (tests run as root)"
+        );
+        Tmpfs(dir)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn full_filesystem_cancels_jobs_and_leaves_nothing() {
+    let fx = fixture();
+    let full = Tmpfs::mount(fx.dir().join("small"), "8m");
+    let archive = full.0.join("vm.vma");
+    let qmp = fx.vm.qmp_path.to_str().unwrap();
+    let out = run_bin(&["--qmp", qmp, "--output", archive.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    assert!(stderr.contains("No space left"), "{stderr}");
+    assert!(stderr.contains("the VM keeps running"), "{stderr}");
+    assert!(
+        entries(&full.0).is_empty(),
+        "left behind: {:?}",
+        entries(&full.0)
+    );
+
+    let mut ctl = fx.vm.control().unwrap();
+    assert_vm_clean(&mut ctl);
+    drop(ctl);
+    // And the VM can be backed up again.
+    let good = fx.dir().join("again.vma");
+    let out = run_bin(&["--qmp", qmp, "--output", good.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+}
+
+#[test]
+fn qemu_killed_mid_backup_is_a_clean_error() {
+    let mut fx = fixture();
+    let out_dir = fx.dir().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let opts = BackupOptions::new(&fx.vm.qmp_path, out_dir.join("vm.vma")).throttle(DELAY);
+    let mut ctl = fx.vm.control().unwrap();
+    let backup = thread::spawn(move || run_backup(&opts));
+    wait_for_jobs(&mut ctl, 2, Duration::from_secs(30)).unwrap();
+    thread::sleep(Duration::from_millis(200));
+    let t = Instant::now();
+    fx.vm.kill();
+    let err = backup.join().unwrap().unwrap_err();
+    assert!(matches!(err, BackupError::QemuGone(_)), "{err}");
+    assert_eq!(err.exit_code(), 6);
+    assert!(t.elapsed() < Duration::from_secs(10));
+    assert!(entries(&out_dir).is_empty(), "{:?}", entries(&out_dir));
+}
+
+#[test]
+fn interrupt_cancels_jobs_and_vm_keeps_running() {
+    let fx = fixture();
+    let out_dir = fx.dir().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+    let archive = out_dir.join("vm.vma");
+    let mut ctl = fx.vm.control().unwrap();
+
+    // In-process: the cancel flag.
+    let opts = BackupOptions::new(&fx.vm.qmp_path, &archive).throttle(DELAY);
+    let cancel = opts.cancel.clone();
+    let backup = thread::spawn(move || run_backup(&opts));
+    wait_for_jobs(&mut ctl, 2, Duration::from_secs(30)).unwrap();
+    cancel.store(true, Ordering::SeqCst);
+    let err = backup.join().unwrap().unwrap_err();
+    assert!(matches!(err, BackupError::Interrupted), "{err}");
+    assert!(entries(&out_dir).is_empty());
+    assert_vm_clean(&mut ctl);
+
+    // The binary on SIGINT.
+    let child = Command::new(bin())
+        .args(["--qmp", fx.vm.qmp_path.to_str().unwrap(), "--throttle", "4"])
+        .arg("--output")
+        .arg(&archive)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_jobs(&mut ctl, 2, Duration::from_secs(30)).unwrap();
+    let st = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{out:?}");
+    assert!(entries(&out_dir).is_empty());
+    assert_vm_clean(&mut ctl);
+}
+
+#[test]
+fn demo_without_qemu_says_what_is_missing() {
+    let out = Command::new(bin())
+        .arg("--demo")
+        .env("PATH", "/nonexistent")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("qemu-system-x86_64 not found") && stderr.contains("install-deps"),
+        "{stderr}"
+    );
+}
