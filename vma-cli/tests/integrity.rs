@@ -22,7 +22,9 @@ fn stderr(o: &Output) -> String {
 /// Creates an archive of a 1 MiB patterned disk, with or without the extension.
 fn archive(dir: &Path, integrity: bool) -> (std::path::PathBuf, Vec<u8>) {
     let img = dir.join("disk.raw");
-    let data: Vec<u8> = (0..1 << 20).map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8 | 1).collect();
+    let data: Vec<u8> = (0..1 << 20)
+        .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8 | 1)
+        .collect();
     fs::write(&img, &data).unwrap();
     let out = dir.join(if integrity { "with.vma" } else { "without.vma" });
     let spec = format!("format=raw:drive-scsi0={}", img.display());
@@ -58,8 +60,14 @@ fn a_flipped_data_bit_is_located_and_refused() {
     let o = vma(&["verify"], &[&path]);
     assert_eq!(o.status.code(), Some(3));
     let err = stderr(&o);
-    assert!(err.contains("extent 0 at byte 12800: data checksum mismatch"), "{err}");
-    assert!(err.contains("drive-scsi0 cluster 0"), "names the device clusters: {err}");
+    assert!(
+        err.contains("extent 0 at byte 12800: data checksum mismatch"),
+        "{err}"
+    );
+    assert!(
+        err.contains("drive-scsi0 cluster 0"),
+        "names the device clusters: {err}"
+    );
 
     let json = vma(&["verify", "--json"], &[&path]);
     let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
@@ -69,13 +77,20 @@ fn a_flipped_data_bit_is_located_and_refused() {
     let target = tmp.path().join("x");
     let o = vma(&["extract"], &[&path, &target]);
     assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
-    assert!(!target.exists(), "nothing left behind: {:?}", fs::read_dir(&target).map(|d| d.count()));
+    assert!(
+        !target.exists(),
+        "nothing left behind: {:?}",
+        fs::read_dir(&target).map(|d| d.count())
+    );
 
     let target = tmp.path().join("y");
     let o = vma(&["extract", "--continue-on-damage"], &[&path, &target]);
     assert_eq!(o.status.code(), Some(3));
     let err = stderr(&o);
-    assert!(err.contains("damaged: drive-scsi0 bytes 0..1048576"), "{err}");
+    assert!(
+        err.contains("damaged: drive-scsi0 bytes 0..1048576"),
+        "{err}"
+    );
     let got = fs::read(target.join("disk-drive-scsi0.raw")).unwrap();
     assert_eq!(got.len(), data.len());
     assert_ne!(got, data, "the damaged byte is extracted as stored");
@@ -87,11 +102,19 @@ fn without_the_extension_the_same_flip_goes_unnoticed() {
     let (path, data) = archive(tmp.path(), false);
     flip_data_bit(&path);
     let o = vma(&["verify", "-v"], &[&path]);
-    assert!(o.status.success(), "the gap the extension closes: {}", stderr(&o));
+    assert!(
+        o.status.success(),
+        "the gap the extension closes: {}",
+        stderr(&o)
+    );
     assert!(String::from_utf8_lossy(&o.stdout).contains("no data checksums"));
     let target = tmp.path().join("x");
     assert!(vma(&["extract"], &[&path, &target]).status.success());
-    assert_ne!(fs::read(target.join("disk-drive-scsi0.raw")).unwrap(), data, "silently wrong");
+    assert_ne!(
+        fs::read(target.join("disk-drive-scsi0.raw")).unwrap(),
+        data,
+        "silently wrong"
+    );
 }
 
 #[test]
@@ -101,7 +124,10 @@ fn a_cut_off_seal_reads_as_unsealed() {
     let json = vma(&["list", "--json"], &[&path]);
     let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     assert_eq!(v["integrity"]["sealed"], true);
-    assert_eq!(v["integrity"]["checksummed_extents"], v["integrity"]["total_extents"]);
+    assert_eq!(
+        v["integrity"]["checksummed_extents"],
+        v["integrity"]["total_extents"]
+    );
 
     let mut bytes = fs::read(&path).unwrap();
     bytes.truncate(bytes.len() - VMA_EXTENT_HEADER_SIZE);

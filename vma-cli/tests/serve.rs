@@ -17,7 +17,10 @@ fn require(tool: &str) {
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
-    assert!(ok, "{tool} is not installed: run scripts/install-deps (the test suite needs it)");
+    assert!(
+        ok,
+        "{tool} is not installed: run scripts/install-deps (the test suite needs it)"
+    );
 }
 
 /// A running `vma serve`, stopped (SIGINT) on drop.
@@ -39,7 +42,10 @@ impl Serve {
             .expect("vma serve starts");
         let deadline = Instant::now() + Duration::from_secs(20);
         while !socket.exists() {
-            assert!(Instant::now() < deadline, "vma serve did not create its socket");
+            assert!(
+                Instant::now() < deadline,
+                "vma serve did not create its socket"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         Serve {
@@ -54,7 +60,11 @@ impl Serve {
 
     fn interrupt(&mut self) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
-        assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+        assert!(Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success());
         wait_with_timeout(&mut self.child)
     }
 }
@@ -79,7 +89,11 @@ fn wait_with_timeout(child: &mut Child) -> std::process::ExitStatus {
 
 fn qemu_img(args: &[&str]) {
     let out = Command::new("qemu-img").args(args).output().unwrap();
-    assert!(out.status.success(), "qemu-img {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -100,14 +114,48 @@ fn every_device_converts_to_raw_and_qcow2_byte_exact() {
         for dev in devices {
             let want = v.file(&format!("disk-{dev}.raw")).unwrap();
             let raw = tmp.path().join(format!("{dev}.raw"));
-            qemu_img(&["convert", "-f", "raw", &serve.url(dev), "-O", "raw", raw.to_str().unwrap()]);
-            assert_eq!(fs::metadata(&raw).unwrap().len(), want.size, "{} {dev}", v.file);
+            qemu_img(&[
+                "convert",
+                "-f",
+                "raw",
+                &serve.url(dev),
+                "-O",
+                "raw",
+                raw.to_str().unwrap(),
+            ]);
+            assert_eq!(
+                fs::metadata(&raw).unwrap().len(),
+                want.size,
+                "{} {dev}",
+                v.file
+            );
             assert_eq!(sha256_file(&raw), want.sha256, "{} {dev} raw", v.file);
             let qcow = tmp.path().join(format!("{dev}.qcow2"));
             let back = tmp.path().join(format!("{dev}.back.raw"));
-            qemu_img(&["convert", "-f", "raw", &serve.url(dev), "-O", "qcow2", qcow.to_str().unwrap()]);
-            qemu_img(&["convert", "-f", "qcow2", qcow.to_str().unwrap(), "-O", "raw", back.to_str().unwrap()]);
-            assert_eq!(sha256_file(&back), want.sha256, "{} {dev} via qcow2", v.file);
+            qemu_img(&[
+                "convert",
+                "-f",
+                "raw",
+                &serve.url(dev),
+                "-O",
+                "qcow2",
+                qcow.to_str().unwrap(),
+            ]);
+            qemu_img(&[
+                "convert",
+                "-f",
+                "qcow2",
+                qcow.to_str().unwrap(),
+                "-O",
+                "raw",
+                back.to_str().unwrap(),
+            ]);
+            assert_eq!(
+                sha256_file(&back),
+                want.sha256,
+                "{} {dev} via qcow2",
+                v.file
+            );
         }
         assert!(serve.interrupt().success());
         assert!(!sock.exists(), "socket removed at exit");
@@ -118,7 +166,9 @@ fn every_device_converts_to_raw_and_qcow2_byte_exact() {
 fn parse_dump(text: &str) -> Vec<u8> {
     let mut bytes = Vec::new();
     for line in text.lines() {
-        let Some((addr, rest)) = line.split_once(":  ") else { continue };
+        let Some((addr, rest)) = line.split_once(":  ") else {
+            continue;
+        };
         if u64::from_str_radix(addr, 16).is_err() {
             continue;
         }
@@ -136,7 +186,12 @@ fn random_reads_through_qemu_io_equal_the_image() {
     let v = &vectors()[0];
     // The reference image, from our own extraction (tested against EXPECTED.txt elsewhere).
     let out = tmp.path().join("x");
-    let st = Command::new(env!("CARGO_BIN_EXE_vma")).arg("extract").arg(v.path()).arg(&out).output().unwrap();
+    let st = Command::new(env!("CARGO_BIN_EXE_vma"))
+        .arg("extract")
+        .arg(v.path())
+        .arg(&out)
+        .output()
+        .unwrap();
     assert!(st.status.success());
     let image = fs::read(out.join("disk-drive-scsi0.raw")).unwrap();
     let sock = tmp.path().join("s.sock");
@@ -155,10 +210,17 @@ fn random_reads_through_qemu_io_equal_the_image() {
         expected.extend_from_slice(&image[off..off + len]);
     }
     let out = cmd.output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let got = parse_dump(&String::from_utf8_lossy(&out.stdout));
     assert_eq!(got.len(), expected.len());
-    assert!(got == expected, "bytes read through the export differ from the image");
+    assert!(
+        got == expected,
+        "bytes read through the export differ from the image"
+    );
 }
 
 #[test]
@@ -171,13 +233,29 @@ fn writes_unknown_exports_and_broken_clients_do_not_hurt_the_server() {
     let mut serve = Serve::start(&v.path(), &sock, &[]);
 
     let out = Command::new("qemu-io")
-        .args(["-f", "raw", &serve.url("drive-sata0"), "-c", "write -P 0x55 0 512"])
+        .args([
+            "-f",
+            "raw",
+            &serve.url("drive-sata0"),
+            "-c",
+            "write -P 0x55 0 512",
+        ])
         .output()
         .unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(!out.status.success() || text.contains("Permission denied"), "write accepted: {text}");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !out.status.success() || text.contains("Permission denied"),
+        "write accepted: {text}"
+    );
 
-    let out = Command::new("qemu-img").args(["info", &serve.url("no-such-disk")]).output().unwrap();
+    let out = Command::new("qemu-img")
+        .args(["info", &serve.url("no-such-disk")])
+        .output()
+        .unwrap();
     assert!(!out.status.success(), "an unknown export must not open");
 
     // A client that sends garbage, one that hangs up mid-handshake, one mid-request.
@@ -191,10 +269,25 @@ fn writes_unknown_exports_and_broken_clients_do_not_hurt_the_server() {
 
     // Still serving, still byte-exact.
     let raw = tmp.path().join("sata0.raw");
-    qemu_img(&["convert", "-f", "raw", &serve.url("drive-sata0"), "-O", "raw", raw.to_str().unwrap()]);
-    assert_eq!(sha256_file(&raw), v.file("disk-drive-sata0.raw").unwrap().sha256);
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        &serve.url("drive-sata0"),
+        "-O",
+        "raw",
+        raw.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        sha256_file(&raw),
+        v.file("disk-drive-sata0.raw").unwrap().sha256
+    );
     assert!(serve.interrupt().success());
-    assert_eq!(fs::read(v.path()).unwrap(), before, "the archive never changes");
+    assert_eq!(
+        fs::read(v.path()).unwrap(),
+        before,
+        "the archive never changes"
+    );
 }
 
 #[test]
@@ -204,7 +297,10 @@ fn once_stops_after_the_last_client_and_device_filter_applies() {
     let v = &vectors()[0];
     let sock = tmp.path().join("s.sock");
     let mut serve = Serve::start(&v.path(), &sock, &["--device", "drive-virtio1"]);
-    let out = Command::new("qemu-img").args(["info", &serve.url("drive-scsi0")]).output().unwrap();
+    let out = Command::new("qemu-img")
+        .args(["info", &serve.url("drive-scsi0")])
+        .output()
+        .unwrap();
     assert!(!out.status.success(), "drive-scsi0 was not selected");
     qemu_img(&["info", &serve.url("drive-virtio1")]);
     assert!(serve.interrupt().success());
@@ -222,7 +318,13 @@ fn compressed_archives_and_unknown_devices_are_refused_clearly() {
     let tmp = tempfile::tempdir().unwrap();
     let v = &vectors()[0];
     let zst = tmp.path().join("a.vma.zst");
-    assert!(Command::new("zstd").args(["-q", "-o"]).arg(&zst).arg(v.path()).status().unwrap().success());
+    assert!(Command::new("zstd")
+        .args(["-q", "-o"])
+        .arg(&zst)
+        .arg(v.path())
+        .status()
+        .unwrap()
+        .success());
     let out = Command::new(env!("CARGO_BIN_EXE_vma"))
         .arg("serve")
         .arg(&zst)
@@ -232,7 +334,10 @@ fn compressed_archives_and_unknown_devices_are_refused_clearly() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("zstd -d -o"), "tells the command that prepares a plain file: {err}");
+    assert!(
+        err.contains("zstd -d -o"),
+        "tells the command that prepares a plain file: {err}"
+    );
     let out = Command::new(env!("CARGO_BIN_EXE_vma"))
         .arg("serve")
         .arg(v.path())
