@@ -8,28 +8,22 @@
 //! without replacing an existing file here. Either way an aborted or failed
 //! backup removes the temporary file.
 
-use std::ffi::OsString;
-use std::fs::File;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
-use tempfile::NamedTempFile;
-use vma_writer::{Builder, Device, FileWriter, Summary, Writer, WriterHandle};
+use vma_writer::{Builder, Device, FileWriter, PartialFile, Summary, Writer, WriterHandle};
 
 use crate::export::{RangeSink, SinkError};
 
 /// zstd level: the same default as `zstd` and vzdump.
 const ZSTD_LEVEL: i32 = 3;
 
-type ZstdFile = zstd::stream::write::Encoder<'static, NamedTempFile>;
+type ZstdFile = zstd::stream::write::Encoder<'static, PartialFile>;
 
 enum Output {
     File(FileWriter),
-    Zstd {
-        writer: Writer<ZstdFile>,
-        path: PathBuf,
-    },
+    Zstd(Writer<ZstdFile>),
 }
 
 /// An archive being written.
@@ -105,9 +99,9 @@ impl Archive {
             );
         }
         let (output, handle) = if zstd {
-            let (writer, path) = create_zstd(builder, path)?;
+            let writer = create_zstd(builder, path)?;
             let handle = writer.handle();
-            (Output::Zstd { writer, path }, handle)
+            (Output::Zstd(writer), handle)
         } else {
             let writer = builder.create_file(path).map_err(|e| sink_error(&e))?;
             let handle = writer.handle();
@@ -133,22 +127,12 @@ impl Archive {
     pub(crate) fn finish(self) -> Result<Summary, SinkError> {
         match self.output {
             Output::File(w) => w.finish().map_err(|e| sink_error(&e)),
-            Output::Zstd { writer, path } => {
+            Output::Zstd(writer) => {
                 let (summary, encoder) = writer.finish().map_err(|e| sink_error(&e))?;
-                let temp = encoder
+                let file = encoder
                     .finish()
-                    .map_err(|e| io_error(&path, "zstd finish", &e))?;
-                temp.as_file()
-                    .sync_all()
-                    .map_err(|e| io_error(temp.path(), "fsync", &e))?;
-                temp.persist_noclobber(&path).map_err(|e| {
-                    io_error(&path, "rename", &e.error)
-                    // `e.file` is dropped here, removing the temporary file.
-                })?;
-                let dir = parent_dir(&path);
-                File::open(dir)
-                    .and_then(|d| d.sync_all())
-                    .map_err(|e| io_error(dir, "fsync", &e))?;
+                    .map_err(|e| io_error(Path::new("archive"), "zstd finish", &e))?;
+                file.commit(true).map_err(|e| sink_error(&e))?;
                 Ok(summary)
             }
         }
@@ -160,7 +144,7 @@ impl Archive {
             Output::File(w) => {
                 let _ = w.abort();
             }
-            Output::Zstd { writer, .. } => {
+            Output::Zstd(writer) => {
                 // Dropping the encoder drops the temporary file, removing it.
                 let _ = writer.abort();
             }
@@ -168,40 +152,10 @@ impl Archive {
     }
 }
 
-fn parent_dir(path: &Path) -> &Path {
-    match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    }
-}
-
-fn create_zstd(builder: Builder, path: &Path) -> Result<(Writer<ZstdFile>, PathBuf), SinkError> {
-    let Some(name) = path.file_name() else {
-        return Err(SinkError::new(format!(
-            "{}: the path names no file",
-            path.display()
-        )));
-    };
-    match std::fs::symlink_metadata(path) {
-        Ok(_) => {
-            return Err(SinkError::new(format!(
-                "{}: already exists, refusing to overwrite it",
-                path.display()
-            )))
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io_error(path, "create", &e)),
-    }
-    let mut prefix = OsString::from(".");
-    prefix.push(name);
-    prefix.push(".partial-");
-    let temp = tempfile::Builder::new()
-        .prefix(&prefix)
-        .tempfile_in(parent_dir(path))
-        .map_err(|e| io_error(path, "create", &e))?;
-    let encoder = ZstdFile::new(temp, ZSTD_LEVEL).map_err(|e| io_error(path, "zstd setup", &e))?;
-    let writer = builder.build(encoder).map_err(|e| sink_error(&e))?;
-    Ok((writer, path.to_path_buf()))
+fn create_zstd(builder: Builder, path: &Path) -> Result<Writer<ZstdFile>, SinkError> {
+    let file = PartialFile::create(path).map_err(|e| sink_error(&e))?;
+    let encoder = ZstdFile::new(file, ZSTD_LEVEL).map_err(|e| io_error(path, "zstd setup", &e))?;
+    builder.build(encoder).map_err(|e| sink_error(&e))
 }
 
 /// Forwards export writes to the writer.

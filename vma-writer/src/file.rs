@@ -21,7 +21,7 @@ use crate::writer::{forward_writes, Summary, Writer, WriterHandle};
 /// rename fails (without replacing anything) if it appeared in the meantime.
 #[derive(Debug)]
 pub struct FileWriter {
-    writer: Writer<NamedTempFile>,
+    writer: Writer<PartialFile>,
     path: PathBuf,
     fsync: bool,
 }
@@ -44,31 +44,11 @@ fn parent_dir(path: &Path) -> &Path {
 
 impl FileWriter {
     pub(crate) fn create(builder: Builder, path: &Path) -> Result<FileWriter> {
-        let Some(name) = path.file_name() else {
-            let e = io::Error::new(io::ErrorKind::InvalidInput, "the path names no file");
-            return Err(file_error(path, "create", e));
-        };
-        match fs::symlink_metadata(path) {
-            Ok(_) => {
-                return Err(Error::TargetExists {
-                    path: path.to_owned(),
-                })
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(file_error(path, "create", e)),
-        }
         // Validate the declaration before creating anything on disk.
         builder.encode_header()?;
-        let mut prefix = OsString::from(".");
-        prefix.push(name);
-        prefix.push(".partial-");
-        let temp = tempfile::Builder::new()
-            .prefix(&prefix)
-            .tempfile_in(parent_dir(path))
-            .map_err(|e| file_error(path, "create", e))?;
         let fsync = builder.fsync;
         Ok(FileWriter {
-            writer: builder.build(temp)?,
+            writer: builder.build(PartialFile::create(path)?)?,
             path: path.to_owned(),
             fsync,
         })
@@ -85,12 +65,74 @@ impl FileWriter {
     /// (the default), renames it to its final name without replacing an existing file, and
     /// fsyncs the directory. On any error the temporary file is removed.
     pub fn finish(self) -> Result<Summary> {
-        let FileWriter {
-            writer,
-            path,
-            fsync,
-        } = self;
-        let (summary, temp) = writer.finish()?;
+        let FileWriter { writer, fsync, .. } = self;
+        let (summary, file) = writer.finish()?;
+        file.commit(fsync)?;
+        Ok(summary)
+    }
+
+    /// Abandons the archive and removes the temporary file.
+    pub fn abort(self) -> Result<()> {
+        self.writer.abort().map(drop)
+    }
+}
+
+/// A file written under a temporary name (`.NAME.partial-XXXXXX`, mode 0600) in its
+/// target's directory and given its final name only by [`commit`](PartialFile::commit);
+/// dropped without a commit, it removes itself. [`FileWriter`] writes archives through one;
+/// use it directly to put something between the writer and the file (a compressor, say).
+#[derive(Debug)]
+pub struct PartialFile {
+    temp: NamedTempFile,
+    path: PathBuf,
+}
+
+impl PartialFile {
+    /// Creates the temporary file for `path`, which must not exist
+    /// ([`Error::TargetExists`]).
+    pub fn create(path: impl AsRef<Path>) -> Result<PartialFile> {
+        let path = path.as_ref();
+        let Some(name) = path.file_name() else {
+            let e = io::Error::new(io::ErrorKind::InvalidInput, "the path names no file");
+            return Err(file_error(path, "create", e));
+        };
+        match fs::symlink_metadata(path) {
+            Ok(_) => {
+                return Err(Error::TargetExists {
+                    path: path.to_owned(),
+                })
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(file_error(path, "create", e)),
+        }
+        let mut prefix = OsString::from(".");
+        prefix.push(name);
+        prefix.push(".partial-");
+        let temp = tempfile::Builder::new()
+            .prefix(&prefix)
+            .tempfile_in(parent_dir(path))
+            .map_err(|e| file_error(path, "create", e))?;
+        Ok(PartialFile {
+            temp,
+            path: path.to_owned(),
+        })
+    }
+
+    /// The final path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The temporary file.
+    pub fn as_file(&self) -> &File {
+        self.temp.as_file()
+    }
+
+    /// Gives the file its final name, without replacing a file that appeared there in the
+    /// meantime; with `fsync`, makes the data and the rename durable first and after. On
+    /// any error the temporary file is removed.
+    pub fn commit(self, fsync: bool) -> Result<()> {
+        let PartialFile { temp, path } = self;
         if fsync {
             temp.as_file()
                 .sync_all()
@@ -109,11 +151,20 @@ impl FileWriter {
                 .and_then(|d| d.sync_all())
                 .map_err(|e| file_error(dir, "fsync", e))?;
         }
-        Ok(summary)
+        Ok(())
+    }
+}
+
+impl io::Write for PartialFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.temp.write(buf)
     }
 
-    /// Abandons the archive and removes the temporary file.
-    pub fn abort(self) -> Result<()> {
-        self.writer.abort().map(drop)
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        self.temp.write_vectored(bufs)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.temp.flush()
     }
 }

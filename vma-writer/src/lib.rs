@@ -79,7 +79,7 @@ mod writer;
 
 pub use builder::{Builder, Device, VmState};
 pub use error::{Error, MissingClusters, Result};
-pub use file::FileWriter;
+pub use file::{FileWriter, PartialFile};
 #[cfg(unix)]
 pub use source::source_size;
 pub use vma_format::{DeviceId, Uuid};
