@@ -14,8 +14,9 @@ cd "$(dirname "$0")/.."
 SIZE_MIB=${1:-2048}
 RUNS=${2:-3}
 cargo build --release --locked -q -p vma-cli -p vma-benches
-VMA=$PWD/target/release/vma
-RANDREAD=$PWD/target/release/vma-randread
+TARGET=${CARGO_TARGET_DIR:-$PWD/target}
+VMA=$TARGET/release/vma
+RANDREAD=$TARGET/release/vma-randread
 for t in zstd python3 /usr/bin/time; do command -v "$t" >/dev/null || { echo "missing $t (run scripts/install-deps)" >&2; exit 1; }; done
 
 DIR=${BENCH_DIR:-$(mktemp -d /var/tmp/vma-bench.XXXXXX)}
@@ -47,6 +48,7 @@ sync
 median() { python3 -c 'import sys,statistics; print("%.3f" % statistics.median(float(x) for x in sys.argv[1:]))' "$@"; }
 # time_cmd NAME CMD...: runs CMD $RUNS times (with a cleanup between) and records the median
 declare -A T
+rss_rows=()
 time_it() {
   local name=$1; shift
   local xs=()

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::thread;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
+use vma_format::aligned::AlignedBuf;
 
 use crate::lzop::{LzopReader, LZOP_MAGIC};
 
@@ -97,9 +98,9 @@ pub fn open_reader(
 
 /// A `Read` fed by a thread that reads (and decompresses) ahead into a few chunks.
 pub struct ReadAhead {
-    chunks: Receiver<io::Result<Vec<u8>>>,
-    recycle: Sender<Vec<u8>>,
-    current: Vec<u8>,
+    chunks: Receiver<io::Result<AlignedBuf>>,
+    recycle: Sender<AlignedBuf>,
+    current: AlignedBuf,
     pos: usize,
     finished: bool,
 }
@@ -108,13 +109,19 @@ impl ReadAhead {
     /// Starts the thread. It stops at end of input, at the first error (passed on to the
     /// reader), or when the `ReadAhead` is dropped.
     pub fn spawn(mut inner: Box<dyn Read + Send>) -> ReadAhead {
-        let (tx, chunks) = bounded::<io::Result<Vec<u8>>>(DEPTH);
-        let (recycle, free) = bounded::<Vec<u8>>(DEPTH + 2);
+        let (tx, chunks) = bounded::<io::Result<AlignedBuf>>(DEPTH);
+        let (recycle, free) = bounded::<AlignedBuf>(DEPTH + 2);
         thread::Builder::new()
             .name("vma-read-ahead".into())
             .spawn(move || loop {
-                let mut buf = free.try_recv().unwrap_or_default();
-                buf.resize(CHUNK, 0);
+                // Page-aligned chunks: reading page-aligned file data into a buffer 16
+                // bytes past a page boundary (where a 1 MiB Vec lands) is many times
+                // slower on some CPUs (rep movsb aliasing).
+                let mut buf = match free.try_recv() {
+                    Ok(buf) if buf.max_len() >= CHUNK => buf,
+                    _ => AlignedBuf::new(CHUNK),
+                };
+                buf.set_len(CHUNK);
                 let mut filled = 0;
                 let result = loop {
                     match inner.read(&mut buf[filled..]) {
@@ -129,7 +136,7 @@ impl ReadAhead {
                         Err(e) => break Err(e),
                     }
                 };
-                buf.truncate(filled);
+                buf.set_len(filled);
                 let last = filled < CHUNK;
                 if filled > 0 && tx.send(Ok(buf)).is_err() {
                     return;
@@ -146,7 +153,7 @@ impl ReadAhead {
         ReadAhead {
             chunks,
             recycle,
-            current: Vec::new(),
+            current: AlignedBuf::default(),
             pos: 0,
             finished: false,
         }
@@ -176,7 +183,7 @@ impl Read for ReadAhead {
             }
         }
         let n = buf.len().min(self.current.len() - self.pos);
-        buf[..n].copy_from_slice(&self.current[self.pos..self.pos + n]);
+        vma_format::aligned::copy(&mut buf[..n], &self.current[self.pos..self.pos + n]);
         self.pos += n;
         Ok(n)
     }

@@ -41,6 +41,7 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod aligned;
 pub mod cluster;
 mod consts;
 mod error;

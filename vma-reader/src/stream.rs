@@ -2,8 +2,11 @@
 
 use std::io::{self, Read};
 use std::ops::Range;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
+use vma_format::aligned::AlignedBuf;
 use vma_format::integrity::{self, DataChecksum, Seal, SealKind};
 use vma_format::{
     cluster, ArchiveHeader, BlockMask, DeviceId, ExtentHeader, VMA_BLOCK_SIZE,
@@ -45,7 +48,8 @@ impl Default for ReadOptions {
 /// then yields extent after extent, each checked (MD5, uuid, slots, duplicates, CRC32C)
 /// before it is handed out. After the last extent it checks that no cluster is missing,
 /// and only then returns `Ok(None)`. Memory: one extent buffer (at most
-/// [`VMA_MAX_EXTENT_SIZE`] bytes) plus about one bit per cluster seen.
+/// [`VMA_MAX_EXTENT_SIZE`] bytes; two when checking a seal, whose SHA-256 runs on a second
+/// thread) plus about one bit per cluster seen.
 ///
 /// After an error every further call fails with [`Error::Failed`].
 pub struct StreamReader<R> {
@@ -128,10 +132,10 @@ impl<R> StreamReader<R> {
         self.core.report()
     }
 
-    /// Bytes of memory the reader holds, roughly: its extent buffer and the set of
-    /// clusters seen.
+    /// Bytes of memory the reader holds, roughly: its extent buffers (two when the seal
+    /// is hashed on a second thread) and the set of clusters seen.
     pub fn memory(&self) -> usize {
-        self.core.buf.capacity() + self.core.validator.memory()
+        self.core.bufs.iter().map(|b| b.capacity()).sum::<usize>() + self.core.validator.memory()
     }
 
     /// How many clusters of the vmstate device `id` arrived (they run 0, 1, 2, ...).
@@ -254,13 +258,19 @@ pub(crate) struct Core {
     header: ArchiveHeader,
     header_size: u64,
     pub(crate) options: ReadOptions,
-    buf: Vec<u8>,
+    /// Extent buffers, page-aligned so that reads into them and copies out of them stay
+    /// off the slow path of `rep movsb` (see [`vma_format::aligned`]). Two when the seal's
+    /// hash runs on its own thread: it hashes one while the next extent is read into the
+    /// other.
+    bufs: [Arc<AlignedBuf>; 2],
+    /// The buffer holding the current extent.
+    cur: usize,
     extent: Option<ExtentHeader>,
     slots: Vec<(CheckedSlot, Range<usize>)>,
     pos: u64,
     validator: Validator,
     integrity: IntegrityReport,
-    sha: Option<Sha256>,
+    sha: Option<SealHasher>,
     state: State,
     current: (u64, u64, ExtentChecksum),
 }
@@ -340,7 +350,7 @@ impl Core {
     fn open(r: &mut dyn Read, options: ReadOptions) -> Result<Core> {
         let (header, bytes) = read_header(r)?;
         let sha = options.verify_seal.then(|| {
-            let mut sha = Sha256::new();
+            let mut sha = SealHasher::new();
             sha.update(&bytes);
             sha
         });
@@ -349,7 +359,8 @@ impl Core {
             header,
             header_size: bytes.len() as u64,
             options,
-            buf: Vec::new(),
+            bufs: Default::default(),
+            cur: 0,
             extent: None,
             slots: Vec::new(),
             pos: bytes.len() as u64,
@@ -371,7 +382,7 @@ impl Core {
                 let (offset, index, checksum) = self.current;
                 let header = self.extent.as_ref().expect("set by advance");
                 Ok(Some(Extent {
-                    data: &self.buf[VMA_EXTENT_HEADER_SIZE..header.extent_len()],
+                    data: &self.bufs[self.cur][VMA_EXTENT_HEADER_SIZE..header.extent_len()],
                     header,
                     slots: &self.slots,
                     offset,
@@ -392,12 +403,21 @@ impl Core {
 
     /// Reads the next data extent into the buffer; `false` at a complete end.
     fn advance(&mut self, r: &mut dyn Read) -> Result<bool> {
-        if self.buf.len() < VMA_EXTENT_HEADER_SIZE {
-            self.buf.resize(VMA_EXTENT_HEADER_SIZE, 0);
+        if let Some(SealHasher::Thread { .. }) = &self.sha {
+            // The previous extent may still be hashed: read into the other buffer, once
+            // the hasher let go of it.
+            self.cur ^= 1;
+            let sha = self.sha.as_mut().expect("checked");
+            sha.release(&self.bufs[self.cur])?;
+        }
+        let buf = Arc::get_mut(&mut self.bufs[self.cur]).ok_or(Error::Failed)?;
+        if buf.len() < VMA_EXTENT_HEADER_SIZE {
+            buf.grow(VMA_EXTENT_HEADER_SIZE, 0);
         }
         loop {
             let offset = self.pos;
-            let got = read_full(r, &mut self.buf[..VMA_EXTENT_HEADER_SIZE])
+            let buf = Arc::get_mut(&mut self.bufs[self.cur]).ok_or(Error::Failed)?;
+            let got = read_full(r, &mut buf[..VMA_EXTENT_HEADER_SIZE])
                 .map_err(|source| Error::Read { offset, source })?;
             if got == 0 {
                 if self.state != State::Sealed {
@@ -415,7 +435,7 @@ impl Core {
                     needed: VMA_EXTENT_HEADER_SIZE as u64,
                 });
             }
-            let extent = decode_extent(&self.buf[..VMA_EXTENT_HEADER_SIZE], offset, &self.header)?;
+            let extent = decode_extent(&buf[..VMA_EXTENT_HEADER_SIZE], offset, &self.header)?;
             match Seal::from_extent(&extent) {
                 SealKind::NotASeal => {}
                 SealKind::Seal(seal) => {
@@ -430,7 +450,7 @@ impl Core {
                     // A seal this crate cannot read: reported, skipped like an empty extent.
                     self.integrity.seal = SealStatus::UnknownVersion(v);
                     if let Some(sha) = &mut self.sha {
-                        sha.update(&self.buf[..VMA_EXTENT_HEADER_SIZE]);
+                        sha.update(&self.bufs[self.cur][..VMA_EXTENT_HEADER_SIZE]);
                     }
                     self.pos += VMA_EXTENT_HEADER_SIZE as u64;
                     continue;
@@ -439,16 +459,17 @@ impl Core {
             }
             let len = extent.extent_len();
             debug_assert!(len <= VMA_MAX_EXTENT_SIZE);
-            if self.buf.len() < len {
-                self.buf.resize(len, 0);
+            let buf = Arc::get_mut(&mut self.bufs[self.cur]).ok_or(Error::Failed)?;
+            if buf.len() < len {
+                // Keeps the extent header just read.
+                buf.grow(len, VMA_EXTENT_HEADER_SIZE);
             }
-            let got =
-                read_full(r, &mut self.buf[VMA_EXTENT_HEADER_SIZE..len]).map_err(|source| {
-                    Error::Read {
-                        offset: offset + VMA_EXTENT_HEADER_SIZE as u64,
-                        source,
-                    }
-                })?;
+            let got = read_full(r, &mut buf[VMA_EXTENT_HEADER_SIZE..len]).map_err(|source| {
+                Error::Read {
+                    offset: offset + VMA_EXTENT_HEADER_SIZE as u64,
+                    source,
+                }
+            })?;
             if VMA_EXTENT_HEADER_SIZE + got < len {
                 return Err(Error::TruncatedExtent {
                     offset,
@@ -463,7 +484,7 @@ impl Core {
             let index = self.integrity.total_extents;
             let checksum = self.check_data(offset, index, &extent, len)?;
             if let Some(sha) = &mut self.sha {
-                sha.update(&self.buf[..len]);
+                sha.update_extent(&self.bufs[self.cur], len);
             }
             self.integrity.total_extents += 1;
             self.pos += len as u64;
@@ -491,7 +512,8 @@ impl Core {
             }
             DataChecksum::Crc32c(stored) => {
                 self.integrity.checksummed_extents += 1;
-                let computed = integrity::data_crc32c(&self.buf[VMA_EXTENT_HEADER_SIZE..len]);
+                let computed =
+                    integrity::data_crc32c(&self.bufs[self.cur][VMA_EXTENT_HEADER_SIZE..len]);
                 if computed == stored {
                     return Ok(ExtentChecksum::Verified);
                 }
@@ -533,10 +555,13 @@ impl Core {
                 seal.extents
             ));
         }
-        let hashed = self.sha.as_ref().map(|sha| sha.clone().finalize());
+        let hashed = match &mut self.sha {
+            Some(sha) => Some(sha.digest()?),
+            None => None,
+        };
         if reason.is_none() {
             if let Some(h) = hashed {
-                if h.as_slice() != seal.sha256 {
+                if h != seal.sha256 {
                     reason = Some("the SHA-256 of the archive before it differs".into());
                 }
             }
@@ -576,6 +601,158 @@ impl Core {
             integrity: self.integrity.clone(),
             archive_bytes: self.pos,
             complete: self.state == State::Done,
+        }
+    }
+}
+
+/// The SHA-256 of every archive byte before the seal: on a thread of its own, which
+/// hashes one extent while the reader reads and checks the next (and the caller writes
+/// it out), or inline if no thread could be started.
+pub(crate) enum SealHasher {
+    Inline(Sha256),
+    Thread {
+        jobs: Sender<HashJob>,
+        done: Receiver<HashDone>,
+    },
+}
+
+pub(crate) enum HashJob {
+    /// The first `len` bytes of an extent buffer; acknowledged with `HashDone::Released`
+    /// once the thread dropped its reference.
+    Extent(Arc<AlignedBuf>, usize),
+    Bytes(Vec<u8>),
+    /// The digest of everything so far (the hash goes on).
+    Digest,
+}
+
+pub(crate) enum HashDone {
+    Released,
+    Digest([u8; 32]),
+}
+
+impl SealHasher {
+    fn new() -> SealHasher {
+        let (jobs, rx) = channel::<HashJob>();
+        let (tx, done) = channel::<HashDone>();
+        let spawned = std::thread::Builder::new()
+            .name("vma-seal-hash".into())
+            .spawn(move || {
+                let mut sha = Sha256::new();
+                for job in rx {
+                    let reply = match job {
+                        HashJob::Extent(buf, len) => {
+                            sha.update(&buf[..len]);
+                            drop(buf);
+                            HashDone::Released
+                        }
+                        HashJob::Bytes(bytes) => {
+                            sha.update(&bytes);
+                            continue;
+                        }
+                        HashJob::Digest => HashDone::Digest(sha.clone().finalize().into()),
+                    };
+                    if tx.send(reply).is_err() {
+                        return;
+                    }
+                }
+            });
+        match spawned {
+            Ok(_) => SealHasher::Thread { jobs, done },
+            Err(_) => SealHasher::Inline(Sha256::new()),
+        }
+    }
+
+    fn update(&mut self, bytes: &[u8]) {
+        match self {
+            SealHasher::Inline(sha) => sha.update(bytes),
+            SealHasher::Thread { jobs, .. } => {
+                // A hasher gone (it panicked) shows in `release` or `digest`.
+                let _ = jobs.send(HashJob::Bytes(bytes.to_vec()));
+            }
+        }
+    }
+
+    fn update_extent(&mut self, buf: &Arc<AlignedBuf>, len: usize) {
+        match self {
+            SealHasher::Inline(sha) => sha.update(&buf[..len]),
+            SealHasher::Thread { jobs, .. } => {
+                let _ = jobs.send(HashJob::Extent(Arc::clone(buf), len));
+            }
+        }
+    }
+
+    /// Waits until the hasher no longer holds `buf`.
+    fn release(&mut self, buf: &Arc<AlignedBuf>) -> Result<()> {
+        if let SealHasher::Thread { done, .. } = self {
+            while Arc::strong_count(buf) > 1 {
+                match done.recv() {
+                    Ok(_) => {}
+                    Err(_) => return Err(hasher_gone()),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The SHA-256 of everything hashed so far.
+    fn digest(&mut self) -> Result<[u8; 32]> {
+        match self {
+            SealHasher::Inline(sha) => Ok(sha.clone().finalize().into()),
+            SealHasher::Thread { jobs, done } => {
+                jobs.send(HashJob::Digest).map_err(|_| hasher_gone())?;
+                loop {
+                    match done.recv() {
+                        Ok(HashDone::Digest(d)) => return Ok(d),
+                        Ok(HashDone::Released) => {}
+                        Err(_) => return Err(hasher_gone()),
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn hasher_gone() -> Error {
+    Error::Read {
+        offset: 0,
+        source: io::Error::other("the seal's hashing thread stopped"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The threaded hasher hashes what the inline one does, in the order given, and lets
+    /// go of every buffer.
+    #[test]
+    fn seal_hasher_thread_matches_inline() {
+        let mut threaded = SealHasher::new();
+        assert!(matches!(threaded, SealHasher::Thread { .. }));
+        let mut inline = SealHasher::Inline(Sha256::new());
+        let mut bufs: [Arc<AlignedBuf>; 2] = Default::default();
+        for round in 0..20usize {
+            let b = &mut bufs[round % 2];
+            threaded.release(b).unwrap();
+            let buf = Arc::get_mut(b).expect("released");
+            buf.grow(70_000, 0);
+            for (i, x) in buf.iter_mut().enumerate() {
+                *x = (i * 31 + round) as u8;
+            }
+            let len = 1000 + round * 3000;
+            threaded.update_extent(b, len);
+            inline.update_extent(b, len);
+            let extra = vec![round as u8; round];
+            threaded.update(&extra);
+            inline.update(&extra);
+            if round % 7 == 0 {
+                assert_eq!(threaded.digest().unwrap(), inline.digest().unwrap());
+            }
+        }
+        assert_eq!(threaded.digest().unwrap(), inline.digest().unwrap());
+        for b in &bufs {
+            threaded.release(b).unwrap();
+            assert_eq!(Arc::strong_count(b), 1);
         }
     }
 }

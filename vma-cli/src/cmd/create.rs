@@ -3,6 +3,7 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
 use std::time::Duration;
 
 use vma_writer::{round_up_to_sector, source_size, Builder};
@@ -114,23 +115,36 @@ pub(crate) fn run(args: Args) -> Result<()> {
     let done: Vec<AtomicU64> = disks.iter().map(|_| AtomicU64::new(0)).collect();
     let mut progress = Progress::new(args.verbose, total, LineStyle::Create, "create");
     let result = std::thread::scope(|scope| {
+        // Each worker says when it is done, so that the wait ends at once rather than at
+        // the next progress tick.
+        let (finished_tx, finished) = mpsc::channel::<()>();
         let workers: Vec<_> = disks
             .iter()
             .zip(&devices)
             .zip(&done)
             .map(|((disk, device), done)| {
                 let handle = writer.handle();
+                let finished_tx = finished_tx.clone();
                 scope.spawn(move || {
                     let mut report = |n: u64| done.store(n, Ordering::Relaxed);
-                    handle
+                    let outcome = handle
                         .write_file(*device, &disk.file, Some(&mut report))
-                        .map_err(|e| (disk.path.clone(), e))
+                        .map_err(|e| (disk.path.clone(), e));
+                    let _ = finished_tx.send(());
+                    outcome
                 })
             })
             .collect();
-        while !workers.iter().all(|w| w.is_finished()) {
+        drop(finished_tx);
+        let mut running = workers.len();
+        while running > 0 {
             progress.update(done.iter().map(|d| d.load(Ordering::Relaxed)).sum());
-            std::thread::sleep(Duration::from_millis(100));
+            match finished.recv_timeout(Duration::from_millis(100)) {
+                Ok(()) => running -= 1,
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                // A worker panicked: joining it reports that below.
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
         }
         let mut first_error = None;
         for w in workers {
