@@ -55,6 +55,22 @@ const CHUNK: usize = 1 << 20;
 /// Chunks in flight: bounds the read-ahead memory to a few MiB.
 const DEPTH: usize = 4;
 
+/// The packing of a file, from its first bytes (a short or empty file is `None`).
+pub fn detect_file(path: &Path) -> io::Result<Compression> {
+    let mut head = [0u8; 9];
+    let mut file = File::open(path)?;
+    let mut got = 0;
+    while got < head.len() {
+        match file.read(&mut head[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Compression::detect(&head[..got]))
+}
+
 /// Opens `path` (`-` is standard input) for one-pass reading, decompressing as needed.
 pub fn open(path: &Path) -> io::Result<(Box<dyn Read + Send>, Compression)> {
     let source: Box<dyn Read + Send> = if path.as_os_str() == "-" {
@@ -93,7 +109,7 @@ pub fn open_reader(
                 .map_err(io::Error::from)?,
         ),
     };
-    Ok((Box::new(ReadAhead::spawn(decoded)), compression))
+    Ok((Box::new(ReadAhead::spawn(decoded)?), compression))
 }
 
 /// A `Read` fed by a thread that reads (and decompresses) ahead into a few chunks.
@@ -108,7 +124,7 @@ pub struct ReadAhead {
 impl ReadAhead {
     /// Starts the thread. It stops at end of input, at the first error (passed on to the
     /// reader), or when the `ReadAhead` is dropped.
-    pub fn spawn(mut inner: Box<dyn Read + Send>) -> ReadAhead {
+    pub fn spawn(mut inner: Box<dyn Read + Send>) -> io::Result<ReadAhead> {
         let (tx, chunks) = bounded::<io::Result<AlignedBuf>>(DEPTH);
         let (recycle, free) = bounded::<AlignedBuf>(DEPTH + 2);
         thread::Builder::new()
@@ -148,15 +164,14 @@ impl ReadAhead {
                 if last {
                     return;
                 }
-            })
-            .expect("spawning the read-ahead thread");
-        ReadAhead {
+            })?;
+        Ok(ReadAhead {
             chunks,
             recycle,
             current: AlignedBuf::default(),
             pos: 0,
             finished: false,
-        }
+        })
     }
 }
 

@@ -70,11 +70,7 @@ pub(crate) fn list(file: &Path, json: bool) -> Result<()> {
 }
 
 fn is_plain(file: &Path) -> bool {
-    let mut head = [0u8; 9];
-    std::fs::File::open(file)
-        .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
-        .map(|n| Compression::detect(&head[..n]) == Compression::None)
-        .unwrap_or(false)
+    crate::input::detect_file(file).is_ok_and(|c| c == Compression::None)
 }
 
 pub(crate) fn integrity_json(r: &IntegrityReport) -> serde_json::Value {

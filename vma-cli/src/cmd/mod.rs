@@ -122,27 +122,13 @@ pub(crate) fn open_stream(
 /// Opens a plain archive file for random access, explaining what to do with a
 /// compressed one or with standard input.
 pub(crate) fn open_seekable(file: &std::path::Path) -> Result<vma_reader::SeekableArchive> {
-    use crate::input::Compression;
     if file.as_os_str() == "-" {
         return Err(CliError::usage(
             "this needs a plain archive file, not standard input: save it to a file first",
         ));
     }
-    let mut head = [0u8; 9];
-    let n = {
-        use std::io::Read;
-        let mut f = std::fs::File::open(file).map_err(|e| CliError::io(file.display(), e))?;
-        let mut got = 0;
-        while got < head.len() {
-            match f.read(&mut head[got..]) {
-                Ok(0) => break,
-                Ok(k) => got += k,
-                Err(e) => return Err(CliError::io(file.display(), e)),
-            }
-        }
-        got
-    };
-    let compression = Compression::detect(&head[..n]);
+    let compression =
+        crate::input::detect_file(file).map_err(|e| CliError::io(file.display(), e))?;
     if let Some(hint) = compression.decompress_hint() {
         return Err(CliError::usage(format!(
             "{} is compressed ({compression:?}); random access needs a plain archive: {hint}",
