@@ -9,10 +9,13 @@
 //!   extent. Slot 0: mask = [`SEAL_TAG`], reserved = version, cluster = payload length.
 //!   Slots 1.. carry the payload, 7 bytes each (mask big-endian, reserved, cluster
 //!   big-endian): the number of extents before the seal (u64 big-endian) and the SHA-256
-//!   of every archive byte before the seal.
+//!   of the archive header and every extent header before the seal ([`SealHasher`]).
+//!   Each of those extent headers carries its data's CRC32C, so the seal covers the data
+//!   through them while a reader need only read headers to check it.
 
-use crate::consts::VMA_BLOCKS_PER_EXTENT;
+use crate::consts::{VMA_BLOCKS_PER_EXTENT, VMA_EXTENT_HEADER_SIZE};
 use crate::extent::{BlockInfo, BlockMask, ExtentHeader};
+use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 /// Slot of the per-extent checksum entry.
@@ -21,11 +24,14 @@ pub const CHECKSUM_SLOT: usize = VMA_BLOCKS_PER_EXTENT - 1;
 pub const CHECKSUM_TAG: u16 = 0x4353;
 /// Mask bits of slot 0 that mark a seal extent (`"SL"`).
 pub const SEAL_TAG: u16 = 0x534c;
-/// The version this crate writes and understands.
+/// The checksum entry version this crate writes and understands.
 pub const INTEGRITY_VERSION: u8 = 1;
+/// The seal version this crate writes and understands. Version 1 (an early development
+/// format that hashed every archive byte) is read as an unknown version.
+pub const SEAL_VERSION: u8 = 2;
 /// Payload bytes per seal slot: the 56 bits beside dev_id.
 const SEAL_BYTES_PER_SLOT: usize = 7;
-/// Payload of a version-1 seal: extent count and SHA-256.
+/// Payload of a version-2 seal: extent count and SHA-256.
 const SEAL_PAYLOAD_LEN: usize = 8 + 32;
 
 /// What an extent header says about the integrity of its data.
@@ -79,13 +85,61 @@ impl ExtentHeader {
     }
 }
 
-/// The archive seal: proof that the archive is complete and unaltered up to it.
+/// The archive seal: proof that the archive is complete and its headers unaltered up to
+/// it (and, through the CRC32C each extent header carries, its data).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Seal {
     /// Number of extents before the seal.
     pub extents: u64,
-    /// SHA-256 over every archive byte before the seal.
+    /// SHA-256 over the archive header and every extent header before the seal.
     pub sha256: [u8; 32],
+}
+
+/// Computes a seal as an archive goes by: feed it the archive header, then each extent
+/// header (the 512 bytes as stored) in archive order; the data is not hashed.
+///
+/// ```
+/// use vma_format::integrity::SealHasher;
+/// let mut hasher = SealHasher::new(b"the archive header bytes");
+/// hasher.extent(&[0u8; 512]);
+/// let seal = hasher.seal();
+/// assert_eq!(seal.extents, 1);
+/// ```
+#[derive(Debug, Clone)]
+pub struct SealHasher {
+    sha: Sha256,
+    extents: u64,
+}
+
+impl SealHasher {
+    /// Starts with the archive header's bytes (all of them, blobs included).
+    pub fn new(archive_header: &[u8]) -> SealHasher {
+        SealHasher {
+            sha: Sha256::new_with_prefix(archive_header),
+            extents: 0,
+        }
+    }
+
+    /// Adds the next extent's header, as stored. It must be
+    /// [`VMA_EXTENT_HEADER_SIZE`] bytes long.
+    pub fn extent(&mut self, header: &[u8]) {
+        debug_assert_eq!(header.len(), VMA_EXTENT_HEADER_SIZE);
+        self.sha.update(header);
+        self.extents += 1;
+    }
+
+    /// Extent headers added so far.
+    pub fn extents(&self) -> u64 {
+        self.extents
+    }
+
+    /// The seal for what was added so far (the hasher can go on).
+    pub fn seal(&self) -> Seal {
+        Seal {
+            extents: self.extents,
+            sha256: self.sha.clone().finalize().into(),
+        }
+    }
 }
 
 /// What an extent is, as far as the seal goes.
@@ -93,7 +147,7 @@ pub struct Seal {
 pub enum SealKind {
     /// Not a seal: an ordinary extent.
     NotASeal,
-    /// A version-1 seal.
+    /// A seal of [`SEAL_VERSION`].
     Seal(Seal),
     /// A seal of a version this crate does not know.
     UnknownVersion(u8),
@@ -110,7 +164,7 @@ impl Seal {
         let mut slots = [BlockInfo::EMPTY; VMA_BLOCKS_PER_EXTENT];
         slots[0] = BlockInfo {
             mask: BlockMask::from_bits_retain(SEAL_TAG),
-            reserved: INTEGRITY_VERSION,
+            reserved: SEAL_VERSION,
             dev_id: 0,
             cluster: SEAL_PAYLOAD_LEN as u32,
         };
@@ -139,7 +193,7 @@ impl Seal {
         if extent.block_count != 0 || extent.blockinfo.iter().any(|s| s.dev_id != 0) {
             return SealKind::Malformed;
         }
-        if first.reserved != INTEGRITY_VERSION {
+        if first.reserved != SEAL_VERSION {
             return SealKind::UnknownVersion(first.reserved);
         }
         if first.cluster as usize != SEAL_PAYLOAD_LEN {
@@ -203,15 +257,36 @@ mod tests {
             sha256: [0; 32],
         }
         .to_extent(Uuid::nil());
-        e.blockinfo[0].reserved = 2;
-        assert_eq!(Seal::from_extent(&e), SealKind::UnknownVersion(2));
-        e.blockinfo[0].reserved = INTEGRITY_VERSION;
+        e.blockinfo[0].reserved = 1;
+        assert_eq!(Seal::from_extent(&e), SealKind::UnknownVersion(1));
+        e.blockinfo[0].reserved = SEAL_VERSION;
         e.blockinfo[7].dev_id = 1;
         assert_eq!(Seal::from_extent(&e), SealKind::Malformed);
         let mut e = ExtentHeader::new(Uuid::nil(), [BlockInfo::EMPTY; VMA_BLOCKS_PER_EXTENT]);
         e.blockinfo[CHECKSUM_SLOT].mask = BlockMask::from_bits_retain(CHECKSUM_TAG);
         e.blockinfo[CHECKSUM_SLOT].reserved = 9;
         assert_eq!(e.data_checksum(), DataChecksum::UnknownVersion(9));
+    }
+
+    /// The seal hashes the archive header and the extent headers, in order, and nothing
+    /// else: the same bytes give the same seal however they are fed.
+    #[test]
+    fn seal_hasher_hashes_headers_in_order() {
+        let header = b"archive header";
+        let (a, b) = ([1u8; VMA_EXTENT_HEADER_SIZE], [2u8; VMA_EXTENT_HEADER_SIZE]);
+        let mut h = SealHasher::new(header);
+        h.extent(&a);
+        h.extent(&b);
+        let seal = h.seal();
+        assert_eq!(seal.extents, 2);
+        let mut all = header.to_vec();
+        all.extend_from_slice(&a);
+        all.extend_from_slice(&b);
+        assert_eq!(seal.sha256, <[u8; 32]>::from(Sha256::digest(&all)));
+        let mut swapped = SealHasher::new(header);
+        swapped.extent(&b);
+        swapped.extent(&a);
+        assert_ne!(swapped.seal(), seal, "order matters");
     }
 
     #[test]

@@ -167,7 +167,7 @@ impl<'a> Extractor<'a> {
         self
     }
 
-    /// Whether to hash the archive to check its seal (default true). Without it a seal is
+    /// Whether to hash the headers to check the seal (default true). Without it a seal is
     /// reported as [`SealStatus::NotVerified`](crate::SealStatus::NotVerified).
     pub fn verify_seal(mut self, yes: bool) -> Self {
         self.verify_seal = yes;

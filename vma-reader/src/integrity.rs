@@ -3,6 +3,7 @@
 
 use std::fmt;
 
+use vma_format::integrity::{Seal, SealHasher};
 use vma_format::DeviceId;
 
 /// The integrity check of one extent's data.
@@ -30,7 +31,7 @@ pub enum ExtentChecksum {
 pub enum SealStatus {
     /// No seal: an archive from Proxmox's writer, or one whose seal was cut off.
     Unsealed,
-    /// Sealed, and extent count and SHA-256 match what precedes the seal.
+    /// Sealed, and extent count and SHA-256 match the headers that precede the seal.
     Sealed,
     /// Sealed, but extent count or SHA-256 differ: the archive was altered.
     Mismatch {
@@ -41,9 +42,30 @@ pub enum SealStatus {
     },
     /// A seal of an extension version this crate does not know.
     UnknownVersion(u8),
-    /// Sealed, extent count matches, but the SHA-256 was not computed (turned off), or
-    /// (seekable reader) the data has not been read yet.
+    /// Sealed, extent count matches, but the SHA-256 was not computed (turned off).
     NotVerified,
+}
+
+/// Checks a seal found at `offset` after `extents` data extents against the headers
+/// hashed so far (`None`: hashing was turned off).
+pub(crate) fn check_seal(
+    offset: u64,
+    seal: &Seal,
+    extents: u64,
+    hashed: Option<&SealHasher>,
+) -> SealStatus {
+    let mismatch = |reason: String| SealStatus::Mismatch { offset, reason };
+    if seal.extents != extents {
+        return mismatch(format!(
+            "it counts {} extents before it, the archive has {extents}",
+            seal.extents
+        ));
+    }
+    match hashed {
+        None => SealStatus::NotVerified,
+        Some(h) if h.seal().sha256 == seal.sha256 => SealStatus::Sealed,
+        Some(_) => mismatch("the SHA-256 of the headers before it differs".into()),
+    }
 }
 
 /// A cluster of a device.

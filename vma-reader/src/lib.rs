@@ -71,7 +71,8 @@
 //! # Integrity extension
 //!
 //! Archives written by vma-rs may carry a CRC32C of each extent's data and a seal at the
-//! end (SHA-256 of everything before it; see [`vma_format::integrity`]). Readers check the
+//! end (extent count and SHA-256 of every header before it, each extent header holding its
+//! data's CRC32C; see [`vma_format::integrity`]). Readers check the
 //! CRC32C of every extent carrying one and record mismatches in an [`IntegrityReport`]
 //! (the extent's index, offset and clusters), or fail at the first with
 //! [`ReadOptions::stop_on_damage`]. A seal must be the last extent: any byte after it is an

@@ -13,7 +13,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
-use vma_format::integrity::{DataChecksum, Seal, SealKind};
+use vma_format::integrity::{DataChecksum, Seal, SealHasher, SealKind};
 use vma_format::{
     cluster, ArchiveHeader, BlockMask, DeviceId, DeviceInfo, VMA_BLOCKS_PER_CLUSTER,
     VMA_BLOCKS_PER_EXTENT, VMA_BLOCK_SIZE, VMA_CLUSTER_SIZE, VMA_EXTENT_HEADER_SIZE,
@@ -22,7 +22,7 @@ use vma_format::{
 
 use crate::error::{Error, Result};
 use crate::index::{DeviceIndex, MAX_RELATIVE_OFFSET};
-use crate::integrity::{IntegrityReport, SealStatus};
+use crate::integrity::{check_seal, IntegrityReport, SealStatus};
 use crate::stream::{decode_extent, read_header};
 use crate::validate::Validator;
 use crate::verify::{verify, VerifyOptions, VerifyReport};
@@ -36,7 +36,8 @@ const SCAN_WINDOW: usize = 64 * 1024;
 /// them all as the streaming reader does (header MD5s, uuid, reserved fields, unknown
 /// devices, clusters past the end, duplicates, missing clusters, truncation) and builds
 /// an index from each cluster to its stored data. See the crate docs for the index's
-/// memory. Data CRC32Cs and the seal's SHA-256 need the data: [`verify_data`](Self::verify_data).
+/// memory. The seal is checked too (it hashes headers only); the data's CRC32Cs need the
+/// data: [`verify_data`](Self::verify_data).
 ///
 /// The archive must not change while open: reads of a truncated file fail with an I/O
 /// error, and a rewritten file yields whatever its bytes now are.
@@ -99,6 +100,7 @@ impl SeekableArchive {
             .len();
         let (header, bytes) = read_header(&mut Positional::new(&file))?;
         let header_size = bytes.len() as u64;
+        let mut hasher = SealHasher::new(&bytes);
         drop(bytes);
         if file_len.saturating_sub(header_size) > MAX_RELATIVE_OFFSET {
             return Err(Error::Usage(format!(
@@ -139,17 +141,7 @@ impl SeekableArchive {
             match Seal::from_extent(&extent) {
                 SealKind::NotASeal => {}
                 SealKind::Seal(seal) => {
-                    integrity.seal = if seal.extents == integrity.total_extents {
-                        SealStatus::NotVerified
-                    } else {
-                        SealStatus::Mismatch {
-                            offset: pos,
-                            reason: format!(
-                                "it counts {} extents before it, the archive has {}",
-                                seal.extents, integrity.total_extents
-                            ),
-                        }
-                    };
+                    integrity.seal = check_seal(pos, &seal, integrity.total_extents, Some(&hasher));
                     let end = pos + VMA_EXTENT_HEADER_SIZE as u64;
                     if end < file_len {
                         return Err(Error::DataAfterSeal { offset: end });
@@ -185,6 +177,7 @@ impl SeekableArchive {
                 DataChecksum::Crc32c(_) => integrity.checksummed_extents += 1,
                 DataChecksum::UnknownVersion(_) => integrity.unverifiable_extents += 1,
             }
+            hasher.extent(raw);
             integrity.total_extents += 1;
             scanner.last_data = extent.data_len();
             pos += len;
@@ -236,8 +229,9 @@ impl SeekableArchive {
     }
 
     /// What the extent headers say about integrity: `checksummed_extents` counts extents
-    /// that carry a CRC32C (not yet checked), and a seal whose extent count matches is
-    /// [`SealStatus::NotVerified`] until [`verify_data`](Self::verify_data) hashes it.
+    /// that carry a CRC32C (not yet checked: [`verify_data`](Self::verify_data) reads the
+    /// data), and the seal is checked against the headers ([`SealStatus::Sealed`] when it
+    /// holds).
     pub fn integrity(&self) -> &IntegrityReport {
         &self.shared.integrity
     }
@@ -248,7 +242,7 @@ impl SeekableArchive {
     }
 
     /// Reads the whole archive sequentially, checking every extent's CRC32C and the
-    /// seal's SHA-256, as [`verify`] does.
+    /// seal, as [`verify`] does.
     pub fn verify_data(&self, options: VerifyOptions<'_>) -> Result<VerifyReport> {
         verify(Positional::new(&self.shared.file), options)
     }

@@ -2,12 +2,9 @@
 
 use std::io::{self, Read};
 use std::ops::Range;
-use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::Arc;
 
-use sha2::{Digest, Sha256};
 use vma_format::aligned::AlignedBuf;
-use vma_format::integrity::{self, DataChecksum, Seal, SealKind};
+use vma_format::integrity::{self, DataChecksum, Seal, SealHasher, SealKind};
 use vma_format::{
     cluster, ArchiveHeader, BlockMask, DeviceId, ExtentHeader, VMA_BLOCK_SIZE,
     VMA_EXTENT_HEADER_SIZE, VMA_FIXED_HEADER_SIZE, VMA_MAX_EXTENT_SIZE,
@@ -15,7 +12,8 @@ use vma_format::{
 
 use crate::error::{Error, Result};
 use crate::integrity::{
-    describe_clusters, ClusterAddress, DamagedExtent, ExtentChecksum, IntegrityReport, SealStatus,
+    check_seal, describe_clusters, ClusterAddress, DamagedExtent, ExtentChecksum, IntegrityReport,
+    SealStatus,
 };
 use crate::validate::{CheckedSlot, Validator};
 use crate::verify::{DeviceReport, VerifyReport};
@@ -25,7 +23,7 @@ use crate::verify::{DeviceReport, VerifyReport};
 pub struct ReadOptions {
     /// Check each extent's CRC32C where it carries one (cheap; default on).
     pub verify_checksums: bool,
-    /// Keep a SHA-256 of every byte to check a seal against (costs time; default on).
+    /// Hash the headers to check a seal against (cheap: 512 bytes an extent; default on).
     pub verify_seal: bool,
     /// Fail at the first CRC32C or seal mismatch instead of recording it in the
     /// [`IntegrityReport`] (default off).
@@ -48,8 +46,7 @@ impl Default for ReadOptions {
 /// then yields extent after extent, each checked (MD5, uuid, slots, duplicates, CRC32C)
 /// before it is handed out. After the last extent it checks that no cluster is missing,
 /// and only then returns `Ok(None)`. Memory: one extent buffer (at most
-/// [`VMA_MAX_EXTENT_SIZE`] bytes; two when checking a seal, whose SHA-256 runs on a second
-/// thread) plus about one bit per cluster seen.
+/// [`VMA_MAX_EXTENT_SIZE`] bytes) plus about one bit per cluster seen.
 ///
 /// After an error every further call fails with [`Error::Failed`].
 pub struct StreamReader<R> {
@@ -132,10 +129,10 @@ impl<R> StreamReader<R> {
         self.core.report()
     }
 
-    /// Bytes of memory the reader holds, roughly: its extent buffers (two when the seal
-    /// is hashed on a second thread) and the set of clusters seen.
+    /// Bytes of memory the reader holds, roughly: its extent buffer and the set of
+    /// clusters seen.
     pub fn memory(&self) -> usize {
-        self.core.bufs.iter().map(|b| b.capacity()).sum::<usize>() + self.core.validator.memory()
+        self.core.buf.capacity() + self.core.validator.memory()
     }
 
     /// How many clusters of the vmstate device `id` arrived (they run 0, 1, 2, ...).
@@ -258,19 +255,15 @@ pub(crate) struct Core {
     header: ArchiveHeader,
     header_size: u64,
     pub(crate) options: ReadOptions,
-    /// Extent buffers, page-aligned so that reads into them and copies out of them stay
-    /// off the slow path of `rep movsb` (see [`vma_format::aligned`]). Two when the seal's
-    /// hash runs on its own thread: it hashes one while the next extent is read into the
-    /// other.
-    bufs: [Arc<AlignedBuf>; 2],
-    /// The buffer holding the current extent.
-    cur: usize,
+    /// The extent buffer, page-aligned so that reads into it and copies out of it stay
+    /// off the slow path of `rep movsb` (see [`vma_format::aligned`]).
+    buf: AlignedBuf,
     extent: Option<ExtentHeader>,
     slots: Vec<(CheckedSlot, Range<usize>)>,
     pos: u64,
     validator: Validator,
     integrity: IntegrityReport,
-    sha: Option<SealHasher>,
+    seal: Option<SealHasher>,
     state: State,
     current: (u64, u64, ExtentChecksum),
 }
@@ -349,23 +342,18 @@ pub(crate) fn decode_extent(
 impl Core {
     fn open(r: &mut dyn Read, options: ReadOptions) -> Result<Core> {
         let (header, bytes) = read_header(r)?;
-        let sha = options.verify_seal.then(|| {
-            let mut sha = SealHasher::new();
-            sha.update(&bytes);
-            sha
-        });
+        let seal = options.verify_seal.then(|| SealHasher::new(&bytes));
         Ok(Core {
             validator: Validator::new(&header),
             header,
             header_size: bytes.len() as u64,
             options,
-            bufs: Default::default(),
-            cur: 0,
+            buf: AlignedBuf::default(),
             extent: None,
             slots: Vec::new(),
             pos: bytes.len() as u64,
             integrity: IntegrityReport::default(),
-            sha,
+            seal,
             state: State::Reading,
             current: (0, 0, ExtentChecksum::Absent),
         })
@@ -382,7 +370,7 @@ impl Core {
                 let (offset, index, checksum) = self.current;
                 let header = self.extent.as_ref().expect("set by advance");
                 Ok(Some(Extent {
-                    data: &self.bufs[self.cur][VMA_EXTENT_HEADER_SIZE..header.extent_len()],
+                    data: &self.buf[VMA_EXTENT_HEADER_SIZE..header.extent_len()],
                     header,
                     slots: &self.slots,
                     offset,
@@ -403,20 +391,12 @@ impl Core {
 
     /// Reads the next data extent into the buffer; `false` at a complete end.
     fn advance(&mut self, r: &mut dyn Read) -> Result<bool> {
-        if let Some(SealHasher::Thread { .. }) = &self.sha {
-            // The previous extent may still be hashed: read into the other buffer, once
-            // the hasher let go of it.
-            self.cur ^= 1;
-            let sha = self.sha.as_mut().expect("checked");
-            sha.release(&self.bufs[self.cur])?;
-        }
-        let buf = Arc::get_mut(&mut self.bufs[self.cur]).ok_or(Error::Failed)?;
-        if buf.len() < VMA_EXTENT_HEADER_SIZE {
-            buf.grow(VMA_EXTENT_HEADER_SIZE, 0);
+        if self.buf.len() < VMA_EXTENT_HEADER_SIZE {
+            self.buf.grow(VMA_EXTENT_HEADER_SIZE, 0);
         }
         loop {
             let offset = self.pos;
-            let buf = Arc::get_mut(&mut self.bufs[self.cur]).ok_or(Error::Failed)?;
+            let buf = &mut self.buf;
             let got = read_full(r, &mut buf[..VMA_EXTENT_HEADER_SIZE])
                 .map_err(|source| Error::Read { offset, source })?;
             if got == 0 {
@@ -439,7 +419,21 @@ impl Core {
             match Seal::from_extent(&extent) {
                 SealKind::NotASeal => {}
                 SealKind::Seal(seal) => {
-                    self.check_seal(offset, &seal)?;
+                    let status = check_seal(
+                        offset,
+                        &seal,
+                        self.integrity.total_extents,
+                        self.seal.as_ref(),
+                    );
+                    if let (SealStatus::Mismatch { reason, .. }, true) =
+                        (&status, self.options.stop_on_damage)
+                    {
+                        return Err(Error::SealMismatch {
+                            offset,
+                            reason: reason.clone(),
+                        });
+                    }
+                    self.integrity.seal = status;
                     // A complete archive has every cluster before its seal.
                     self.validator.finish(offset)?;
                     self.pos += VMA_EXTENT_HEADER_SIZE as u64;
@@ -449,9 +443,6 @@ impl Core {
                 SealKind::UnknownVersion(v) => {
                     // A seal this crate cannot read: reported, skipped like an empty extent.
                     self.integrity.seal = SealStatus::UnknownVersion(v);
-                    if let Some(sha) = &mut self.sha {
-                        sha.update(&self.bufs[self.cur][..VMA_EXTENT_HEADER_SIZE]);
-                    }
                     self.pos += VMA_EXTENT_HEADER_SIZE as u64;
                     continue;
                 }
@@ -459,7 +450,7 @@ impl Core {
             }
             let len = extent.extent_len();
             debug_assert!(len <= VMA_MAX_EXTENT_SIZE);
-            let buf = Arc::get_mut(&mut self.bufs[self.cur]).ok_or(Error::Failed)?;
+            let buf = &mut self.buf;
             if buf.len() < len {
                 // Keeps the extent header just read.
                 buf.grow(len, VMA_EXTENT_HEADER_SIZE);
@@ -483,8 +474,8 @@ impl Core {
                 .check_extent(offset, &extent, |s, range| slots.push((*s, range)))?;
             let index = self.integrity.total_extents;
             let checksum = self.check_data(offset, index, &extent, len)?;
-            if let Some(sha) = &mut self.sha {
-                sha.update_extent(&self.bufs[self.cur], len);
+            if let Some(seal) = &mut self.seal {
+                seal.extent(&self.buf[..VMA_EXTENT_HEADER_SIZE]);
             }
             self.integrity.total_extents += 1;
             self.pos += len as u64;
@@ -512,8 +503,7 @@ impl Core {
             }
             DataChecksum::Crc32c(stored) => {
                 self.integrity.checksummed_extents += 1;
-                let computed =
-                    integrity::data_crc32c(&self.bufs[self.cur][VMA_EXTENT_HEADER_SIZE..len]);
+                let computed = integrity::data_crc32c(&self.buf[VMA_EXTENT_HEADER_SIZE..len]);
                 if computed == stored {
                     return Ok(ExtentChecksum::Verified);
                 }
@@ -546,37 +536,6 @@ impl Core {
         }
     }
 
-    fn check_seal(&mut self, offset: u64, seal: &Seal) -> Result<()> {
-        let extents = self.integrity.total_extents;
-        let mut reason = None;
-        if seal.extents != extents {
-            reason = Some(format!(
-                "it counts {} extents before it, the archive has {extents}",
-                seal.extents
-            ));
-        }
-        let hashed = match &mut self.sha {
-            Some(sha) => Some(sha.digest()?),
-            None => None,
-        };
-        if reason.is_none() {
-            if let Some(h) = hashed {
-                if h != seal.sha256 {
-                    reason = Some("the SHA-256 of the archive before it differs".into());
-                }
-            }
-        }
-        self.integrity.seal = match reason {
-            None if hashed.is_some() => SealStatus::Sealed,
-            None => SealStatus::NotVerified,
-            Some(reason) if self.options.stop_on_damage => {
-                return Err(Error::SealMismatch { offset, reason })
-            }
-            Some(reason) => SealStatus::Mismatch { offset, reason },
-        };
-        Ok(())
-    }
-
     fn device_name(&self, id: DeviceId) -> String {
         self.validator
             .device(id)
@@ -601,158 +560,6 @@ impl Core {
             integrity: self.integrity.clone(),
             archive_bytes: self.pos,
             complete: self.state == State::Done,
-        }
-    }
-}
-
-/// The SHA-256 of every archive byte before the seal: on a thread of its own, which
-/// hashes one extent while the reader reads and checks the next (and the caller writes
-/// it out), or inline if no thread could be started.
-pub(crate) enum SealHasher {
-    Inline(Sha256),
-    Thread {
-        jobs: Sender<HashJob>,
-        done: Receiver<HashDone>,
-    },
-}
-
-pub(crate) enum HashJob {
-    /// The first `len` bytes of an extent buffer; acknowledged with `HashDone::Released`
-    /// once the thread dropped its reference.
-    Extent(Arc<AlignedBuf>, usize),
-    Bytes(Vec<u8>),
-    /// The digest of everything so far (the hash goes on).
-    Digest,
-}
-
-pub(crate) enum HashDone {
-    Released,
-    Digest([u8; 32]),
-}
-
-impl SealHasher {
-    fn new() -> SealHasher {
-        let (jobs, rx) = channel::<HashJob>();
-        let (tx, done) = channel::<HashDone>();
-        let spawned = std::thread::Builder::new()
-            .name("vma-seal-hash".into())
-            .spawn(move || {
-                let mut sha = Sha256::new();
-                for job in rx {
-                    let reply = match job {
-                        HashJob::Extent(buf, len) => {
-                            sha.update(&buf[..len]);
-                            drop(buf);
-                            HashDone::Released
-                        }
-                        HashJob::Bytes(bytes) => {
-                            sha.update(&bytes);
-                            continue;
-                        }
-                        HashJob::Digest => HashDone::Digest(sha.clone().finalize().into()),
-                    };
-                    if tx.send(reply).is_err() {
-                        return;
-                    }
-                }
-            });
-        match spawned {
-            Ok(_) => SealHasher::Thread { jobs, done },
-            Err(_) => SealHasher::Inline(Sha256::new()),
-        }
-    }
-
-    fn update(&mut self, bytes: &[u8]) {
-        match self {
-            SealHasher::Inline(sha) => sha.update(bytes),
-            SealHasher::Thread { jobs, .. } => {
-                // A hasher gone (it panicked) shows in `release` or `digest`.
-                let _ = jobs.send(HashJob::Bytes(bytes.to_vec()));
-            }
-        }
-    }
-
-    fn update_extent(&mut self, buf: &Arc<AlignedBuf>, len: usize) {
-        match self {
-            SealHasher::Inline(sha) => sha.update(&buf[..len]),
-            SealHasher::Thread { jobs, .. } => {
-                let _ = jobs.send(HashJob::Extent(Arc::clone(buf), len));
-            }
-        }
-    }
-
-    /// Waits until the hasher no longer holds `buf`.
-    fn release(&mut self, buf: &Arc<AlignedBuf>) -> Result<()> {
-        if let SealHasher::Thread { done, .. } = self {
-            while Arc::strong_count(buf) > 1 {
-                match done.recv() {
-                    Ok(_) => {}
-                    Err(_) => return Err(hasher_gone()),
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// The SHA-256 of everything hashed so far.
-    fn digest(&mut self) -> Result<[u8; 32]> {
-        match self {
-            SealHasher::Inline(sha) => Ok(sha.clone().finalize().into()),
-            SealHasher::Thread { jobs, done } => {
-                jobs.send(HashJob::Digest).map_err(|_| hasher_gone())?;
-                loop {
-                    match done.recv() {
-                        Ok(HashDone::Digest(d)) => return Ok(d),
-                        Ok(HashDone::Released) => {}
-                        Err(_) => return Err(hasher_gone()),
-                    }
-                }
-            }
-        }
-    }
-}
-
-fn hasher_gone() -> Error {
-    Error::Read {
-        offset: 0,
-        source: io::Error::other("the seal's hashing thread stopped"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The threaded hasher hashes what the inline one does, in the order given, and lets
-    /// go of every buffer.
-    #[test]
-    fn seal_hasher_thread_matches_inline() {
-        let mut threaded = SealHasher::new();
-        assert!(matches!(threaded, SealHasher::Thread { .. }));
-        let mut inline = SealHasher::Inline(Sha256::new());
-        let mut bufs: [Arc<AlignedBuf>; 2] = Default::default();
-        for round in 0..20usize {
-            let b = &mut bufs[round % 2];
-            threaded.release(b).unwrap();
-            let buf = Arc::get_mut(b).expect("released");
-            buf.grow(70_000, 0);
-            for (i, x) in buf.iter_mut().enumerate() {
-                *x = (i * 31 + round) as u8;
-            }
-            let len = 1000 + round * 3000;
-            threaded.update_extent(b, len);
-            inline.update_extent(b, len);
-            let extra = vec![round as u8; round];
-            threaded.update(&extra);
-            inline.update(&extra);
-            if round % 7 == 0 {
-                assert_eq!(threaded.digest().unwrap(), inline.digest().unwrap());
-            }
-        }
-        assert_eq!(threaded.digest().unwrap(), inline.digest().unwrap());
-        for b in &bufs {
-            threaded.release(b).unwrap();
-            assert_eq!(Arc::strong_count(b), 1);
         }
     }
 }

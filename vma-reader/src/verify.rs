@@ -61,7 +61,7 @@ pub struct VerifyOptions<'a> {
 /// Structural damage (checksums of headers, truncation, duplicate, missing or misplaced
 /// clusters) is an `Err`. Data CRC32C and seal mismatches are listed in the report
 /// ([`VerifyReport::is_ok`] is false), unless `stop_on_damage` makes them errors too.
-/// The seal's SHA-256 is always computed.
+/// The seal is always checked.
 pub fn verify<R: Read>(reader: R, options: VerifyOptions<'_>) -> Result<VerifyReport> {
     verify_dyn(&mut { reader }, options)
 }

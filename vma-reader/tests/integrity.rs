@@ -68,8 +68,8 @@ fn a_checksummed_sealed_archive_verifies_sealed() {
     let vma = vma.unwrap();
     assert_eq!(
         vma.integrity().seal,
-        SealStatus::NotVerified,
-        "headers alone"
+        SealStatus::Sealed,
+        "checked from the headers alone"
     );
     assert_eq!(vma.integrity().checksummed_extents, total);
     let full = vma.verify_data(VerifyOptions::default()).unwrap();
@@ -103,7 +103,8 @@ fn a_flipped_data_bit_names_the_extent_and_its_clusters() {
     assert_eq!((d.index, d.offset), (k as u64, off));
     assert_eq!(d.clusters, clusters);
     assert_ne!(d.stored, d.computed);
-    assert!(matches!(report.integrity.seal, SealStatus::Mismatch { .. }));
+    // The headers are intact, so is the seal: the CRC32C is what catches data damage.
+    assert_eq!(report.integrity.seal, SealStatus::Sealed);
 
     let err = verify(
         &bytes[..],
@@ -147,10 +148,7 @@ fn extraction_refuses_damage_unless_told_to_continue() {
     let first = clusters.first().unwrap().cluster as u64;
     let last = clusters.last().unwrap().cluster as u64;
     assert_eq!(r.range, first * 65536..(last + 1) * 65536);
-    assert!(matches!(
-        report.verify.integrity.seal,
-        SealStatus::Mismatch { .. }
-    ));
+    assert_eq!(report.verify.integrity.seal, SealStatus::Sealed);
     // Everything outside the range is intact.
     let (a, _) = images();
     let got = std::fs::read(s.out().join("disk-drive-a.raw")).unwrap();
@@ -159,6 +157,34 @@ fn extraction_refuses_damage_unless_told_to_continue() {
     assert_eq!(got[..s0], a[..s0]);
     assert_eq!(got[e0..], a[e0..]);
     assert_ne!(got[s0..e0], a[s0..e0]);
+}
+
+/// Data altered together with its CRC32C (and the header's MD5, recomputed by
+/// `patch_extent`) passes the extent's own checks; the seal, which hashed the original
+/// header with its CRC32C, does not.
+#[test]
+fn data_rewritten_with_a_matching_checksum_breaks_the_seal() {
+    let mut bytes = sealed();
+    let (off, e) = extents(&bytes).swap_remove(2);
+    let data = off + VMA_EXTENT_HEADER_SIZE..off + VMA_EXTENT_HEADER_SIZE + e.data_len();
+    bytes[data.start + 100] ^= 0xff;
+    let crc = vma_format::integrity::data_crc32c(&bytes[data]);
+    patch_extent(&mut bytes, off, |e| assert!(e.set_data_checksum(crc)));
+
+    let report = verify(&bytes[..], VerifyOptions::default()).unwrap();
+    assert!(report.integrity.damaged.is_empty(), "the CRC32C matches");
+    assert!(
+        matches!(&report.integrity.seal, SealStatus::Mismatch { reason, .. }
+            if reason.contains("SHA-256 of the headers")),
+        "{:?}",
+        report.integrity.seal
+    );
+    assert!(!report.is_ok());
+    let (_f, vma) = open(&bytes);
+    assert!(matches!(
+        vma.unwrap().integrity().seal,
+        SealStatus::Mismatch { .. }
+    ));
 }
 
 #[test]

@@ -57,7 +57,8 @@
 //! returns that same [`Error`]. [`Writer::abort`] (or dropping the writer) abandons the
 //! archive without its end marker. With the integrity extension (on by default,
 //! [`Builder::integrity`]) each extent carries a CRC32C of its data and a successful finish
-//! appends a seal with the SHA-256 of the whole archive, both in places that Proxmox's
+//! appends a seal (extent count and SHA-256 of every header, each carrying its data's
+//! CRC32C), both in places that Proxmox's
 //! reader and every other VMA reader ignore.
 //!
 //! # Files

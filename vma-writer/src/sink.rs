@@ -1,5 +1,5 @@
 //! The sink thread: the only place that touches the user's `Write`. It receives finished
-//! extents over a bounded channel, checksums, hashes and writes them, and gives the cluster
+//! extents over a bounded channel, hashes their headers for the seal, writes them, and gives the cluster
 //! buffers back to the producers.
 
 use std::io::{self, IoSlice, Write};
@@ -7,8 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use crossbeam_channel::{Receiver, Sender};
-use sha2::{Digest, Sha256};
-use vma_format::integrity::{data_crc32c_append, Seal};
+use vma_format::integrity::{data_crc32c_append, SealHasher};
 use vma_format::{
     BlockInfo, ExtentHeader, Uuid, VMA_BLOCKS_PER_EXTENT, VMA_WRITER_CLUSTERS_PER_EXTENT,
 };
@@ -146,11 +145,8 @@ pub(crate) fn run<W: Write>(mut sink: W, setup: SinkSetup) -> (W, Result<SinkRep
 }
 
 fn run_dyn(sink: &mut dyn Write, setup: SinkSetup) -> Result<SinkReport> {
-    let mut out = Output {
-        sink,
-        offset: 0,
-        hasher: setup.integrity.then(Sha256::new),
-    };
+    let mut out = Output { sink, offset: 0 };
+    let mut hasher = setup.integrity.then(|| SealHasher::new(&setup.header));
     let health = &setup.health;
     let fail = |out: &Output, e: io::Error| {
         let error = Error::Sink {
@@ -176,6 +172,9 @@ fn run_dyn(sink: &mut dyn Write, setup: SinkSetup) -> Result<SinkReport> {
                     header.set_data_checksum(extent.crc);
                 }
                 let encoded = header.encode();
+                if let Some(hasher) = &mut hasher {
+                    hasher.extent(&encoded);
+                }
                 let mut parts: Vec<&[u8]> = Vec::with_capacity(extent.data.len() + 1);
                 parts.push(&encoded);
                 parts.extend(extent.data.iter().map(Vec::as_slice));
@@ -188,12 +187,9 @@ fn run_dyn(sink: &mut dyn Write, setup: SinkSetup) -> Result<SinkReport> {
                 extents += 1;
             }
             Msg::Finish => {
-                if let Some(hasher) = out.hasher.take() {
-                    let seal = Seal {
-                        extents,
-                        sha256: hasher.finalize().into(),
-                    };
-                    let encoded = seal.to_extent(setup.uuid).encode();
+                if let Some(hasher) = hasher.take() {
+                    debug_assert_eq!(hasher.extents(), extents);
+                    let encoded = hasher.seal().to_extent(setup.uuid).encode();
                     if let Err(e) = out.write(&[&encoded]) {
                         return Err(fail(&out, e));
                     }
@@ -221,21 +217,15 @@ fn recycle(setup: &SinkSetup, mut extent: Box<Assembly>) {
     let _ = setup.extents_back.try_send(extent);
 }
 
-/// The user's sink with the running offset and hash.
+/// The user's sink with the running offset.
 struct Output<'a> {
     sink: &'a mut dyn Write,
     offset: u64,
-    hasher: Option<Sha256>,
 }
 
 impl Output<'_> {
     /// Writes `parts` in order, vectored where the sink supports it.
     fn write(&mut self, parts: &[&[u8]]) -> io::Result<()> {
-        if let Some(hasher) = &mut self.hasher {
-            for part in parts {
-                hasher.update(part);
-            }
-        }
         let mut index = 0;
         let mut skip = 0;
         let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(parts.len());

@@ -21,8 +21,8 @@ pub struct Args {
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
-    /// Check the headers only (a plain archive file): every structural check, but no data
-    /// read, so data checksums and the seal's hash are not checked.
+    /// Check the headers only (a plain archive file): every structural check and the seal,
+    /// but no data read, so data checksums are not checked.
     #[arg(long)]
     quick: bool,
 }

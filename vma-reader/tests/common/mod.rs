@@ -22,6 +22,8 @@ pub struct Builder {
     checksums: bool,
     per_extent: usize,
     extents: u64,
+    /// The seal's hash so far: the archive header and each extent header.
+    headers: Sha256,
 }
 
 impl Builder {
@@ -52,6 +54,7 @@ impl Builder {
         let out = header.encode().expect("header encodes");
         Builder {
             header,
+            headers: Sha256::new_with_prefix(&out),
             out,
             slots: Vec::new(),
             data: Vec::new(),
@@ -117,7 +120,9 @@ impl Builder {
         if self.checksums {
             assert!(extent.set_data_checksum(integrity::data_crc32c(&self.data)));
         }
-        self.out.extend_from_slice(&extent.encode());
+        let encoded = extent.encode();
+        self.headers.update(encoded);
+        self.out.extend_from_slice(&encoded);
         self.out.extend_from_slice(&self.data);
         self.slots.clear();
         self.data.clear();
@@ -139,7 +144,7 @@ impl Builder {
         self.flush_pending();
         let seal = Seal {
             extents: self.extents,
-            sha256: Sha256::digest(&self.out).into(),
+            sha256: self.headers.finalize().into(),
         };
         self.out
             .extend_from_slice(&seal.to_extent(self.header.uuid).encode());

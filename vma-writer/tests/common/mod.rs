@@ -49,6 +49,9 @@ pub fn decode(bytes: &[u8]) -> Decoded {
     let mut extents = 0;
     let mut checksummed = 0;
     let mut seal = None;
+    // The seal's hash, computed here independently of vma-format: the archive header,
+    // then each extent header as stored.
+    let mut headers = Sha256::new_with_prefix(&bytes[..header_size]);
     while pos < bytes.len() {
         assert!(seal.is_none(), "bytes after the seal at {pos}");
         let extent =
@@ -60,7 +63,7 @@ pub fn decode(bytes: &[u8]) -> Decoded {
         let data = &bytes[data_start..data_end];
         match Seal::from_extent(&extent) {
             SealKind::Seal(s) => {
-                let digest: [u8; 32] = Sha256::digest(&bytes[..pos]).into();
+                let digest: [u8; 32] = headers.clone().finalize().into();
                 assert_eq!(s.sha256, digest, "seal SHA-256");
                 assert_eq!(s.extents, extents as u64, "seal extent count");
                 seal = Some(s);
@@ -70,6 +73,7 @@ pub fn decode(bytes: &[u8]) -> Decoded {
             SealKind::NotASeal => {}
             other => panic!("bad seal at {pos}: {other:?}"),
         }
+        headers.update(&bytes[pos..data_start]);
         extents += 1;
         match extent.data_checksum() {
             DataChecksum::Crc32c(crc) => {
