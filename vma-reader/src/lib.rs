@@ -2,7 +2,9 @@
 //! extract them, or read their disks in place.
 //!
 //! - [`StreamReader`] reads an archive in one pass from any [`Read`](std::io::Read) (a
-//!   file, a pipe, a decompressor), extent by extent into one reused buffer.
+//!   file, a pipe, a decompressor), extent by extent into one reused buffer;
+//!   [`StreamReader::prefetching`] reads (and decompresses) on a second thread instead, into
+//!   [`PREFETCH_BUFFERS`] buffers handed over whole, so that reading and checking overlap.
 //! - [`verify`] runs every check and writes nothing.
 //! - [`Extractor`] writes devices to sparse files or existing targets, and config files.
 //! - [`SeekableArchive`] indexes an archive file and gives each device as a
@@ -133,5 +135,5 @@ pub use names::{
     config_file_name, device_file_name, safe_file_name, MAX_FILE_NAME_LEN, VMSTATE_FILE_NAME,
 };
 pub use seekable::{DeviceReader, DeviceRef, SeekableArchive};
-pub use stream::{Cluster, Extent, ReadOptions, StreamReader};
+pub use stream::{Cluster, Extent, PrefetchingReader, ReadOptions, StreamReader, PREFETCH_BUFFERS};
 pub use verify::{verify, DeviceReport, VerifyOptions, VerifyReport};

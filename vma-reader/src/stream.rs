@@ -2,6 +2,8 @@
 
 use std::io::{self, Read};
 use std::ops::Range;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::thread;
 
 use vma_format::aligned::AlignedBuf;
 use vma_format::integrity::{self, DataChecksum, Seal, SealHasher, SealKind};
@@ -49,6 +51,10 @@ impl Default for ReadOptions {
 /// [`VMA_MAX_EXTENT_SIZE`] bytes) plus about one bit per cluster seen.
 ///
 /// After an error every further call fails with [`Error::Failed`].
+///
+/// [`prefetching`](StreamReader::prefetching) moves the reading (and whatever decompression
+/// the `Read` does) to a thread of its own, which reads the next extents into spare
+/// buffers while the caller checks and uses the current one.
 pub struct StreamReader<R> {
     pub(crate) inner: R,
     pub(crate) core: Core,
@@ -67,6 +73,12 @@ impl<R: Read> StreamReader<R> {
             inner: reader,
             core,
         })
+    }
+
+    /// Gives back the inner reader. (A [`prefetching`](StreamReader::prefetching) reader's
+    /// is [`io::Empty`]: its input belongs to the reading thread.)
+    pub fn into_inner(self) -> R {
+        self.inner
     }
 
     pub(crate) fn from_parts(inner: R, core: Core) -> StreamReader<R> {
@@ -91,10 +103,35 @@ impl<R: Read> StreamReader<R> {
         progress(self.position());
         Ok(self.report())
     }
+}
 
-    /// Gives back the inner reader.
-    pub fn into_inner(self) -> R {
-        self.inner
+/// A [`StreamReader`] whose input is read on a thread of its own.
+pub type PrefetchingReader = StreamReader<io::Empty>;
+
+impl StreamReader<io::Empty> {
+    /// Reads and checks the archive header, then starts a thread that reads extent after
+    /// extent from `reader` into up to [`PREFETCH_BUFFERS`] extent buffers, each handed
+    /// over whole: on two cores reading (a `read` system call's copy, or a decompressor)
+    /// and checking (CRC32C, the caller's writes) overlap, and no byte is copied twice.
+    ///
+    /// The thread stops at the end of the input, after the first read error or damaged
+    /// header (which the reader then reports exactly as a direct one would), or when the
+    /// reader is dropped; a thread blocked in `read` on a pipe stops when that returns.
+    pub fn prefetching<R: Read + Send + 'static>(
+        mut reader: R,
+        options: ReadOptions,
+    ) -> Result<PrefetchingReader> {
+        let mut core = Core::open(&mut reader, options)?;
+        core.prefetch = Some(
+            Prefetch::spawn(Box::new(reader)).map_err(|source| Error::Read {
+                offset: core.header_size,
+                source,
+            })?,
+        );
+        Ok(StreamReader {
+            inner: io::empty(),
+            core,
+        })
     }
 }
 
@@ -129,10 +166,14 @@ impl<R> StreamReader<R> {
         self.core.report()
     }
 
-    /// Bytes of memory the reader holds, roughly: its extent buffer and the set of
-    /// clusters seen.
+    /// Bytes of memory the reader holds, roughly: its extent buffer (and a prefetching
+    /// reader's spare ones, at their largest) and the set of clusters seen.
     pub fn memory(&self) -> usize {
-        self.core.buf.capacity() + self.core.validator.memory()
+        let spare = match self.core.prefetch {
+            Some(_) => (PREFETCH_BUFFERS - 1) * (VMA_MAX_EXTENT_SIZE + vma_format::aligned::PAGE),
+            None => 0,
+        };
+        self.core.buf.capacity() + spare + self.core.validator.memory()
     }
 
     /// How many clusters of the vmstate device `id` arrived (they run 0, 1, 2, ...).
@@ -264,6 +305,11 @@ pub(crate) struct Core {
     validator: Validator,
     integrity: IntegrityReport,
     seal: Option<SealHasher>,
+    /// Where the current extent starts in `buf` (a prefetching reader's buffers hold
+    /// several small extents).
+    at: usize,
+    /// The reading thread of a prefetching reader.
+    prefetch: Option<Prefetch>,
     state: State,
     current: (u64, u64, ExtentChecksum),
 }
@@ -329,6 +375,15 @@ pub(crate) fn decode_extent(
     header: &ArchiveHeader,
 ) -> Result<ExtentHeader> {
     let extent = ExtentHeader::decode(bytes).map_err(|source| Error::Extent { offset, source })?;
+    check_extent_uuid(extent, offset, header)
+}
+
+/// Checks that an extent header read at `offset` belongs to the archive.
+fn check_extent_uuid(
+    extent: ExtentHeader,
+    offset: u64,
+    header: &ArchiveHeader,
+) -> Result<ExtentHeader> {
     if extent.uuid != header.uuid {
         return Err(Error::ExtentUuid {
             offset,
@@ -354,6 +409,8 @@ impl Core {
             pos: bytes.len() as u64,
             integrity: IntegrityReport::default(),
             seal,
+            at: 0,
+            prefetch: None,
             state: State::Reading,
             current: (0, 0, ExtentChecksum::Absent),
         })
@@ -370,7 +427,8 @@ impl Core {
                 let (offset, index, checksum) = self.current;
                 let header = self.extent.as_ref().expect("set by advance");
                 Ok(Some(Extent {
-                    data: &self.buf[VMA_EXTENT_HEADER_SIZE..header.extent_len()],
+                    data: &self.buf
+                        [self.at + VMA_EXTENT_HEADER_SIZE..self.at + header.extent_len()],
                     header,
                     slots: &self.slots,
                     offset,
@@ -389,16 +447,28 @@ impl Core {
         }
     }
 
+    /// Reads the next extent's bytes into `self.buf`, from `r` or from the prefetching
+    /// thread.
+    fn fill(&mut self, r: &mut dyn Read) -> Result<Fill> {
+        match &mut self.prefetch {
+            None => Ok(read_extent(r, &mut self.buf)),
+            Some(p) => p.next(&mut self.buf).ok_or(Error::Read {
+                offset: self.pos,
+                source: io::Error::other("the reading thread stopped"),
+            }),
+        }
+    }
+
     /// Reads the next data extent into the buffer; `false` at a complete end.
     fn advance(&mut self, r: &mut dyn Read) -> Result<bool> {
-        if self.buf.len() < VMA_EXTENT_HEADER_SIZE {
-            self.buf.grow(VMA_EXTENT_HEADER_SIZE, 0);
-        }
         loop {
             let offset = self.pos;
-            let buf = &mut self.buf;
-            let got = read_full(r, &mut buf[..VMA_EXTENT_HEADER_SIZE])
-                .map_err(|source| Error::Read { offset, source })?;
+            let fill = self.fill(r)?;
+            self.at = fill.start;
+            let got = fill.got;
+            if let Some((0, source)) = fill.error {
+                return Err(Error::Read { offset, source });
+            }
             if got == 0 {
                 if self.state != State::Sealed {
                     self.validator.finish(offset)?;
@@ -415,7 +485,14 @@ impl Core {
                     needed: VMA_EXTENT_HEADER_SIZE as u64,
                 });
             }
-            let extent = decode_extent(&buf[..VMA_EXTENT_HEADER_SIZE], offset, &self.header)?;
+            let extent = match fill.header {
+                Some(extent) => check_extent_uuid(extent, offset, &self.header)?,
+                None => decode_extent(
+                    &self.buf[fill.start..][..VMA_EXTENT_HEADER_SIZE],
+                    offset,
+                    &self.header,
+                )?,
+            };
             match Seal::from_extent(&extent) {
                 SealKind::NotASeal => {}
                 SealKind::Seal(seal) => {
@@ -449,22 +526,16 @@ impl Core {
                 SealKind::Malformed => return Err(Error::MalformedSeal { offset }),
             }
             let len = extent.extent_len();
-            debug_assert!(len <= VMA_MAX_EXTENT_SIZE);
-            let buf = &mut self.buf;
-            if buf.len() < len {
-                // Keeps the extent header just read.
-                buf.grow(len, VMA_EXTENT_HEADER_SIZE);
-            }
-            let got = read_full(r, &mut buf[VMA_EXTENT_HEADER_SIZE..len]).map_err(|source| {
-                Error::Read {
-                    offset: offset + VMA_EXTENT_HEADER_SIZE as u64,
+            if let Some((at, source)) = fill.error {
+                return Err(Error::Read {
+                    offset: offset + at as u64,
                     source,
-                }
-            })?;
-            if VMA_EXTENT_HEADER_SIZE + got < len {
+                });
+            }
+            if got < len {
                 return Err(Error::TruncatedExtent {
                     offset,
-                    got: (VMA_EXTENT_HEADER_SIZE + got) as u64,
+                    got: got as u64,
                     needed: len as u64,
                 });
             }
@@ -475,7 +546,7 @@ impl Core {
             let index = self.integrity.total_extents;
             let checksum = self.check_data(offset, index, &extent, len)?;
             if let Some(seal) = &mut self.seal {
-                seal.extent(&self.buf[..VMA_EXTENT_HEADER_SIZE]);
+                seal.extent(&self.buf[self.at..][..VMA_EXTENT_HEADER_SIZE]);
             }
             self.integrity.total_extents += 1;
             self.pos += len as u64;
@@ -503,7 +574,9 @@ impl Core {
             }
             DataChecksum::Crc32c(stored) => {
                 self.integrity.checksummed_extents += 1;
-                let computed = integrity::data_crc32c(&self.buf[VMA_EXTENT_HEADER_SIZE..len]);
+                let computed = integrity::data_crc32c(
+                    &self.buf[self.at + VMA_EXTENT_HEADER_SIZE..self.at + len],
+                );
                 if computed == stored {
                     return Ok(ExtentChecksum::Verified);
                 }
@@ -560,6 +633,229 @@ impl Core {
             integrity: self.integrity.clone(),
             archive_bytes: self.pos,
             complete: self.state == State::Done,
+        }
+    }
+}
+
+/// Buffers of a prefetching reader: one being filled, one ready, one in use. Each holds
+/// one extent of the largest size, or smaller ones up to [`BATCH`] bytes.
+pub const PREFETCH_BUFFERS: usize = 3;
+
+/// Bytes of small extents a prefetching reader gathers in one buffer before handing it
+/// over: enough that a run of header-only extents costs few hand-overs, little enough
+/// that an archive of small extents touches (page-faults in) little of the buffers.
+const BATCH: usize = 1 << 20;
+
+/// One extent's bytes as read: where in the buffer it starts, how many bytes arrived,
+/// the header if it decoded, and the read error that stopped it (with the offset, within
+/// the extent, where it happened).
+pub(crate) struct Fill {
+    start: usize,
+    got: usize,
+    header: Option<ExtentHeader>,
+    error: Option<(usize, io::Error)>,
+}
+
+impl Fill {
+    /// Whether nothing can follow: the input ended, failed, or held no valid header.
+    fn is_last(&self) -> bool {
+        self.error.is_some()
+            || match &self.header {
+                Some(h) => self.got < h.extent_len(),
+                None => true,
+            }
+    }
+}
+
+/// Reads the next extent into `buf`: its header, then, if that decodes, its data. Stops
+/// short at the end of the input or at the first error. The checks beyond decoding the
+/// header (so as to know its length) are the caller's.
+fn read_extent(r: &mut dyn Read, buf: &mut AlignedBuf) -> Fill {
+    reserve(buf, VMA_EXTENT_HEADER_SIZE);
+    let got = match read_full(r, &mut buf[..VMA_EXTENT_HEADER_SIZE]) {
+        Ok(got) => got,
+        Err(e) => {
+            return Fill {
+                start: 0,
+                got: 0,
+                header: None,
+                error: Some((0, e)),
+            }
+        }
+    };
+    let header = (got == VMA_EXTENT_HEADER_SIZE)
+        .then(|| ExtentHeader::decode(&buf[..VMA_EXTENT_HEADER_SIZE]).ok())
+        .flatten();
+    let Some(len) = header.as_ref().map(ExtentHeader::extent_len) else {
+        return Fill {
+            start: 0,
+            got,
+            header,
+            error: None,
+        };
+    };
+    debug_assert!(len <= VMA_MAX_EXTENT_SIZE);
+    reserve(buf, len);
+    match read_full(r, &mut buf[VMA_EXTENT_HEADER_SIZE..len]) {
+        Ok(data) => Fill {
+            start: 0,
+            got: got + data,
+            header,
+            error: None,
+        },
+        Err(e) => Fill {
+            start: 0,
+            got,
+            header,
+            error: Some((VMA_EXTENT_HEADER_SIZE, e)),
+        },
+    }
+}
+
+/// Makes `buf` at least `len` bytes long, keeping an extent header already in it. It
+/// grows by doubling (up to the largest extent) so that a run of ever larger extents
+/// costs few reallocations, and no more than the archive's extents need.
+fn reserve(buf: &mut AlignedBuf, len: usize) {
+    if buf.len() < len {
+        let to = len.max(buf.len() * 2).min(VMA_MAX_EXTENT_SIZE);
+        buf.grow(to, VMA_EXTENT_HEADER_SIZE);
+    }
+}
+
+/// Reads extents into `buf` from its start, as many as fit whole up to about [`BATCH`]
+/// bytes, and returns them;
+/// `carry` is a header read for the previous buffer that did not fit there, and receives
+/// one that does not fit here. The second value says whether the input is done (ended,
+/// failed, or held something that is not a whole extent): the last [`Fill`] tells which.
+fn read_batch(
+    r: &mut dyn Read,
+    buf: &mut AlignedBuf,
+    carry: &mut Option<[u8; VMA_EXTENT_HEADER_SIZE]>,
+) -> (Vec<Fill>, bool) {
+    const H: usize = VMA_EXTENT_HEADER_SIZE;
+    if buf.len() < VMA_MAX_EXTENT_SIZE {
+        // Pages are touched only as extents fill them.
+        *buf = AlignedBuf::new(VMA_MAX_EXTENT_SIZE);
+    }
+    let mut fills = Vec::new();
+    let mut at = 0;
+    while at < BATCH {
+        let got = match carry.take() {
+            Some(header) => {
+                buf[at..at + H].copy_from_slice(&header);
+                H
+            }
+            None => match read_full(r, &mut buf[at..at + H]) {
+                Ok(got) => got,
+                Err(e) => {
+                    fills.push(Fill {
+                        start: at,
+                        got: 0,
+                        header: None,
+                        error: Some((0, e)),
+                    });
+                    return (fills, true);
+                }
+            },
+        };
+        let header = (got == H)
+            .then(|| ExtentHeader::decode(&buf[at..at + H]).ok())
+            .flatten();
+        let Some(len) = header.as_ref().map(ExtentHeader::extent_len) else {
+            fills.push(Fill {
+                start: at,
+                got,
+                header,
+                error: None,
+            });
+            return (fills, true);
+        };
+        if at + len > buf.len() {
+            // Never at the start: a buffer holds the largest extent.
+            *carry = Some(buf[at..at + H].try_into().expect("one header"));
+            return (fills, false);
+        }
+        let fill = match read_full(r, &mut buf[at + H..at + len]) {
+            Ok(data) => Fill {
+                start: at,
+                got: got + data,
+                header,
+                error: None,
+            },
+            Err(e) => Fill {
+                start: at,
+                got,
+                header,
+                error: Some((H, e)),
+            },
+        };
+        let last = fill.is_last();
+        fills.push(fill);
+        if last {
+            return (fills, true);
+        }
+        at += len;
+    }
+    (fills, false)
+}
+
+/// The reading thread of a prefetching reader, its two channels (filled buffers to the
+/// reader, used ones back) and the extents of the current buffer not yet handed out.
+pub(crate) struct Prefetch {
+    filled: Receiver<(AlignedBuf, Vec<Fill>)>,
+    used: SyncSender<AlignedBuf>,
+    pending: std::vec::IntoIter<Fill>,
+}
+
+impl Prefetch {
+    fn spawn(mut input: Box<dyn Read + Send>) -> io::Result<Prefetch> {
+        let (to_reader, filled) = sync_channel(1);
+        let (used, from_reader) = sync_channel::<AlignedBuf>(PREFETCH_BUFFERS);
+        thread::Builder::new()
+            .name("vma-prefetch".into())
+            .spawn(move || {
+                let mut allocated = 0;
+                let mut carry = None;
+                loop {
+                    let mut buf = match from_reader.try_recv() {
+                        Ok(buf) => buf,
+                        Err(_) if allocated < PREFETCH_BUFFERS => {
+                            allocated += 1;
+                            AlignedBuf::default()
+                        }
+                        Err(_) => match from_reader.recv() {
+                            Ok(buf) => buf,
+                            Err(_) => return,
+                        },
+                    };
+                    let (fills, last) = read_batch(&mut *input, &mut buf, &mut carry);
+                    if to_reader.send((buf, fills)).is_err() || last {
+                        return;
+                    }
+                }
+            })?;
+        Ok(Prefetch {
+            filled,
+            used,
+            pending: Vec::new().into_iter(),
+        })
+    }
+
+    /// The next extent: in `buf` already, or in the next buffer, which replaces `buf`
+    /// (handed back to the thread). `None` if the thread is gone without a last word (it
+    /// panicked).
+    fn next(&mut self, buf: &mut AlignedBuf) -> Option<Fill> {
+        loop {
+            if let Some(fill) = self.pending.next() {
+                return Some(fill);
+            }
+            let (next, fills) = self.filled.recv().ok()?;
+            let done = std::mem::replace(buf, next);
+            if done.capacity() > 0 {
+                // The thread may have stopped (its last buffer sent): then it is freed.
+                let _ = self.used.try_send(done);
+            }
+            self.pending = fills.into_iter();
         }
     }
 }

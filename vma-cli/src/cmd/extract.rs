@@ -1,7 +1,7 @@
 //! `vma extract`.
 
 use std::fs;
-use std::io::{self, BufReader};
+use std::io::BufReader;
 use std::path::PathBuf;
 
 use vma_reader::{Extractor, ReadOptions};
@@ -63,7 +63,7 @@ pub(crate) fn run(args: Args) -> Result<()> {
 
 fn extract(
     args: &Args,
-    stream: vma_reader::StreamReader<Box<dyn io::Read + Send>>,
+    stream: vma_reader::PrefetchingReader,
     header: &vma_format::ArchiveHeader,
 ) -> Result<()> {
     let mut extractor = Extractor::new(&args.targetdir).sync(args.sync);

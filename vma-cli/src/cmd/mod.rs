@@ -114,9 +114,9 @@ pub(crate) fn stdout_error(e: std::io::Error) -> CliError {
 pub(crate) fn open_stream(
     file: &std::path::Path,
     options: vma_reader::ReadOptions,
-) -> Result<vma_reader::StreamReader<Box<dyn std::io::Read + Send>>> {
+) -> Result<vma_reader::PrefetchingReader> {
     let (input, _) = crate::input::open(file).map_err(|e| CliError::io(file.display(), e))?;
-    Ok(vma_reader::StreamReader::with_options(input, options)?)
+    Ok(vma_reader::StreamReader::prefetching(input, options)?)
 }
 
 /// Opens a plain archive file for random access, explaining what to do with a
