@@ -45,20 +45,16 @@ with open(os.path.join(d, "sparse.raw"), "wb") as f:     # sparse: holes with 1 
 PY
 sync
 
-median() { python3 -c 'import sys,statistics; print("%.3f" % statistics.median(float(x) for x in sys.argv[1:]))' "$@"; }
-# time_cmd NAME CMD...: runs CMD $RUNS times (with a cleanup between) and records the median
+# timings NAME CMD [NAME CMD ...]: medians of $RUNS interleaved rounds (benches/timeit.py),
+# with the previous run's output removed and the page cache's dirty pages written back
+# (sync) before each command, so that no run pays for an earlier run's writeback;
+# stored in T[NAME].
 declare -A T
 rss_rows=()
-time_it() {
-  local name=$1; shift
-  local xs=()
-  for _ in $(seq "$RUNS"); do
-    rm -rf "$DIR/out" "$DIR/out.vma" "$DIR/out.raw"
-    local s e
-    s=$(date +%s.%N); "$@" >/dev/null; e=$(date +%s.%N)
-    xs+=("$(python3 -c "print($e-$s)")")
-  done
-  T[$name]=$(median "${xs[@]}")
+timings() {
+  local name secs
+  while read -r name secs; do T[$name]=$secs; done < <(
+    python3 benches/timeit.py "$RUNS" --before "rm -rf '$DIR/out' '$DIR/out.vma' '$DIR/out.raw'; sync" "$@")
 }
 peak_rss() { # KiB
   /usr/bin/time -f %M "$@" 2>&1 >/dev/null | tail -n1
@@ -70,25 +66,40 @@ row() { rows+=("| $1 | $2 | $3 | $(python3 -c "print('%.2f' % ($2/$3))") |"); }
 for img in mixed zero90 sparse; do
   IMG=$DIR/$img.raw
   A=$DIR/$img.vma
-  rm -f "$A"; "$VMA" create "$A" -d "format=raw:drive-scsi0=$IMG"
+  P=$DIR/$img.plain.vma
+  rm -f "$A" "$P"
+  "$VMA" create "$A" -d "format=raw:drive-scsi0=$IMG"
+  "$VMA" create --no-integrity "$P" -d "format=raw:drive-scsi0=$IMG"
   zstd -q -f -T1 "$A" -o "$A.zst"
 
-  time_it "cp-in-$img" cp --sparse=always "$IMG" "$DIR/out.raw"
-  time_it "create-$img" "$VMA" create "$DIR/out.vma" -d "format=raw:drive-scsi0=$IMG"
-  row "create $img" "${T[create-$img]}" "${T[cp-in-$img]}"
+  timings \
+    "cp-$img" "cp --sparse=always '$IMG' '$DIR/out.raw'" \
+    "create-$img" "'$VMA' create '$DIR/out.vma' -d 'format=raw:drive-scsi0=$IMG'" \
+    "create-plain-$img" "'$VMA' create --no-integrity '$DIR/out.vma' -d 'format=raw:drive-scsi0=$IMG'" \
+    "extract-$img" "'$VMA' extract '$A' '$DIR/out'"
+  row "create $img" "${T[create-$img]}" "${T[cp-$img]}"
+  row "create --no-integrity $img" "${T[create-plain-$img]}" "${T[cp-$img]}"
+  row "extract $img" "${T[extract-$img]}" "${T[cp-$img]}"
 
-  time_it "extract-$img" "$VMA" extract "$A" "$DIR/out"
-  row "extract $img" "${T[extract-$img]}" "${T[cp-in-$img]}"
-
-  time_it "cat-$img" sh -c "cat '$A' > /dev/null"
-  time_it "verify-stdin-$img" sh -c "'$VMA' verify - < '$A'"
+  timings \
+    "cat-$img" "cat '$A' > /dev/null" \
+    "verify-stdin-$img" "'$VMA' verify - < '$A'" \
+    "pipe-$img" "cat '$A' | cat > /dev/null" \
+    "verify-pipe-$img" "cat '$A' | '$VMA' verify -" \
+    "verify-quick-$img" "'$VMA' verify --quick '$A'" \
+    "cat-plain-$img" "cat '$P' > /dev/null" \
+    "verify-plain-$img" "'$VMA' verify - < '$P'"
   row "verify (stream, stdin) $img" "${T[verify-stdin-$img]}" "${T[cat-$img]}"
-  time_it "verify-quick-$img" "$VMA" verify --quick "$A"
+  row "verify (stream, through a pipe; baseline: cat piped to cat) $img" "${T[verify-pipe-$img]}" "${T[pipe-$img]}"
   row "verify --quick (file, headers only) $img" "${T[verify-quick-$img]}" "${T[cat-$img]}"
+  row "verify (stream) of a --no-integrity archive $img" "${T[verify-plain-$img]}" "${T[cat-plain-$img]}"
 
-  time_it "zstd-$img" sh -c "zstd -q -dc '$A.zst' > /dev/null"
-  time_it "extract-zst-$img" "$VMA" extract "$A.zst" "$DIR/out"
+  timings \
+    "zstd-$img" "zstd -q -dc '$A.zst' > /dev/null" \
+    "extract-zst-$img" "'$VMA' extract '$A.zst' '$DIR/out'" \
+    "extract-again-$img" "'$VMA' extract '$A' '$DIR/out'"
   row "extract .vma.zst $img" "${T[extract-zst-$img]}" "${T[zstd-$img]}"
+  row "extract .vma.zst vs plain extract $img" "${T[extract-zst-$img]}" "${T[extract-again-$img]}"
 
   rss_create=$(rm -f "$DIR/out.vma"; peak_rss "$VMA" create "$DIR/out.vma" -d "format=raw:drive-scsi0=$IMG")
   rss_extract=$(rm -rf "$DIR/out"; peak_rss "$VMA" extract "$A" "$DIR/out")
@@ -110,7 +121,9 @@ echo "|---|---|---|---|"
 printf '%s\n' "${rows[@]}"
 echo
 echo "Baselines: create and extract against \`cp --sparse=always\` of the raw image; verify against"
-echo "\`cat archive > /dev/null\`; compressed extract against \`zstd -dc\` to /dev/null."
+echo "\`cat archive > /dev/null\`; compressed extract against \`zstd -dc\` to /dev/null, and against the"
+echo "plain archive's extract (the floor when decompression overlaps). Each pair's commands run"
+echo "interleaved (benches/timeit.py) under \`sh -c\`; medians."
 echo
 echo "| image | peak RSS create (MiB) | extract (MiB) | verify stdin (MiB) |"
 echo "|---|---|---|---|"
