@@ -451,7 +451,10 @@ impl Core {
     /// thread.
     fn fill(&mut self, r: &mut dyn Read) -> Result<Fill> {
         match &mut self.prefetch {
-            None => Ok(read_extent(r, &mut self.buf)),
+            None => {
+                let (mut fills, _) = read_extents(r, &mut self.buf, &mut None, 1);
+                Ok(fills.pop().expect("one extent"))
+            }
             Some(p) => p.next(&mut self.buf).ok_or(Error::Read {
                 offset: self.pos,
                 source: io::Error::other("the reading thread stopped"),
@@ -667,79 +670,34 @@ impl Fill {
     }
 }
 
-/// Reads the next extent into `buf`: its header, then, if that decodes, its data. Stops
-/// short at the end of the input or at the first error. The checks beyond decoding the
-/// header (so as to know its length) are the caller's.
-fn read_extent(r: &mut dyn Read, buf: &mut AlignedBuf) -> Fill {
-    reserve(buf, VMA_EXTENT_HEADER_SIZE);
-    let got = match read_full(r, &mut buf[..VMA_EXTENT_HEADER_SIZE]) {
-        Ok(got) => got,
-        Err(e) => {
-            return Fill {
-                start: 0,
-                got: 0,
-                header: None,
-                error: Some((0, e)),
-            }
-        }
-    };
-    let header = (got == VMA_EXTENT_HEADER_SIZE)
-        .then(|| ExtentHeader::decode(&buf[..VMA_EXTENT_HEADER_SIZE]).ok())
-        .flatten();
-    let Some(len) = header.as_ref().map(ExtentHeader::extent_len) else {
-        return Fill {
-            start: 0,
-            got,
-            header,
-            error: None,
-        };
-    };
-    debug_assert!(len <= VMA_MAX_EXTENT_SIZE);
-    reserve(buf, len);
-    match read_full(r, &mut buf[VMA_EXTENT_HEADER_SIZE..len]) {
-        Ok(data) => Fill {
-            start: 0,
-            got: got + data,
-            header,
-            error: None,
-        },
-        Err(e) => Fill {
-            start: 0,
-            got,
-            header,
-            error: Some((VMA_EXTENT_HEADER_SIZE, e)),
-        },
-    }
-}
-
-/// Makes `buf` at least `len` bytes long, keeping an extent header already in it. It
-/// grows by doubling (up to the largest extent) so that a run of ever larger extents
-/// costs few reallocations, and no more than the archive's extents need.
-fn reserve(buf: &mut AlignedBuf, len: usize) {
+/// Makes `buf` at least `len` bytes long, keeping its first `keep` bytes. It grows by
+/// doubling (up to the largest extent) so that a run of ever larger extents costs few
+/// reallocations, and no more than the archive's extents need.
+fn reserve(buf: &mut AlignedBuf, len: usize, keep: usize) {
     if buf.len() < len {
         let to = len.max(buf.len() * 2).min(VMA_MAX_EXTENT_SIZE);
-        buf.grow(to, VMA_EXTENT_HEADER_SIZE);
+        buf.grow(to, keep);
     }
 }
 
-/// Reads extents into `buf` from its start, as many as fit whole up to about [`BATCH`]
-/// bytes, and returns them;
-/// `carry` is a header read for the previous buffer that did not fit there, and receives
-/// one that does not fit here. The second value says whether the input is done (ended,
-/// failed, or held something that is not a whole extent): the last [`Fill`] tells which.
-fn read_batch(
+/// Reads extents into `buf` from its start, each header and then, if that decodes, its
+/// data, until `batch` bytes are filled (`1`: one extent), an extent would not fit in the
+/// largest buffer, or the input ends or fails; returns them. `carry` holds a header read
+/// for an earlier buffer that did not fit there, and receives one that does not fit
+/// here. The second value says whether the input is done (ended, failed, or held
+/// something that is not a whole extent): the last [`Fill`] tells which. The checks
+/// beyond decoding a header (so as to know its length) are the caller's.
+fn read_extents(
     r: &mut dyn Read,
     buf: &mut AlignedBuf,
     carry: &mut Option<[u8; VMA_EXTENT_HEADER_SIZE]>,
+    batch: usize,
 ) -> (Vec<Fill>, bool) {
     const H: usize = VMA_EXTENT_HEADER_SIZE;
-    if buf.len() < VMA_MAX_EXTENT_SIZE {
-        // Pages are touched only as extents fill them.
-        *buf = AlignedBuf::new(VMA_MAX_EXTENT_SIZE);
-    }
     let mut fills = Vec::new();
     let mut at = 0;
-    while at < BATCH {
+    while at < batch {
+        reserve(buf, at + H, at);
         let got = match carry.take() {
             Some(header) => {
                 buf[at..at + H].copy_from_slice(&header);
@@ -770,11 +728,12 @@ fn read_batch(
             });
             return (fills, true);
         };
-        if at + len > buf.len() {
+        if at + len > VMA_MAX_EXTENT_SIZE {
             // Never at the start: a buffer holds the largest extent.
             *carry = Some(buf[at..at + H].try_into().expect("one header"));
             return (fills, false);
         }
+        reserve(buf, at + len, at + H);
         let fill = match read_full(r, &mut buf[at + H..at + len]) {
             Ok(data) => Fill {
                 start: at,
@@ -828,7 +787,7 @@ impl Prefetch {
                             Err(_) => return,
                         },
                     };
-                    let (fills, last) = read_batch(&mut *input, &mut buf, &mut carry);
+                    let (fills, last) = read_extents(&mut *input, &mut buf, &mut carry, BATCH);
                     if to_reader.send((buf, fills)).is_err() || last {
                         return;
                     }
