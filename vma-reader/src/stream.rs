@@ -641,7 +641,7 @@ impl Core {
 }
 
 /// Buffers of a prefetching reader: one being filled, one ready, one in use. Each holds
-/// one extent of the largest size, or smaller ones up to [`BATCH`] bytes.
+/// one extent of the largest size, or smaller ones up to 1 MiB in all.
 pub const PREFETCH_BUFFERS: usize = 3;
 
 /// Bytes of small extents a prefetching reader gathers in one buffer before handing it
