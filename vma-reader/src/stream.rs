@@ -2,7 +2,9 @@
 
 use std::io::{self, Read};
 use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::Arc;
 use std::thread;
 
 use vma_format::aligned::AlignedBuf;
@@ -166,14 +168,14 @@ impl<R> StreamReader<R> {
         self.core.report()
     }
 
-    /// Bytes of memory the reader holds, roughly: its extent buffer (and a prefetching
-    /// reader's spare ones, at their largest) and the set of clusters seen.
+    /// Bytes of memory the reader holds, roughly: its extent buffers (a prefetching
+    /// reader's all of them, wherever they are) and the set of clusters seen.
     pub fn memory(&self) -> usize {
-        let spare = match self.core.prefetch {
-            Some(_) => (PREFETCH_BUFFERS - 1) * (VMA_MAX_EXTENT_SIZE + vma_format::aligned::PAGE),
-            None => 0,
+        let buffers = match &self.core.prefetch {
+            Some(p) => p.buffer_bytes.load(Ordering::Relaxed),
+            None => self.core.buf.capacity(),
         };
-        self.core.buf.capacity() + spare + self.core.validator.memory()
+        buffers + self.core.validator.memory()
     }
 
     /// How many clusters of the vmstate device `id` arrived (they run 0, 1, 2, ...).
@@ -764,12 +766,16 @@ pub(crate) struct Prefetch {
     filled: Receiver<(AlignedBuf, Vec<Fill>)>,
     used: SyncSender<AlignedBuf>,
     pending: std::vec::IntoIter<Fill>,
+    /// Bytes allocated for the buffers, kept up to date by the thread.
+    buffer_bytes: Arc<AtomicUsize>,
 }
 
 impl Prefetch {
     fn spawn(mut input: Box<dyn Read + Send>) -> io::Result<Prefetch> {
         let (to_reader, filled) = sync_channel(1);
         let (used, from_reader) = sync_channel::<AlignedBuf>(PREFETCH_BUFFERS);
+        let buffer_bytes = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&buffer_bytes);
         thread::Builder::new()
             .name("vma-prefetch".into())
             .spawn(move || {
@@ -787,7 +793,10 @@ impl Prefetch {
                             Err(_) => return,
                         },
                     };
+                    let before = buf.capacity();
                     let (fills, last) = read_extents(&mut *input, &mut buf, &mut carry, BATCH);
+                    // Buffers only grow.
+                    counted.fetch_add(buf.capacity() - before, Ordering::Relaxed);
                     if to_reader.send((buf, fills)).is_err() || last {
                         return;
                     }
@@ -797,6 +806,7 @@ impl Prefetch {
             filled,
             used,
             pending: Vec::new().into_iter(),
+            buffer_bytes,
         })
     }
 

@@ -182,16 +182,35 @@ fn read_errors_are_reported_at_the_same_byte() {
     }
 }
 
+/// The buffers the reading thread allocates stay within [`PREFETCH_BUFFERS`] extents
+/// however long the archive, and grow only as far as its extents need.
 #[test]
 fn memory_is_bounded_by_the_buffers() {
-    let bytes = varied();
-    let mut r = StreamReader::prefetching(Cursor::new(bytes), ReadOptions::default()).unwrap();
-    let mut most = 0;
-    while r.next_extent().unwrap().is_some() {
-        most = most.max(r.memory());
+    let most = |bytes: Vec<u8>| {
+        let mut r = StreamReader::prefetching(Cursor::new(bytes), ReadOptions::default()).unwrap();
+        let mut most = 0;
+        while r.next_extent().unwrap().is_some() {
+            most = most.max(r.memory());
+        }
+        most
+    };
+    let page = vma_format::aligned::PAGE;
+    let varied = most(varied());
+    let ceiling = PREFETCH_BUFFERS * (vma_format::VMA_MAX_EXTENT_SIZE + page) + (1 << 20);
+    assert!(varied <= ceiling, "{varied} > {ceiling}");
+    assert!(
+        varied > vma_format::VMA_MAX_EXTENT_SIZE,
+        "{varied}: a full-size extent is counted"
+    );
+
+    // Header-only extents: small buffers, however many.
+    let mut b = Builder::new(&[("drive-zero", 5000 * VMA_CLUSTER_SIZE as u64)], &[]);
+    for c in 0..5000u32 {
+        b.cluster(1, c, &[]);
+        b.flush();
     }
-    let ceiling = PREFETCH_BUFFERS * (vma_format::VMA_MAX_EXTENT_SIZE + 4096) + (1 << 20);
-    assert!(most <= ceiling, "{most} > {ceiling}");
+    let small = most(b.finish());
+    assert!(small <= PREFETCH_BUFFERS * (2 << 20), "{small}");
 }
 
 /// Dropping a reader in the middle stops its thread (which would otherwise hold the
@@ -227,4 +246,34 @@ fn dropping_the_reader_releases_the_input() {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     panic!("the reading thread still holds the input after 5 s");
+}
+
+/// A `Read` that panics in the reading thread: the reader reports an I/O error at the
+/// byte it had reached instead of hanging or panicking itself.
+#[test]
+fn a_panicking_input_is_an_error() {
+    struct Panics(Cursor<Vec<u8>>, u64);
+    impl Read for Panics {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            assert!(self.0.position() < self.1, "input exploded (on purpose)");
+            let room = ((self.1 - self.0.position()) as usize).min(buf.len());
+            self.0.read(&mut buf[..room])
+        }
+    }
+    let bytes = varied();
+    let mut r =
+        StreamReader::prefetching(Panics(Cursor::new(bytes), 50_000), ReadOptions::default())
+            .unwrap();
+    let err = loop {
+        match r.next_extent() {
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the archive cannot end"),
+            Err(e) => break e,
+        }
+    };
+    assert!(
+        err.to_string().contains("the reading thread stopped"),
+        "{err}"
+    );
+    assert_eq!(err.kind(), vma_reader::ErrorKind::Io);
 }

@@ -1,6 +1,7 @@
 //! Writer throughput into an in-memory sink (`io::sink()`): 64 MiB images written in 1 MiB
 //! ranges, dense (random), all zero, and mixed (alternating 1 MiB random / zero), with the
-//! integrity extension on (CRC32C by the producers, the headers' SHA-256 on the sink thread) and off.
+//! integrity extension on (CRC32C by the producers, the headers' SHA-256 on the sink
+//! thread) and off.
 //!
 //! Quick run: `cargo bench -p vma-writer -- --warm-up-time 1 --measurement-time 3`
 

@@ -98,8 +98,8 @@ impl Builder {
     }
 
     /// Switches vma-rs's integrity extension (a CRC32C per extent and a seal at the end
-    /// hashing every header, both invisible to other readers) on or off. Off, the archive's layout is
-    /// exactly what Proxmox's own writer produces. Default: on.
+    /// hashing every header, both invisible to other readers) on or off. Off, the
+    /// archive's layout is exactly what Proxmox's own writer produces. Default: on.
     pub fn integrity(&mut self, on: bool) -> &mut Builder {
         self.integrity = on;
         self

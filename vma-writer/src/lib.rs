@@ -58,8 +58,7 @@
 //! archive without its end marker. With the integrity extension (on by default,
 //! [`Builder::integrity`]) each extent carries a CRC32C of its data and a successful finish
 //! appends a seal (extent count and SHA-256 of every header, each carrying its data's
-//! CRC32C), both in places that Proxmox's
-//! reader and every other VMA reader ignore.
+//! CRC32C), both in places that Proxmox's reader and every other VMA reader ignore.
 //!
 //! # Files
 //!

@@ -1,6 +1,6 @@
 //! The sink thread: the only place that touches the user's `Write`. It receives finished
-//! extents over a bounded channel, hashes their headers for the seal, writes them, and gives the cluster
-//! buffers back to the producers.
+//! extents over a bounded channel, hashes their headers for the seal, writes them, and
+//! gives the cluster buffers back to the producers.
 
 use std::io::{self, IoSlice, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
