@@ -143,3 +143,52 @@ pub fn parse_list_line(line: &str) -> Option<(&str, u64, &str)> {
     }
     None
 }
+
+/// One command of `spec/vectors/REFERENCE-OUTPUT.txt`: what Proxmox's own `vma` printed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReferenceRun {
+    /// The arguments after `vma`, e.g. `["verify", "-v", "vec1-two-drives.vma"]`.
+    pub args: Vec<String>,
+    /// Its standard output, line by line.
+    pub stdout: Vec<String>,
+    /// Its standard error, line by line.
+    pub stderr: Vec<String>,
+    /// Its exit code.
+    pub exit: i32,
+}
+
+/// Every command of `spec/vectors/REFERENCE-OUTPUT.txt`, in order (run there with
+/// `TZ=UTC`, in a folder holding the vectors, each target directory fresh).
+pub fn reference_output() -> Vec<ReferenceRun> {
+    let text = std::fs::read_to_string(vectors_dir().join("REFERENCE-OUTPUT.txt"))
+        .expect("spec/vectors/REFERENCE-OUTPUT.txt readable");
+    let mut runs: Vec<ReferenceRun> = Vec::new();
+    for line in text.lines() {
+        if let Some(cmd) = line.strip_prefix("$ vma ") {
+            runs.push(ReferenceRun {
+                args: cmd.split_whitespace().map(str::to_owned).collect(),
+                stdout: Vec::new(),
+                stderr: Vec::new(),
+                exit: -1,
+            });
+            continue;
+        }
+        let Some(run) = runs.last_mut() else { continue };
+        if let Some(out) = line.strip_prefix("OUT: ") {
+            run.stdout.push(out.to_owned());
+        } else if let Some(err) = line.strip_prefix("ERR: ") {
+            run.stderr.push(err.to_owned());
+        } else if let Some(code) = line.strip_prefix("exit: ") {
+            run.exit = code.trim().parse().expect("exit code");
+        }
+    }
+    assert!(
+        runs.len() >= 9,
+        "REFERENCE-OUTPUT.txt: too few commands parsed"
+    );
+    assert!(
+        runs.iter().all(|r| r.exit >= 0),
+        "every command has its exit code"
+    );
+    runs
+}

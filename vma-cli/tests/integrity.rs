@@ -51,7 +51,7 @@ fn flip_data_bit(path: &Path) {
 fn a_flipped_data_bit_is_located_and_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let (path, data) = archive(tmp.path(), true);
-    let o = vma(&["verify", "-v"], &[&path]);
+    let o = vma(&["verify", "--summary"], &[&path]);
     assert!(o.status.success(), "{}", stderr(&o));
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(text.contains("sealed, seal verified"), "{text}");
@@ -101,7 +101,7 @@ fn without_the_extension_the_same_flip_goes_unnoticed() {
     let tmp = tempfile::tempdir().unwrap();
     let (path, data) = archive(tmp.path(), false);
     flip_data_bit(&path);
-    let o = vma(&["verify", "-v"], &[&path]);
+    let o = vma(&["verify", "--summary"], &[&path]);
     assert!(
         o.status.success(),
         "the gap the extension closes: {}",
@@ -132,7 +132,7 @@ fn a_cut_off_seal_reads_as_unsealed() {
     let mut bytes = fs::read(&path).unwrap();
     bytes.truncate(bytes.len() - VMA_EXTENT_HEADER_SIZE);
     fs::write(&path, &bytes).unwrap();
-    let o = vma(&["verify", "-v"], &[&path]);
+    let o = vma(&["verify", "--summary"], &[&path]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("not sealed"));
     let json = vma(&["verify", "--json"], &[&path]);

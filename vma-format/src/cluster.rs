@@ -44,6 +44,57 @@ pub const fn span_mask(span: usize) -> BlockMask {
     }
 }
 
+/// The bytes of a cluster that Proxmox's restore counts as "sparse": those of the
+/// blocks `mask` does not store, counted in whole 512-byte sectors inside the first
+/// `span` bytes (the cluster's bytes inside the device; the reference restores only the
+/// device's whole sectors). Its `vma -v` statistics add these up.
+pub const fn unstored_sector_bytes(mask: BlockMask, span: usize) -> u64 {
+    const SECTOR: usize = 512;
+    let end = span / SECTOR * SECTOR;
+    let mut total = 0u64;
+    let mut j = 0;
+    while j < VMA_BLOCKS_PER_CLUSTER {
+        let start = j * VMA_BLOCK_SIZE;
+        if !mask.has_block(j) && start < end {
+            let stop = if start + VMA_BLOCK_SIZE < end {
+                start + VMA_BLOCK_SIZE
+            } else {
+                end
+            };
+            total += (stop - start) as u64;
+        }
+        j += 1;
+    }
+    total
+}
+
+/// Bytes of the device that the blocks `mask` stores cover, in a cluster with `span`
+/// bytes inside the device: 4096 per block, less what the block that straddles the
+/// device end has past it.
+pub const fn stored_device_bytes(mask: BlockMask, span: usize) -> u64 {
+    let mut n = mask.stored_len();
+    if span > 0 {
+        let last = (span - 1) / VMA_BLOCK_SIZE;
+        if last < VMA_BLOCKS_PER_CLUSTER && mask.has_block(last) {
+            n -= (last + 1) * VMA_BLOCK_SIZE - span;
+        }
+    }
+    n as u64
+}
+
+/// Bytes of block `block` (0..16) inside the first `span` bytes of its cluster: 4096,
+/// less for the block that straddles the device end, 0 past it.
+pub const fn block_span(block: usize, span: usize) -> usize {
+    let start = block * VMA_BLOCK_SIZE;
+    if start >= span {
+        0
+    } else if span - start < VMA_BLOCK_SIZE {
+        span - start
+    } else {
+        VMA_BLOCK_SIZE
+    }
+}
+
 /// Whether every byte is zero. Reads a word at a time, not a byte at a time.
 pub fn is_zero(bytes: &[u8]) -> bool {
     const CHUNK: usize = 256;
@@ -122,6 +173,35 @@ pub fn unpack_cluster(mask: BlockMask, stored: &[u8], out: &mut [u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_bytes_of_stored_blocks() {
+        assert_eq!(stored_device_bytes(BlockMask::all(), 65536), 65536);
+        assert_eq!(
+            stored_device_bytes(BlockMask::B0 | BlockMask::B1, 4097),
+            4097
+        );
+        assert_eq!(stored_device_bytes(BlockMask::B1, 4097), 1);
+        assert_eq!(stored_device_bytes(BlockMask::B0, 4097), 4096);
+        assert_eq!(stored_device_bytes(BlockMask::empty(), 100), 0);
+        assert_eq!(block_span(0, 100), 100);
+        assert_eq!(block_span(1, 4097), 1);
+        assert_eq!(block_span(2, 4097), 0);
+        assert_eq!(block_span(15, 65536), 4096);
+    }
+
+    #[test]
+    fn unstored_bytes_count_whole_sectors_inside() {
+        assert_eq!(unstored_sector_bytes(BlockMask::all(), 65536), 0);
+        assert_eq!(unstored_sector_bytes(BlockMask::empty(), 65536), 65536);
+        assert_eq!(unstored_sector_bytes(BlockMask::B0, 65536), 61440);
+        // A 1000-byte span: one whole sector; the straddling sector is not restored.
+        assert_eq!(unstored_sector_bytes(BlockMask::empty(), 1000), 512);
+        assert_eq!(unstored_sector_bytes(BlockMask::B0, 1024), 0);
+        // 197120 - 3 * 65536 = 512 bytes in the last cluster of vec2's efidisk.
+        assert_eq!(unstored_sector_bytes(BlockMask::empty(), 512), 512);
+        assert_eq!(unstored_sector_bytes(BlockMask::B1, 8192), 4096);
+    }
 
     #[test]
     fn spans_at_the_device_end() {

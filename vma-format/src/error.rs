@@ -34,6 +34,15 @@ pub enum NameProblem {
     InteriorNul,
     /// Not valid UTF-8.
     NotUtf8,
+    /// A control character (a byte below 0x20, or 0x7f): it would break the one-line
+    /// listing that Proxmox VE's restore parses.
+    ControlCharacter(u8),
+    /// `.` or `..`: not a plain file name.
+    NotPlain,
+    /// Contains `/`: not a plain file name.
+    Slash,
+    /// Longer than a file name may be (the length in bytes).
+    TooLong(usize),
 }
 
 impl fmt::Display for NameProblem {
@@ -43,8 +52,26 @@ impl fmt::Display for NameProblem {
             NameProblem::Empty => "is empty",
             NameProblem::InteriorNul => "contains a NUL byte",
             NameProblem::NotUtf8 => "is not valid UTF-8",
+            NameProblem::ControlCharacter(b) => {
+                return write!(f, "contains the control character 0x{b:02x}")
+            }
+            NameProblem::NotPlain => "names a folder ('.' or '..')",
+            NameProblem::Slash => "contains '/'",
+            NameProblem::TooLong(len) => {
+                return write!(f, "is {len} bytes long, longer than 255 bytes")
+            }
         })
     }
+}
+
+/// Bytes as lower-case hex digits, for checksums and magic numbers in messages.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// ` at byte N` for an offset, nothing without one.
+fn at_byte(offset: Option<usize>) -> String {
+    offset.map_or_else(String::new, |o| format!(" at byte {o}"))
 }
 
 /// Everything that can be wrong with VMA bytes, or with values given to an encoder.
@@ -65,7 +92,10 @@ pub enum FormatError {
         got: usize,
     },
     /// The archive does not start with `VMA\0`.
-    #[error("archive header at byte 0: bad magic {found:02x?} (not a VMA archive)")]
+    #[error(
+        "not a VMA archive: it starts with {}, not the magic 564d4100 (\"VMA\\0\")",
+        hex(found)
+    )]
     BadMagic {
         /// The four bytes found.
         found: [u8; 4],
@@ -100,7 +130,9 @@ pub enum FormatError {
     },
     /// The stored MD5 does not match the header bytes.
     #[error(
-        "archive header at byte 32: MD5 mismatch (stored {stored:02x?}, computed {computed:02x?})"
+        "archive header at byte 32: MD5 mismatch (stored {}, computed {})",
+        hex(stored),
+        hex(computed)
     )]
     HeaderChecksum {
         /// MD5 stored in the header.
@@ -131,7 +163,7 @@ pub enum FormatError {
         offset: usize,
     },
     /// A name blob that is not a usable name.
-    #[error("{field} of slot {slot} {problem}")]
+    #[error("{field} of slot {slot} {problem}{}", at_byte(*offset))]
     BadName {
         /// Which name.
         field: BlobField,
@@ -139,6 +171,9 @@ pub enum FormatError {
         slot: usize,
         /// What is wrong.
         problem: NameProblem,
+        /// Archive byte offset of the offending byte (of the blob when the whole name is
+        /// at fault); `None` for a name given to the encoder.
+        offset: Option<usize>,
     },
     /// A config slot with a name and no data, or data and no name.
     #[error("archive header: config slot {slot} has a name or data pointer but not both")]
@@ -224,7 +259,7 @@ pub enum FormatError {
     #[error("an archive needs at least one config entry or device")]
     EmptyHeader,
     /// An extent that does not start with `VMAE`.
-    #[error("extent header: bad magic {found:02x?}")]
+    #[error("extent header: bad magic {}", hex(found))]
     ExtentBadMagic {
         /// The four bytes found.
         found: [u8; 4],
@@ -233,7 +268,11 @@ pub enum FormatError {
     #[error("extent header: reserved field is {0:#06x}, must be 0")]
     ExtentReserved(u16),
     /// The stored MD5 of an extent header does not match.
-    #[error("extent header: MD5 mismatch (stored {stored:02x?}, computed {computed:02x?})")]
+    #[error(
+        "extent header: MD5 mismatch (stored {}, computed {})",
+        hex(stored),
+        hex(computed)
+    )]
     ExtentChecksum {
         /// MD5 stored.
         stored: [u8; 16],

@@ -172,7 +172,12 @@ impl ArchiveHeader {
                 _ => {}
             }
             let name_blob = blobs.get(BlobField::ConfigName, slot, name_ptr, name_at)?;
-            let name = decode_name(name_blob, BlobField::ConfigName, slot)?;
+            let name = decode_name(
+                name_blob,
+                blobs.archive_offset(name_ptr),
+                BlobField::ConfigName,
+                slot,
+            )?;
             let data = blobs
                 .get(BlobField::ConfigData, slot, data_ptr, data_at)?
                 .to_vec();
@@ -209,7 +214,12 @@ impl ArchiveHeader {
                 });
             }
             let blob = blobs.get(BlobField::DeviceName, id, name_ptr, at + off::DEV_NAME_PTR)?;
-            let name = decode_name(blob, BlobField::DeviceName, id)?;
+            let name = decode_name(
+                blob,
+                blobs.archive_offset(name_ptr),
+                BlobField::DeviceName,
+                id,
+            )?;
             if !device_names.insert(name.clone()) {
                 return Err(FormatError::DuplicateDeviceName { name });
             }
@@ -375,40 +385,41 @@ fn header_md5(header: &[u8]) -> [u8; 16] {
     md5.finalize().into()
 }
 
-/// Validates a name for storage: non-empty, no NUL inside.
+/// Validates a name for storage (see [`crate::names::check_printable`]).
 fn check_name(name: &str, field: BlobField, slot: usize) -> Result<()> {
-    let problem = if name.is_empty() {
-        NameProblem::Empty
-    } else if name.contains('\0') {
-        NameProblem::InteriorNul
-    } else {
-        return Ok(());
-    };
-    Err(FormatError::BadName {
+    crate::names::check_printable(name).map_err(|(problem, _)| FormatError::BadName {
         field,
         slot,
         problem,
+        offset: None,
     })
 }
 
-/// Turns a stored name blob (with its NUL) into a name.
-fn decode_name(blob: &[u8], field: BlobField, slot: usize) -> Result<String> {
-    let bad = |problem| FormatError::BadName {
+/// Turns a stored name blob (with its NUL), found at archive byte `at`, into a name.
+fn decode_name(blob: &[u8], at: usize, field: BlobField, slot: usize) -> Result<String> {
+    let bad = |problem, offset| FormatError::BadName {
         field,
         slot,
         problem,
+        offset: Some(offset),
     };
     let Some((&0, text)) = blob.split_last() else {
-        return Err(bad(NameProblem::NotTerminated));
+        return Err(bad(
+            NameProblem::NotTerminated,
+            at + blob.len().saturating_sub(1),
+        ));
     };
-    let name = std::str::from_utf8(text).map_err(|_| bad(NameProblem::NotUtf8))?;
-    check_name(name, field, slot)?;
+    let name =
+        std::str::from_utf8(text).map_err(|e| bad(NameProblem::NotUtf8, at + e.valid_up_to()))?;
+    crate::names::check_printable(name).map_err(|(problem, i)| bad(problem, at + i))?;
     Ok(name.to_owned())
 }
 
 /// The parsed blob buffer: the blob starts found by walking the length fields from 1.
 struct BlobTable<'a> {
     buffer: &'a [u8],
+    /// Archive offset of the buffer.
+    archive_offset: usize,
     /// Blob start positions in ascending order.
     starts: Vec<u32>,
 }
@@ -432,7 +443,16 @@ impl<'a> BlobTable<'a> {
             starts.push(pos as u32);
             pos += 2 + len;
         }
-        Ok(BlobTable { buffer, starts })
+        Ok(BlobTable {
+            buffer,
+            archive_offset,
+            starts,
+        })
+    }
+
+    /// Archive offset of the contents of the blob at `ptr` (past its length field).
+    fn archive_offset(&self, ptr: u32) -> usize {
+        self.archive_offset + ptr as usize + 2
     }
 
     /// The blob a pointer refers to; `at` is the pointer's own header offset.

@@ -48,6 +48,7 @@ mod error;
 mod extent;
 mod header;
 pub mod integrity;
+pub mod names;
 
 pub use consts::*;
 pub use error::{BlobField, FormatError, NameProblem, Result};

@@ -39,6 +39,12 @@ pub enum Error {
         /// Its value.
         value: u8,
     },
+    /// The input ends before it could be a VMA archive and does not start like one.
+    #[error("not a VMA archive: the input is {len} bytes long and does not start with the magic 564d4100 (\"VMA\\0\")")]
+    NotAnArchive {
+        /// Bytes there are.
+        len: u64,
+    },
     /// The archive ends inside its header.
     #[error("archive ends at byte {got} inside its header of {needed} bytes")]
     TruncatedHeader {
@@ -198,14 +204,14 @@ pub enum Error {
         offset: u64,
     },
     /// A name that must not become a file name.
-    #[error("{what} {name:?} is not a plain file name: {reason}")]
+    #[error("{what} {name:?} is not a plain file name: it {reason}")]
     UnsafeName {
         /// What the name is of ("config", "device", "file name").
         what: &'static str,
         /// The name (possibly cut for display).
         name: String,
         /// What is wrong with it.
-        reason: &'static str,
+        reason: vma_format::NameProblem,
     },
     /// Two outputs would get the same file name.
     #[error("two outputs would be named {name:?}")]

@@ -12,8 +12,8 @@ use vma_format::{cluster, DeviceId, DeviceInfo, VMA_BLOCK_SIZE};
 
 use crate::error::{Error, Result};
 use crate::integrity::ExtentChecksum;
-use crate::names::{config_file_name, device_file_name, MAX_FILE_NAME_LEN};
-use crate::stream::{Cluster, ReadOptions, StreamReader};
+use crate::names::{config_file_name, device_file_name, device_temp_file_name, MAX_FILE_NAME_LEN};
+use crate::stream::{Cluster, ReadOptions, ReadProgress, StreamReader};
 use crate::verify::VerifyReport;
 
 /// Extracts an archive read in one pass from any [`Read`].
@@ -35,7 +35,7 @@ use crate::verify::VerifyReport;
 /// let archive = std::fs::File::open("vzdump-qemu-100.vma")?;
 /// let report = vma_reader::Extractor::new("restore")
 ///     .devices(["drive-scsi0"])
-///     .progress(|bytes| eprintln!("{bytes} bytes read"))
+///     .progress(|p| eprintln!("{} archive bytes read", p.archive_bytes))
 ///     .extract(std::io::BufReader::new(archive))?;
 /// assert!(report.damaged.is_empty());
 /// # Ok(()) }
@@ -52,8 +52,11 @@ pub struct Extractor<'a> {
     verify_seal: bool,
     overwrite: bool,
     sync: bool,
-    progress: Option<Box<dyn FnMut(u64) + 'a>>,
+    progress: Option<ProgressFn<'a>>,
 }
+
+/// The progress callback of an [`Extractor`].
+type ProgressFn<'a> = Box<dyn FnMut(&ReadProgress) + 'a>;
 
 /// One file extraction wrote.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -188,8 +191,8 @@ impl<'a> Extractor<'a> {
         self
     }
 
-    /// Called after each extent with the archive bytes read so far.
-    pub fn progress(mut self, progress: impl FnMut(u64) + 'a) -> Self {
+    /// Called after each extent with how far reading has come.
+    pub fn progress(mut self, progress: impl FnMut(&ReadProgress) + 'a) -> Self {
         self.progress = Some(Box::new(progress));
         self
     }
@@ -251,7 +254,7 @@ impl<'a> Extractor<'a> {
                 sink.flush(data)?;
             }
             if let Some(p) = self.progress.as_mut() {
-                p(stream.position());
+                p(&stream.progress());
             }
         }
 
@@ -351,6 +354,7 @@ impl<'a> Extractor<'a> {
                 None => {
                     let file = device_file_name(d)?;
                     self.claim_name(&mut names, &file)?;
+                    self.claim_name(&mut names, &device_temp_file_name(d))?;
                     planned.push((*d, Plan::New(file)));
                 }
             }
@@ -421,8 +425,14 @@ impl<'a> Extractor<'a> {
                 }
                 Plan::New(name) => {
                     let final_path = self.dir.join(&name);
-                    let (file, temp) =
-                        outputs.create(&self.dir, &name, &final_path, self.overwrite)?;
+                    let temp_name = device_temp_file_name(d);
+                    let (file, temp) = outputs.create(
+                        &self.dir,
+                        &name,
+                        Some(&temp_name),
+                        &final_path,
+                        self.overwrite,
+                    )?;
                     file.set_len(d.size).map_err(|e| Error::write(&temp, e))?;
                     DeviceSink::new(d, file, temp, final_path, false, true)
                 }
@@ -453,7 +463,8 @@ impl<'a> Extractor<'a> {
         for c in configs {
             let name = config_file_name(&c.name)?;
             let final_path = self.dir.join(name);
-            let (mut file, temp) = outputs.create(&self.dir, name, &final_path, self.overwrite)?;
+            let (mut file, temp) =
+                outputs.create(&self.dir, name, None, &final_path, self.overwrite)?;
             file.write_all(&c.data)
                 .map_err(|e| Error::write(&temp, e))?;
             if self.sync {
@@ -469,6 +480,36 @@ impl<'a> Extractor<'a> {
         }
         Ok(files)
     }
+}
+
+/// Writes every config entry into `dir` under its final name at once, each complete
+/// before it appears (written under a temporary name, then renamed), as Proxmox's restore
+/// needs them before it reads the listing and writes its map. Every name is checked
+/// before the first file is written; an existing file is [`Error::OutputExists`].
+///
+/// Use [`Extractor::configs`]`(false)` for the extraction that follows.
+pub fn write_config_files(
+    dir: &Path,
+    configs: &[vma_format::ConfigEntry],
+    sync: bool,
+) -> Result<Vec<ExtractedFile>> {
+    let mut names = HashSet::new();
+    for c in configs {
+        let name = config_file_name(&c.name)?;
+        if !names.insert(name) {
+            return Err(Error::NameCollision {
+                name: name.to_owned(),
+            });
+        }
+    }
+    let mut files = Vec::new();
+    for c in configs {
+        let mut outputs = Outputs::default();
+        let extractor = Extractor::new(dir).sync(sync);
+        files.extend(extractor.write_configs(std::slice::from_ref(c), &mut outputs)?);
+        outputs.commit(sync, dir)?;
+    }
+    Ok(files)
 }
 
 enum Plan {
@@ -488,11 +529,13 @@ struct Outputs {
 
 impl Outputs {
     /// Creates a new, empty temporary file in `dir` for the final path, which must not
-    /// exist unless `overwrite`, and must not be claimed twice.
+    /// exist unless `overwrite`, and must not be claimed twice. The temporary file is
+    /// named `temp_name` if given and free, else `.<name>.partial`, else a unique name.
     fn create(
         &mut self,
         dir: &Path,
         name: &str,
+        temp_name: Option<&str>,
         final_path: &Path,
         overwrite: bool,
     ) -> Result<(File, PathBuf)> {
@@ -504,7 +547,7 @@ impl Outputs {
         if !overwrite && fs::symlink_metadata(final_path).is_ok() {
             return Err(Error::OutputExists(final_path.to_owned()));
         }
-        let base = format!(".{name}.partial");
+        let base = temp_name.map_or_else(|| format!(".{name}.partial"), str::to_owned);
         for attempt in 0..1000u32 {
             let temp_name = if attempt == 0 && base.len() <= MAX_FILE_NAME_LEN {
                 base.clone()

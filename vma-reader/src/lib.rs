@@ -129,11 +129,14 @@ mod validate;
 mod verify;
 
 pub use error::{Error, ErrorKind, Result};
-pub use extract::{DamagedRange, ExtractReport, ExtractedFile, Extractor};
+pub use extract::{write_config_files, DamagedRange, ExtractReport, ExtractedFile, Extractor};
 pub use integrity::{ClusterAddress, DamagedExtent, ExtentChecksum, IntegrityReport, SealStatus};
 pub use names::{
-    config_file_name, device_file_name, safe_file_name, MAX_FILE_NAME_LEN, VMSTATE_FILE_NAME,
+    config_file_name, device_file_name, device_temp_file_name, safe_file_name, MAX_FILE_NAME_LEN,
+    VMSTATE_FILE_NAME,
 };
 pub use seekable::{DeviceReader, DeviceRef, SeekableArchive};
-pub use stream::{Cluster, Extent, PrefetchingReader, ReadOptions, StreamReader, PREFETCH_BUFFERS};
+pub use stream::{
+    Cluster, Extent, PrefetchingReader, ReadOptions, ReadProgress, StreamReader, PREFETCH_BUFFERS,
+};
 pub use verify::{verify, DeviceReport, VerifyOptions, VerifyReport};

@@ -10,8 +10,8 @@ use std::thread;
 use vma_format::aligned::AlignedBuf;
 use vma_format::integrity::{self, DataChecksum, Seal, SealHasher, SealKind};
 use vma_format::{
-    cluster, ArchiveHeader, BlockMask, DeviceId, ExtentHeader, VMA_BLOCK_SIZE,
-    VMA_EXTENT_HEADER_SIZE, VMA_FIXED_HEADER_SIZE, VMA_MAX_EXTENT_SIZE,
+    cluster, ArchiveHeader, BlockMask, DeviceId, ExtentHeader, VMA_EXTENT_HEADER_SIZE,
+    VMA_FIXED_HEADER_SIZE, VMA_MAGIC, VMA_MAX_EXTENT_SIZE,
 };
 
 use crate::error::{Error, Result};
@@ -97,14 +97,24 @@ impl<R: Read> StreamReader<R> {
     }
 
     /// Reads to the end, checking everything, and returns the report.
-    pub fn verify_all(&mut self, mut progress: impl FnMut(u64)) -> Result<VerifyReport> {
-        while let Some(e) = self.next_extent()? {
-            let end = e.offset() + e.len() as u64;
-            progress(end);
+    pub fn verify_all(&mut self, mut progress: impl FnMut(&ReadProgress)) -> Result<VerifyReport> {
+        while self.next_extent()?.is_some() {
+            progress(&self.progress());
         }
-        progress(self.position());
         Ok(self.report())
     }
+}
+
+/// How far reading has come, after an extent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ReadProgress {
+    /// Archive bytes read (the header included).
+    pub archive_bytes: u64,
+    /// Cluster slots read, vmstate included.
+    pub clusters: u64,
+    /// Device bytes those clusters cover.
+    pub device_bytes: u64,
 }
 
 /// A [`StreamReader`] whose input is read on a thread of its own.
@@ -151,6 +161,19 @@ impl<R> StreamReader<R> {
     /// Archive bytes consumed so far.
     pub fn position(&self) -> u64 {
         self.core.pos
+    }
+
+    /// How far reading has come: archive bytes, clusters and the device bytes they cover.
+    pub fn progress(&self) -> ReadProgress {
+        let mut p = ReadProgress {
+            archive_bytes: self.core.pos,
+            ..ReadProgress::default()
+        };
+        for d in self.core.validator.devices() {
+            p.clusters += d.stats.clusters;
+            p.device_bytes += d.stats.span_bytes;
+        }
+        p
     }
 
     /// Whether the archive was read to its end and found complete.
@@ -279,7 +302,7 @@ impl<'a> Cluster<'a> {
         let data = self.data;
         let span = self.span;
         self.mask.stored_block_offsets().map(move |(j, at)| {
-            let len = VMA_BLOCK_SIZE.min(span.saturating_sub(j * VMA_BLOCK_SIZE));
+            let len = vma_format::cluster::block_span(j, span);
             (j, &data[at..at + len])
         })
     }
@@ -335,6 +358,13 @@ pub(crate) fn read_header(r: &mut dyn Read) -> Result<(ArchiveHeader, Vec<u8>)> 
     let mut bytes = vec![0u8; VMA_FIXED_HEADER_SIZE];
     let got = read_full(r, &mut bytes).map_err(|source| Error::Read { offset: 0, source })?;
     if got < VMA_FIXED_HEADER_SIZE {
+        let n = got.min(VMA_MAGIC.len());
+        if got == 0 || bytes[..n] != VMA_MAGIC[..n] {
+            return Err(match bytes[..got].first_chunk::<4>() {
+                Some(&found) => Error::Header(vma_format::FormatError::BadMagic { found }),
+                None => Error::NotAnArchive { len: got as u64 },
+            });
+        }
         // Say "not a VMA archive" rather than "short" when the prefix already shows it.
         let needed = match ArchiveHeader::header_size_from_prefix(&bytes[..got]) {
             Ok(size) => size,
@@ -633,6 +663,8 @@ impl Core {
                     stored_bytes: d.stats.stored_bytes,
                     zero_clusters: d.stats.zero_clusters,
                     zero_bytes: d.size.saturating_sub(d.stats.stored_bytes),
+                    sparse_bytes: d.stats.sparse_bytes,
+                    partial_sparse_bytes: d.stats.partial_sparse_bytes,
                 })
                 .collect(),
             integrity: self.integrity.clone(),

@@ -4,9 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use vma_format::{
-    cluster, ArchiveHeader, BlockMask, DeviceId, ExtentHeader, VMA_BLOCK_SIZE, VMA_MAX_DEVICES,
-};
+use vma_format::{cluster, ArchiveHeader, BlockMask, DeviceId, ExtentHeader, VMA_MAX_DEVICES};
 
 use crate::error::{Error, Result};
 
@@ -81,8 +79,14 @@ impl ClusterSet {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct DeviceStats {
     pub(crate) clusters: u64,
+    /// Device bytes of the clusters seen.
+    pub(crate) span_bytes: u64,
     pub(crate) stored_bytes: u64,
     pub(crate) zero_clusters: u64,
+    /// Proxmox's "sparse bytes" ([`cluster::unstored_sector_bytes`]).
+    pub(crate) sparse_bytes: u64,
+    /// The part of `sparse_bytes` in clusters that store some blocks.
+    pub(crate) partial_sparse_bytes: u64,
 }
 
 /// What the validator knows of one device.
@@ -192,9 +196,17 @@ impl Validator {
                     cluster: slot.cluster,
                 });
             }
-            dev.stats.clusters += 1;
-            dev.stats.stored_bytes += stored_device_bytes(slot.mask, span);
-            dev.stats.zero_clusters += u64::from(slot.mask.is_empty());
+            let stats = &mut dev.stats;
+            stats.clusters += 1;
+            stats.span_bytes += span as u64;
+            stats.stored_bytes += cluster::stored_device_bytes(slot.mask, span);
+            let sparse = cluster::unstored_sector_bytes(slot.mask, span);
+            stats.sparse_bytes += sparse;
+            if slot.mask.is_empty() {
+                stats.zero_clusters += 1;
+            } else {
+                stats.partial_sparse_bytes += sparse;
+            }
             each(
                 &CheckedSlot {
                     device: slot.device,
@@ -247,14 +259,6 @@ impl Validator {
     }
 }
 
-/// Bytes of the device that stored blocks cover: 4096 per block, less what the block that
-/// straddles the device end has past it.
-pub(crate) fn stored_device_bytes(mask: BlockMask, span: usize) -> u64 {
-    mask.stored_block_offsets()
-        .map(|(j, _)| VMA_BLOCK_SIZE.min(span.saturating_sub(j * VMA_BLOCK_SIZE)) as u64)
-        .sum()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -286,16 +290,5 @@ mod tests {
         assert!(!s.insert(u32::MAX));
         assert_eq!(s.first_missing(1 << 32), Some(0));
         assert!(s.memory() < 200);
-    }
-
-    #[test]
-    fn straddling_block_counts_only_inside() {
-        assert_eq!(stored_device_bytes(BlockMask::all(), 65536), 65536);
-        assert_eq!(
-            stored_device_bytes(BlockMask::B0 | BlockMask::B1, 4097),
-            4097
-        );
-        assert_eq!(stored_device_bytes(BlockMask::B1, 4097), 1);
-        assert_eq!(stored_device_bytes(BlockMask::empty(), 100), 0);
     }
 }

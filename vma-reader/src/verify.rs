@@ -6,10 +6,11 @@ use vma_format::DeviceId;
 
 use crate::error::Result;
 use crate::integrity::IntegrityReport;
-use crate::stream::{ReadOptions, StreamReader};
+use crate::stream::{ReadOptions, ReadProgress, StreamReader};
 
 /// What verification found for one device.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct DeviceReport {
     /// Device id.
     pub id: DeviceId,
@@ -25,6 +26,12 @@ pub struct DeviceReport {
     pub stored_bytes: u64,
     /// Device bytes not stored, which read as zero.
     pub zero_bytes: u64,
+    /// Device bytes not stored, counted as Proxmox's `vma -v` counts its "sparse bytes":
+    /// in whole 512-byte sectors, blocks past the last whole sector left out.
+    pub sparse_bytes: u64,
+    /// The part of [`sparse_bytes`](Self::sparse_bytes) in clusters that store some
+    /// blocks: Proxmox's "4K zero blocks".
+    pub partial_sparse_bytes: u64,
 }
 
 /// What reading an archive found.
@@ -52,8 +59,8 @@ impl VerifyReport {
 pub struct VerifyOptions<'a> {
     /// Fail at the first CRC32C or seal mismatch rather than listing them in the report.
     pub stop_on_damage: bool,
-    /// Called after each extent with the archive bytes read so far.
-    pub progress: Option<&'a mut dyn FnMut(u64)>,
+    /// Called after each extent with how far reading has come.
+    pub progress: Option<&'a mut dyn FnMut(&ReadProgress)>,
 }
 
 /// Reads a whole archive and runs every check, writing nothing.

@@ -40,14 +40,25 @@ fn every_vector_extracts_exactly_through_the_streaming_reader() {
         let mut seen = Vec::new();
         let file = std::fs::File::open(v.path()).unwrap();
         let report = Extractor::new(s.out())
-            .progress(|n| seen.push(n))
+            .progress(|p| seen.push(*p))
             .extract(std::io::BufReader::new(file))
             .unwrap_or_else(|e| panic!("{}: {e}", v.file));
         assert_matches_expected(&v, &s.out());
         assert!(report.verify.is_ok() && report.damaged.is_empty());
         assert_eq!(report.files.len(), v.files.len());
-        assert_eq!(seen.last().copied(), Some(v.bytes().len() as u64));
-        assert!(seen.windows(2).all(|w| w[0] <= w[1]), "progress only grows");
+        let last = seen.last().copied().unwrap();
+        assert_eq!(last.archive_bytes, v.bytes().len() as u64);
+        let clusters: u64 = report.verify.devices.iter().map(|d| d.clusters).sum();
+        assert_eq!(last.clusters, clusters);
+        let sizes: u64 = report.verify.devices.iter().map(|d| d.size).sum();
+        assert_eq!(last.device_bytes, sizes, "every device byte counted once");
+        assert!(
+            seen.windows(2)
+                .all(|w| w[0].archive_bytes <= w[1].archive_bytes
+                    && w[0].clusters <= w[1].clusters
+                    && w[0].device_bytes <= w[1].device_bytes),
+            "progress only grows"
+        );
     }
 }
 

@@ -237,22 +237,10 @@ impl Builder {
     }
 }
 
-/// A name must be stored as given and be extractable as a plain file name.
+/// A name must be stored as given and be extractable as a plain file name: vma-format's
+/// policy ([`vma_format::names::check_file_name`]).
 fn check_name(kind: &'static str, name: &str) -> Result<()> {
-    let reason = if name.is_empty() {
-        "is empty"
-    } else if name == "." || name == ".." {
-        "is not a plain file name"
-    } else if name.contains('/') {
-        "contains '/'"
-    } else if name.contains('\0') {
-        "contains a NUL byte"
-    } else if name.len() > 255 {
-        "is longer than 255 bytes"
-    } else {
-        return Ok(());
-    };
-    Err(Error::BadName {
+    vma_format::names::check_file_name(name).map_err(|reason| Error::BadName {
         kind,
         name: name.to_owned(),
         reason,

@@ -58,7 +58,7 @@ pub enum Error {
         /// The name as given.
         name: String,
         /// What is wrong with it.
-        reason: &'static str,
+        reason: vma_format::NameProblem,
     },
     /// Two configs or two devices with the same name.
     #[error("{kind} name {name:?} is declared twice")]

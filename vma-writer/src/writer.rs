@@ -16,10 +16,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
-use vma_format::cluster::{cluster_count, cluster_span, pack_cluster, scan_cluster};
+use vma_format::cluster::{self, cluster_count, cluster_span, pack_cluster, scan_cluster};
 use vma_format::{
-    BlockInfo, BlockMask, DeviceId, Uuid, VMA_BLOCK_SIZE, VMA_CLUSTER_SIZE,
-    VMA_WRITER_CLUSTERS_PER_EXTENT,
+    BlockInfo, BlockMask, DeviceId, Uuid, VMA_CLUSTER_SIZE, VMA_WRITER_CLUSTERS_PER_EXTENT,
 };
 
 use crate::bitmap::ClusterBitmap;
@@ -179,19 +178,6 @@ impl Drop for Call<'_> {
     }
 }
 
-/// Device bytes inside the stored blocks of a cluster whose first `span` bytes lie inside
-/// the device.
-fn covered_bytes(mask: BlockMask, span: usize) -> usize {
-    let mut n = mask.stored_len();
-    if span > 0 {
-        let last = (span - 1) / VMA_BLOCK_SIZE;
-        if mask.has_block(last) {
-            n -= (last + 1) * VMA_BLOCK_SIZE - span;
-        }
-    }
-    n
-}
-
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
@@ -290,7 +276,8 @@ impl Shared {
                     let d = &mut state.devices[device];
                     d.committed += 1;
                     d.stored += p.mask.stored_len() as u64;
-                    d.zero += (p.span - covered_bytes(p.mask, p.span)) as u64;
+                    d.zero +=
+                        (p.span - cluster::stored_device_bytes(p.mask, p.span) as usize) as u64;
                     state
                         .extent
                         .push(BlockInfo::new(id, p.cluster, p.mask), p.stored);
@@ -560,7 +547,7 @@ impl Shared {
             let d = &mut st.devices[index];
             d.committed += 1;
             d.stored += p.mask.stored_len() as u64;
-            d.zero += (p.span - covered_bytes(p.mask, p.span)) as u64;
+            d.zero += (p.span - cluster::stored_device_bytes(p.mask, p.span) as usize) as u64;
             st.extent
                 .push(BlockInfo::new(id, p.cluster, p.mask), p.stored);
             if st.extent.is_full() {

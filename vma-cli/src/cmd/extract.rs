@@ -2,7 +2,7 @@
 
 use std::fs;
 use std::io::BufReader;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use vma_reader::{Extractor, ReadOptions};
 
@@ -11,7 +11,7 @@ use super::open_stream;
 use super::verify::damage_message;
 use crate::error::{CliError, Exit, Result};
 use crate::mapfile::{self, MapTarget};
-use crate::progress::{LineStyle, Progress};
+use crate::progress::{statistics, ReadingProgress};
 
 /// Arguments of `vma extract`.
 #[derive(clap::Args, Debug)]
@@ -70,58 +70,27 @@ fn extract(
     let mut selected: Option<Vec<String>> = (!args.drives.is_empty()).then(|| args.drives.clone());
 
     if let Some(map_path) = &args.map {
-        // Proxmox reads the listing, prepares the volumes, then writes the map.
+        // Proxmox's restore reads qemu-server.conf from the target directory the moment
+        // it sees the listing's CTIME line, then writes the map: so the config files
+        // first, under their final names, then the listing, then the map.
+        vma_reader::write_config_files(&args.targetdir, &header.configs, args.sync)?;
+        extractor = extractor.configs(false);
         print_listing(header)?;
-        let file = fs::File::open(map_path).map_err(|e| {
-            CliError::new(
-                Exit::Io,
-                format!("unable to open fifo {} - {e}", map_path.display()),
-            )
-        })?;
-        let map =
-            mapfile::parse(BufReader::new(file)).map_err(|e| CliError::usage(e.to_string()))?;
-        let mut wanted = Vec::new();
-        for device in header.devices.iter().filter(|d| !d.is_vmstate()) {
-            if selected.as_ref().is_some_and(|s| !s.contains(&device.name)) {
-                continue;
-            }
-            match map.get(&device.name) {
-                None => {
-                    return Err(CliError::usage(format!(
-                        "no device name mapping for {}",
-                        device.name
-                    )))
-                }
-                Some(MapTarget::Skip) => {}
-                Some(MapTarget::Path {
-                    path,
-                    write_zero,
-                    format,
-                }) => {
-                    if let Some(f) = format.as_deref().filter(|f| *f != "raw") {
-                        return Err(CliError::usage(format!(
-                            "{}: format '{f}' is not supported, only raw",
-                            device.name
-                        )));
-                    }
-                    extractor = extractor.target_zeroing(&device.name, path, *write_zero);
-                    wanted.push(device.name.clone());
-                }
-            }
-        }
-        if header.devices.iter().any(|d| d.is_vmstate()) {
-            wanted.push(vma_format::VMSTATE_DEVICE_NAME.to_string());
-        }
+        let (map_extractor, wanted) = apply_map(extractor, map_path, header, selected.as_deref())?;
+        extractor = map_extractor;
         selected = Some(wanted);
     } else {
         for device in &header.devices {
             if device.is_vmstate() || selected.as_ref().is_some_and(|s| !s.contains(&device.name)) {
                 continue;
             }
-            let name = vma_reader::device_file_name(device)?;
+            // The name Proxmox prints: the temporary one, renamed once all validated.
+            vma_reader::device_file_name(device)?;
             println!(
                 "DEVINFO {} {}",
-                args.targetdir.join(name).display(),
+                args.targetdir
+                    .join(vma_reader::device_temp_file_name(device))
+                    .display(),
                 device.size
             );
         }
@@ -138,18 +107,18 @@ fn extract(
         extractor = extractor.devices(names.clone());
     }
 
-    let total = stream_total(header);
-    let header_size = stream.header_size();
-    let mut progress = Progress::new(args.verbose, total, LineStyle::Read, "extract");
+    let mut progress = ReadingProgress::new(args.verbose, header, "extract");
     let report = extractor
         .continue_on_damage(args.continue_on_damage)
-        .progress(|pos| progress.update(pos.saturating_sub(header_size)))
+        .progress(|p| progress.update(p))
         .extract_stream(stream);
     progress.finish();
     let report = report?;
 
     if args.verbose {
-        print_statistics(&report.verify);
+        for line in statistics(&report.verify) {
+            println!("{line}");
+        }
     }
     if !report.damaged.is_empty() {
         eprintln!("vma: {}", damage_message(&report.verify));
@@ -170,74 +139,62 @@ fn extract(
     Ok(())
 }
 
-fn stream_total(header: &vma_format::ArchiveHeader) -> u64 {
-    header.devices.iter().map(|d| d.size).sum()
-}
-
-/// The statistics Proxmox's `vma extract -v` ends with.
-fn print_statistics(r: &vma_reader::VerifyReport) {
-    let read: u64 = r
-        .devices
-        .iter()
-        .map(|d| d.clusters * vma_format::VMA_CLUSTER_SIZE as u64)
-        .sum();
-    if read == 0 {
-        println!("vma archive contains no image data");
-        return;
+/// Reads the restore map (a FIFO Proxmox's restore writes once it has read the listing)
+/// and gives each mapped device its target. Returns the extractor and the devices to
+/// write.
+fn apply_map<'a>(
+    mut extractor: Extractor<'a>,
+    map_path: &Path,
+    header: &vma_format::ArchiveHeader,
+    selected: Option<&[String]>,
+) -> Result<(Extractor<'a>, Vec<String>)> {
+    let file = fs::File::open(map_path).map_err(|e| {
+        CliError::new(
+            Exit::Io,
+            format!("unable to open fifo {} - {e}", map_path.display()),
+        )
+    })?;
+    let map = mapfile::parse(BufReader::new(file)).map_err(|e| CliError::usage(e.to_string()))?;
+    if let Some(name) = map
+        .keys()
+        .find(|name| header.device_by_name(name).is_none())
+    {
+        return Err(CliError::new(
+            Exit::NotFound,
+            format!("the map names device {name}, which the archive does not have"),
+        ));
     }
-    // As the reference counts: whole zero clusters are "sparse"; zero blocks inside
-    // stored clusters (and blocks past a device's end) are the "4K zero blocks".
-    let sparse: u64 = r
-        .devices
-        .iter()
-        .map(|d| d.zero_clusters * vma_format::VMA_CLUSTER_SIZE as u64)
-        .sum();
-    println!(
-        "total bytes read {read}, sparse bytes {sparse} ({}%)",
-        format_g3(100.0 * sparse as f64 / read as f64)
-    );
-    let data = read.saturating_sub(sparse);
-    if data > 0 {
-        let stored: u64 = r.devices.iter().map(|d| d.stored_bytes).sum();
-        let partial_zero = data.saturating_sub(stored);
-        println!(
-            "space reduction due to 4K zero blocks {}%",
-            format_g3(100.0 * partial_zero as f64 / data as f64)
-        );
+    let mut wanted = Vec::new();
+    for device in header.devices.iter().filter(|d| !d.is_vmstate()) {
+        if selected.is_some_and(|s| !s.contains(&device.name)) {
+            continue;
+        }
+        match map.get(&device.name) {
+            None => {
+                return Err(CliError::usage(format!(
+                    "no device name mapping for {}",
+                    device.name
+                )))
+            }
+            Some(MapTarget::Skip) => {}
+            Some(MapTarget::Path {
+                path,
+                write_zero,
+                format,
+            }) => {
+                if let Some(f) = format.as_deref().filter(|f| *f != "raw") {
+                    return Err(CliError::usage(format!(
+                        "{}: format '{f}' is not supported, only raw",
+                        device.name
+                    )));
+                }
+                extractor = extractor.target_zeroing(&device.name, path, *write_zero);
+                wanted.push(device.name.clone());
+            }
+        }
     }
-}
-
-/// C's `%.3g`: three significant digits, trailing zeros dropped.
-fn format_g3(x: f64) -> String {
-    if x == 0.0 {
-        return "0".into();
+    if header.devices.iter().any(|d| d.is_vmstate()) {
+        wanted.push(vma_format::VMSTATE_DEVICE_NAME.to_string());
     }
-    let exp = x.abs().log10().floor() as i32;
-    if !(-5..3).contains(&exp) {
-        let s = format!("{x:.2e}");
-        return s;
-    }
-    let decimals = (2 - exp).max(0) as usize;
-    let s = format!("{x:.decimals$}");
-    if s.contains('.') {
-        s.trim_end_matches('0').trim_end_matches('.').to_string()
-    } else {
-        s
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::format_g3;
-
-    #[test]
-    fn percent_like_printf_g3() {
-        assert_eq!(format_g3(98.5123), "98.5");
-        assert_eq!(format_g3(5.08), "5.08");
-        assert_eq!(format_g3(0.818), "0.818");
-        assert_eq!(format_g3(100.0), "100");
-        assert_eq!(format_g3(3.72), "3.72");
-        assert_eq!(format_g3(54.2), "54.2");
-        assert_eq!(format_g3(0.0), "0");
-    }
+    Ok((extractor, wanted))
 }

@@ -8,16 +8,19 @@ use vma_reader::{IntegrityReport, ReadOptions, SealStatus, VerifyReport};
 use super::list::{integrity_json, print_json, print_listing};
 use super::{open_seekable, open_stream};
 use crate::error::{CliError, Exit, Result};
-use crate::progress::{LineStyle, Progress};
+use crate::progress::{statistics, ReadingProgress};
 
 /// Arguments of `vma verify`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// The archive, or `-` for standard input.
     file: PathBuf,
-    /// Print the listing, progress lines and a summary.
+    /// Print the listing, progress lines and statistics, as Proxmox's `vma verify -v`.
     #[arg(short = 'v')]
     verbose: bool,
+    /// Print per-device figures and what the integrity extension says.
+    #[arg(long)]
+    summary: bool,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -41,7 +44,7 @@ pub(crate) fn run(args: Args) -> Result<()> {
                 "devices": archive.devices().iter().map(|d| json!({"id": d.id.get(), "name": d.name, "size": d.size})).collect::<Vec<_>>(),
                 "integrity": integrity_json(&integrity),
             }))?;
-        } else if args.verbose {
+        } else if args.verbose || args.summary {
             println!("headers verified: {}", describe_integrity(&integrity, true));
         }
         return Ok(());
@@ -51,16 +54,18 @@ pub(crate) fn run(args: Args) -> Result<()> {
     if args.verbose {
         print_listing(stream.header())?;
     }
-    let total: u64 = stream.header().devices.iter().map(|d| d.size).sum();
-    let header_size = stream.header_size();
-    let mut progress = Progress::new(args.verbose, total, LineStyle::Read, "verify");
-    // Progress follows archive bytes; scale them to device bytes for the reference lines.
-    let report = stream.verify_all(|pos| progress.update(pos.saturating_sub(header_size)));
+    let mut progress = ReadingProgress::new(args.verbose, stream.header(), "verify");
+    let report = stream.verify_all(|p| progress.update(p));
     progress.finish();
     let report = report?;
+    if args.verbose {
+        for line in statistics(&report) {
+            println!("{line}");
+        }
+    }
     if args.json {
         print_json(&report_json(&report))?;
-    } else if args.verbose {
+    } else if args.summary {
         for d in &report.devices {
             println!(
                 "device {}: {} clusters, {} bytes stored, {} zero bytes",
