@@ -90,9 +90,12 @@ pub fn open_reader(
         }
     }
     let compression = Compression::detect(&head[..got]);
-    let rejoined: Box<dyn Read + Send> =
-        Box::new(io::Cursor::new(head[..got].to_vec()).chain(source));
-    let decoded: Box<dyn Read + Send> = match compression {
+    let rejoined = io::Cursor::new(head[..got].to_vec()).chain(source);
+    if compression == Compression::None {
+        return Ok((Box::new(rejoined), compression));
+    }
+    let rejoined: Box<dyn Read + Send> = Box::new(Source(rejoined));
+    let decoder: Box<dyn Read + Send> = match compression {
         Compression::None => rejoined,
         Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(rejoined)?),
         Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(
@@ -100,8 +103,70 @@ pub fn open_reader(
         )),
         Compression::Lzop => Box::new(
             LzopReader::new(io::BufReader::with_capacity(CHUNK, rejoined))
-                .map_err(io::Error::from)?,
+                .map_err(|e| Decoded::damage(compression, io::Error::from(e)))?,
         ),
     };
-    Ok((decoded, compression))
+    Ok((Box::new(Decoded(decoder, compression)), compression))
+}
+
+impl Compression {
+    /// The compressor's name, for messages.
+    fn name(self) -> &'static str {
+        match self {
+            Compression::None => "plain",
+            Compression::Zstd => "zstd",
+            Compression::Gzip => "gzip",
+            Compression::Lzop => "lzop",
+        }
+    }
+}
+
+/// An error of the bytes under a decompressor (the file or pipe), kept apart from the
+/// decompressor's own so that a failing disk stays an I/O error.
+#[derive(Debug)]
+struct SourceError(io::Error);
+
+impl std::fmt::Display for SourceError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for SourceError {}
+
+/// The compressed input, its errors marked as [`SourceError`]s.
+struct Source<R>(R);
+
+impl<R: Read> Read for Source<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0
+            .read(buf)
+            .map_err(|e| io::Error::new(e.kind(), SourceError(e)))
+    }
+}
+
+/// A decompressor whose own failures (a corrupt or cut-off stream) are archive damage:
+/// `InvalidData` errors that name the compressed stream. Errors of the input under it
+/// pass unchanged.
+struct Decoded(Box<dyn Read + Send>, Compression);
+
+impl Decoded {
+    fn damage(compression: Compression, e: io::Error) -> io::Error {
+        match e.get_ref().is_some_and(|inner| inner.is::<SourceError>()) {
+            true => match e.into_inner().map(|inner| inner.downcast::<SourceError>()) {
+                Some(Ok(source)) => source.0,
+                _ => unreachable!("checked to be a SourceError"),
+            },
+            false => io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("the {} stream is damaged: {e}", compression.name()),
+            ),
+        }
+    }
+}
+
+impl Read for Decoded {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf).map_err(|e| Decoded::damage(self.1, e))
+    }
 }

@@ -326,6 +326,40 @@ fn lzop_with_checksums_of_compressed_data_and_a_broken_stream() {
     assert!(err.contains("lzop"), "{err}");
 }
 
+#[test]
+fn damaged_compressed_archives_are_damage_named_after_their_stream() {
+    let tmp = tempfile::tempdir().unwrap();
+    let v = &vectors()[0];
+    for (tool, args, ext) in [
+        ("zstd", &["-q", "-c"][..], "zst"),
+        ("gzip", &["-c"][..], "gz"),
+        ("lzop", &["-c"][..], "lzo"),
+    ] {
+        let packed = fs::read(compressed(v, tool, args, ext, tmp.path())).unwrap();
+        let n = packed.len();
+        let mut flipped = packed.clone();
+        flipped[n / 2] ^= 0x20;
+        for (what, bytes) in [("cut", &packed[..n * 3 / 4]), ("flipped", &flipped[..])] {
+            let bad = tmp.path().join(format!("bad.vma.{ext}"));
+            fs::write(&bad, bytes).unwrap();
+            let want = format!("the {tool} stream is damaged: ");
+            let err = fails(vma().arg("verify").arg(&bad), 3);
+            assert!(err.contains(&want), "{tool} {what}: {err}");
+            let target = tmp.path().join("t");
+            let err = fails(vma().arg("extract").arg(&bad).arg(&target), 3);
+            assert!(err.contains(&want), "{tool} {what}: {err}");
+            assert!(!target.exists(), "{tool} {what}: extract left its target");
+            let err = fails(
+                vma()
+                    .args(["verify", "-"])
+                    .stdin(fs::File::open(&bad).unwrap()),
+                3,
+            );
+            assert!(err.contains(&want), "{tool} {what} from stdin: {err}");
+        }
+    }
+}
+
 fn write_image(path: &Path, size: usize, seed: u8) -> Vec<u8> {
     let mut data = vec![0u8; size];
     for (i, chunk) in data.chunks_mut(4096).enumerate() {
@@ -513,6 +547,9 @@ fn damaged_and_truncated_archives_fail_with_a_clear_message() {
         fs::write(&archive, &data).unwrap();
         let err = fails(vma().arg("verify").arg(&archive), 3);
         assert!(err.starts_with("vma: "), "{what}: {err}");
+        if what == "not an archive" || what == "empty" {
+            assert!(err.starts_with("vma: not a VMA archive: "), "{what}: {err}");
+        }
         let target = tmp.path().join("t");
         fails(vma().arg("extract").arg(&archive).arg(&target), 3);
         for e in fs::read_dir(&target).into_iter().flatten() {

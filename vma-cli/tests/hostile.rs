@@ -769,3 +769,99 @@ fn huge_declared_devices_cost_no_memory() {
         );
     }
 }
+
+/// A name with a control character would inject lines into the listing that Proxmox's
+/// restore parses (a device name "x\nCTIME: ..." ends the listing early): every reader
+/// and every command refuses the archive, naming the field and the byte.
+#[test]
+fn control_characters_in_names_are_refused_everywhere() {
+    // (what, pointer field, byte index in the name, byte written, field)
+    let patches: [(&str, usize, usize, u8, BlobField); 4] = [
+        (
+            "newline in a device name",
+            DEV_INFO + 32,
+            5,
+            b'\n',
+            BlobField::DeviceName,
+        ),
+        (
+            "tab in a device name",
+            DEV_INFO + 32,
+            0,
+            b'\t',
+            BlobField::DeviceName,
+        ),
+        ("DEL in a config name", 2044, 3, 0x7f, BlobField::ConfigName),
+        (
+            "escape in a config name",
+            2044,
+            0,
+            0x1b,
+            BlobField::ConfigName,
+        ),
+    ];
+    for (what, ptr_field, index, byte, field) in patches {
+        let mut b = good();
+        let at = blob_at(&b, be32(&b, ptr_field)) + 2 + index;
+        b[at] = byte;
+        reseal_header(&mut b);
+
+        let expect = |e: &Error| match fmt_err(e) {
+            Some(FormatError::BadName {
+                field: f,
+                problem: NameProblem::ControlCharacter(c),
+                offset: Some(o),
+                ..
+            }) => *f == field && *c == byte && *o == at,
+            _ => false,
+        };
+        let e = verify(&b[..], VerifyOptions::default()).unwrap_err();
+        assert!(expect(&e), "{what}: verify gave {e:?}");
+        assert_eq!(e.kind(), ErrorKind::Damaged);
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_tmp(&dir, &b);
+        let e = SeekableArchive::open(&path)
+            .err()
+            .expect("seekable refuses");
+        assert!(expect(&e), "{what}: seekable gave {e:?}");
+
+        let message = format!("contains the control character 0x{byte:02x} at byte {at}");
+        let target = dir.path().join("target");
+        for args in [
+            vec!["list"],
+            vec!["list", "--json"],
+            vec!["verify"],
+            vec!["verify", "--quick"],
+            vec!["config"],
+            vec!["cat"],
+        ] {
+            let mut cmd = vma();
+            cmd.args(&args).arg(&path);
+            if args == ["cat"] {
+                cmd.arg("drive-scsi0");
+            }
+            let out = cmd.output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(3), "{what}: vma {args:?}: {err}");
+            assert!(err.contains(&message), "{what}: vma {args:?}: {err}");
+            assert!(
+                out.stdout.is_empty(),
+                "{what}: vma {args:?} printed something"
+            );
+        }
+        let (out, err) = cli(&["extract"], &path, Some(&target));
+        assert_eq!(out.status.code(), Some(3), "{what}: extract: {err}");
+        assert!(err.contains(&message), "{what}: extract: {err}");
+        assert!(!target.exists(), "{what}: extract left its target");
+        // From standard input, as Proxmox's restore reads compressed archives.
+        let out = vma()
+            .args(["extract", "-v", "-r", "/nonexistent-map", "-"])
+            .arg(&target)
+            .stdin(fs::File::open(&path).unwrap())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{what}: extract -r: {err}");
+        assert!(out.stdout.is_empty(), "{what}: no listing line printed");
+    }
+}
