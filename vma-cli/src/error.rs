@@ -86,19 +86,10 @@ impl From<vma_reader::Error> for CliError {
 
 impl From<vma_writer::Error> for CliError {
     fn from(e: vma_writer::Error) -> CliError {
-        use vma_writer::Error as W;
-        let exit = match &e {
-            W::File { .. } | W::TargetExists { .. } | W::Sink { .. } | W::Source { .. } => Exit::Io,
-            W::BadName { .. }
-            | W::DuplicateName { .. }
-            | W::ReservedName
-            | W::ConfigTooLarge { .. }
-            | W::TooManyConfigs { .. }
-            | W::TooManyDevices { .. }
-            | W::ZeroSizeDevice { .. }
-            | W::DeviceTooLarge { .. }
-            | W::EmptyArchive
-            | W::SourceTooLarge { .. } => Exit::Usage,
+        use vma_writer::ErrorKind;
+        let exit = match e.kind() {
+            ErrorKind::Io => Exit::Io,
+            ErrorKind::Usage => Exit::Usage,
             _ => Exit::Internal,
         };
         CliError::new(exit, e.to_string())

@@ -226,6 +226,13 @@ pub enum FormatError {
         /// The device id.
         id: u8,
     },
+    /// A 255th device added to a header being authored (ids 1..=254, as Proxmox's
+    /// writer hands them out).
+    #[error("too many devices: at most {max} can be added")]
+    TooManyDevices {
+        /// The limit.
+        max: usize,
+    },
     /// More than 256 config entries.
     #[error("{count} config entries, at most {max} fit in the header")]
     TooManyConfigs {

@@ -238,6 +238,55 @@ impl ArchiveHeader {
         })
     }
 
+    /// Adds a config entry to a header being authored, checking everything
+    /// [`encode`](Self::encode) checks for it now, plus that `name` is a plain file name
+    /// ([`names::check_file_name`](crate::names::check_file_name)), so that it can be
+    /// extracted.
+    pub fn add_config(&mut self, name: &str, data: &[u8]) -> Result<()> {
+        let slot = self.configs.len();
+        if slot >= VMA_MAX_CONFIGS {
+            return Err(FormatError::TooManyConfigs {
+                count: slot + 1,
+                max: VMA_MAX_CONFIGS,
+            });
+        }
+        check_file_name(name, BlobField::ConfigName, slot)?;
+        if self.config(name).is_some() {
+            return Err(FormatError::DuplicateConfigName { name: name.into() });
+        }
+        check_blob_len(data.len(), BlobField::ConfigData, slot)?;
+        self.configs.push(ConfigEntry {
+            name: name.into(),
+            data: data.to_vec(),
+        });
+        Ok(())
+    }
+
+    /// Adds a device of `size` bytes to a header being authored, with the next id
+    /// (1, 2, ... up to [`VMA_MAX_WRITER_DEVICE_ID`], as Proxmox's writer hands them out),
+    /// checking everything [`encode`](Self::encode) checks for it now, plus that `name`
+    /// is a plain file name.
+    pub fn add_device(&mut self, name: &str, size: u64) -> Result<DeviceId> {
+        let next = self.devices.iter().map(|d| d.id.0).max().unwrap_or(0) as usize + 1;
+        let id = u8::try_from(next)
+            .ok()
+            .filter(|&id| id <= VMA_MAX_WRITER_DEVICE_ID)
+            .ok_or(FormatError::TooManyDevices {
+                max: VMA_MAX_WRITER_DEVICE_ID as usize,
+            })?;
+        check_file_name(name, BlobField::DeviceName, next)?;
+        if self.device_by_name(name).is_some() {
+            return Err(FormatError::DuplicateDeviceName { name: name.into() });
+        }
+        check_device_size(id, size)?;
+        self.devices.push(DeviceInfo {
+            id: DeviceId(id),
+            name: name.into(),
+            size,
+        });
+        Ok(DeviceId(id))
+    }
+
     /// Encodes the header exactly as Proxmox's writer lays it out: blobs from position 1,
     /// each config's name then its data, then the device names in id order; the buffer
     /// grown in whole 512-byte units whenever the next blob does not fit; MD5 last.
@@ -277,16 +326,7 @@ impl ArchiveHeader {
                 return Err(FormatError::DuplicateDeviceId(id));
             }
             last_id = id;
-            if device.size == 0 {
-                return Err(FormatError::ZeroDeviceSize { id });
-            }
-            if device.size > VMA_MAX_DEVICE_SIZE {
-                return Err(FormatError::DeviceTooLarge {
-                    id,
-                    size: device.size,
-                    max: VMA_MAX_DEVICE_SIZE,
-                });
-            }
+            check_device_size(id, device.size)?;
             check_name(&device.name, BlobField::DeviceName, id.into())?;
             if !device_names.insert(device.name.as_str()) {
                 return Err(FormatError::DuplicateDeviceName {
@@ -395,6 +435,44 @@ fn check_name(name: &str, field: BlobField, slot: usize) -> Result<()> {
     })
 }
 
+/// Validates a name for a new archive: printable and a plain file name.
+fn check_file_name(name: &str, field: BlobField, slot: usize) -> Result<()> {
+    crate::names::check_file_name(name).map_err(|problem| FormatError::BadName {
+        field,
+        slot,
+        problem,
+        offset: None,
+    })
+}
+
+/// Checks that a blob of `len` bytes fits its u16 length field.
+fn check_blob_len(len: usize, field: BlobField, slot: usize) -> Result<()> {
+    if len > VMA_MAX_BLOB_SIZE {
+        return Err(FormatError::BlobTooLarge {
+            field,
+            slot,
+            len,
+            max: VMA_MAX_BLOB_SIZE,
+        });
+    }
+    Ok(())
+}
+
+/// Checks a device size: at least one byte, at most 2^32 clusters.
+fn check_device_size(id: u8, size: u64) -> Result<()> {
+    if size == 0 {
+        return Err(FormatError::ZeroDeviceSize { id });
+    }
+    if size > VMA_MAX_DEVICE_SIZE {
+        return Err(FormatError::DeviceTooLarge {
+            id,
+            size,
+            max: VMA_MAX_DEVICE_SIZE,
+        });
+    }
+    Ok(())
+}
+
 /// Turns a stored name blob (with its NUL), found at archive byte `at`, into a name.
 fn decode_name(blob: &[u8], at: usize, field: BlobField, slot: usize) -> Result<String> {
     let bad = |problem, offset| FormatError::BadName {
@@ -487,14 +565,7 @@ impl BlobBuilder {
     }
 
     fn push(&mut self, data: &[u8], field: BlobField, slot: usize) -> Result<u32> {
-        if data.len() > VMA_MAX_BLOB_SIZE {
-            return Err(FormatError::BlobTooLarge {
-                field,
-                slot,
-                len: data.len(),
-                max: VMA_MAX_BLOB_SIZE,
-            });
-        }
+        check_blob_len(data.len(), field, slot)?;
         let need = data.len() + 2;
         if self.allocated < self.buffer.len() + need {
             self.allocated += need.div_ceil(VMA_BLOB_BUFFER_UNIT) * VMA_BLOB_BUFFER_UNIT;

@@ -5,10 +5,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use vma_format::{
-    ArchiveHeader, ConfigEntry, DeviceId, DeviceInfo, Uuid, VMA_MAX_BLOB_SIZE, VMA_MAX_CONFIGS,
-    VMA_MAX_DEVICE_SIZE, VMA_MAX_WRITER_DEVICE_ID, VMSTATE_DEVICE_NAME,
-};
+use vma_format::{ArchiveHeader, DeviceId, Uuid, VMSTATE_DEVICE_NAME};
 
 use crate::error::{Error, Result};
 use crate::file::FileWriter;
@@ -120,41 +117,28 @@ impl Builder {
     /// Adds a config entry. Like Proxmox's `vma create`, only the basename of `name` is
     /// stored (`/etc/pve/qemu-server/100.conf` becomes `100.conf`).
     ///
-    /// Fails for an unusable or duplicate name, data over 65535 bytes, or a 257th entry.
+    /// Fails with [`Error::Declaration`] for a name that is not a plain file name or is
+    /// declared twice, data over 65535 bytes, or a 257th entry (vma-format's
+    /// [`ArchiveHeader::add_config`] checks).
     pub fn add_config(&mut self, name: &str, data: &[u8]) -> Result<()> {
         let name = name.rsplit('/').next().unwrap_or(name);
-        check_name("config", name)?;
-        if self.header.configs.iter().any(|c| c.name == name) {
-            return Err(Error::DuplicateName {
+        self.header
+            .add_config(name, data)
+            .map_err(|source| Error::Declaration {
                 kind: "config",
                 name: name.to_owned(),
-            });
-        }
-        if data.len() > VMA_MAX_BLOB_SIZE {
-            return Err(Error::ConfigTooLarge {
-                name: name.to_owned(),
-                len: data.len(),
-                max: VMA_MAX_BLOB_SIZE,
-            });
-        }
-        if self.header.configs.len() >= VMA_MAX_CONFIGS {
-            return Err(Error::TooManyConfigs {
-                max: VMA_MAX_CONFIGS,
-            });
-        }
-        self.header.configs.push(ConfigEntry {
-            name: name.to_owned(),
-            data: data.to_vec(),
-        });
-        Ok(())
+                source,
+            })
     }
 
     /// Adds a disk of `size` bytes (recorded as given; see
     /// [`round_up_to_sector`](crate::round_up_to_sector) for Proxmox's rounding). Ids are
     /// handed out 1, 2, ... in the order of `add_device` and `add_vmstate` calls.
     ///
-    /// Fails for an unusable or duplicate name, the name `vmstate`, size 0, a size over
-    /// 256 TiB, or a 255th device.
+    /// Fails with [`Error::ReservedName`] for the name `vmstate`, and with
+    /// [`Error::Declaration`] for a name that is not a plain file name or is declared
+    /// twice, size 0, a size over 256 TiB, or a 255th device (vma-format's
+    /// [`ArchiveHeader::add_device`] checks).
     pub fn add_device(&mut self, name: &str, size: u64) -> Result<Device> {
         if name == VMSTATE_DEVICE_NAME {
             return Err(Error::ReservedName);
@@ -177,54 +161,26 @@ impl Builder {
     }
 
     fn push_device(&mut self, name: &str, size: u64) -> Result<DeviceId> {
-        check_name("device", name)?;
-        if self.header.devices.iter().any(|d| d.name == name) {
-            return Err(Error::DuplicateName {
+        self.header
+            .add_device(name, size)
+            .map_err(|source| Error::Declaration {
                 kind: "device",
                 name: name.to_owned(),
-            });
-        }
-        if size == 0 {
-            return Err(Error::ZeroSizeDevice {
-                name: name.to_owned(),
-            });
-        }
-        if size > VMA_MAX_DEVICE_SIZE {
-            return Err(Error::DeviceTooLarge {
-                name: name.to_owned(),
-                size,
-                max: VMA_MAX_DEVICE_SIZE,
-            });
-        }
-        let next = self.header.devices.len() + 1;
-        let id = u8::try_from(next)
-            .ok()
-            .filter(|&id| id <= VMA_MAX_WRITER_DEVICE_ID)
-            .and_then(DeviceId::new)
-            .ok_or(Error::TooManyDevices {
-                max: VMA_MAX_WRITER_DEVICE_ID as usize,
-            })?;
-        self.header.devices.push(DeviceInfo {
-            id,
-            name: name.to_owned(),
-            size,
-        });
-        Ok(id)
+                source,
+            })
     }
 
     /// Encodes the header (which also validates it as a whole).
     pub(crate) fn encode_header(&self) -> Result<Vec<u8>> {
-        if self.header.configs.is_empty() && self.header.devices.is_empty() {
-            return Err(Error::EmptyArchive);
-        }
         Ok(self.header.encode()?)
     }
 
     /// Starts writing the archive into `sink`, on a dedicated sink thread that owns it
     /// until [`Writer::finish`] hands it back.
     ///
-    /// Fails with [`Error::EmptyArchive`] when nothing was declared, or when the header
-    /// cannot be encoded.
+    /// Fails with [`Error::Format`] when the header cannot be encoded, e.g.
+    /// [`FormatError::EmptyHeader`](vma_format::FormatError::EmptyHeader) when nothing was
+    /// declared.
     pub fn build<W: Write + Send + 'static>(self, sink: W) -> Result<Writer<W>> {
         Writer::start(self, sink)
     }
@@ -237,60 +193,77 @@ impl Builder {
     }
 }
 
-/// A name must be stored as given and be extractable as a plain file name: vma-format's
-/// policy ([`vma_format::names::check_file_name`]).
-fn check_name(kind: &'static str, name: &str) -> Result<()> {
-    vma_format::names::check_file_name(name).map_err(|reason| Error::BadName {
-        kind,
-        name: name.to_owned(),
-        reason,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn declarations_are_checked() {
+        use vma_format::{FormatError as F, NameProblem, VMA_MAX_DEVICE_SIZE};
+        let declared = |r: Result<()>| match r {
+            Err(Error::Declaration { source, .. }) => source,
+            other => panic!("{other:?}"),
+        };
         let mut b = Builder::new();
         b.add_config("/etc/pve/qemu-server/100.conf", b"x").unwrap();
         assert_eq!(b.header.configs[0].name, "100.conf");
         assert!(matches!(
-            b.add_config("100.conf", b"y"),
-            Err(Error::DuplicateName { .. })
+            declared(b.add_config("100.conf", b"y")),
+            F::DuplicateConfigName { .. }
         ));
         assert!(matches!(
-            b.add_config("dir/", b"y"),
-            Err(Error::BadName { .. })
+            declared(b.add_config("..", b"y")),
+            F::BadName {
+                problem: NameProblem::NotPlain,
+                ..
+            }
         ));
         assert!(matches!(
-            b.add_config("big", &vec![0; 65536]),
-            Err(Error::ConfigTooLarge { .. })
+            declared(b.add_config("a\nb", b"y")),
+            F::BadName {
+                problem: NameProblem::ControlCharacter(b'\n'),
+                ..
+            }
+        ));
+        assert!(matches!(
+            declared(b.add_config("big", &vec![0; 65536])),
+            F::BlobTooLarge { .. }
         ));
         assert!(matches!(
             b.add_device("vmstate", 1),
             Err(Error::ReservedName)
         ));
+        let device = |b: &mut Builder, name: &str, size| b.add_device(name, size).map(|_| ());
         assert!(matches!(
-            b.add_device("d", 0),
-            Err(Error::ZeroSizeDevice { .. })
+            declared(device(&mut b, "d", 0)),
+            F::ZeroDeviceSize { .. }
         ));
         assert!(matches!(
-            b.add_device("d", VMA_MAX_DEVICE_SIZE + 1),
-            Err(Error::DeviceTooLarge { .. })
+            declared(device(&mut b, "d", VMA_MAX_DEVICE_SIZE + 1)),
+            F::DeviceTooLarge { .. }
+        ));
+        assert!(matches!(
+            declared(device(&mut b, "a/b", 1)),
+            F::BadName {
+                problem: NameProblem::Slash,
+                ..
+            }
         ));
         for i in 1..=254u32 {
             let d = b.add_device(&format!("d{i}"), 1).unwrap();
             assert_eq!(u32::from(d.id().get()), i);
         }
         assert!(matches!(
-            b.add_device("one-more", 1),
-            Err(Error::TooManyDevices { max: 254 })
+            declared(device(&mut b, "one-more", 1)),
+            F::TooManyDevices { max: 254 }
         ));
         assert!(matches!(
             Builder::new().encode_header(),
-            Err(Error::EmptyArchive)
+            Err(Error::Format(F::EmptyHeader))
         ));
+        assert_eq!(
+            Builder::new().encode_header().unwrap_err().kind(),
+            crate::ErrorKind::Usage
+        );
     }
 }

@@ -50,70 +50,23 @@ fn list_missing(missing: &[MissingClusters]) -> String {
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// A config or device name that cannot be stored or safely extracted.
-    #[error("{kind} name {name:?} {reason}")]
-    BadName {
+    /// A config entry or device that cannot be declared: vma-format's checks
+    /// ([`ArchiveHeader::add_config`](vma_format::ArchiveHeader::add_config),
+    /// [`add_device`](vma_format::ArchiveHeader::add_device)) refused it.
+    #[error("{kind} {name:?}: {source}")]
+    Declaration {
         /// `"config"` or `"device"`.
         kind: &'static str,
         /// The name as given.
         name: String,
-        /// What is wrong with it.
-        reason: vma_format::NameProblem,
-    },
-    /// Two configs or two devices with the same name.
-    #[error("{kind} name {name:?} is declared twice")]
-    DuplicateName {
-        /// `"config"` or `"device"`.
-        kind: &'static str,
-        /// The name.
-        name: String,
+        /// What is wrong.
+        source: FormatError,
     },
     /// The name `vmstate` given to [`Builder::add_device`](crate::Builder::add_device).
     #[error(
         "the device name \"vmstate\" is reserved for the VM's RAM state: use Builder::add_vmstate"
     )]
     ReservedName,
-    /// Config data longer than a header blob can hold.
-    #[error("config {name:?} is {len} bytes, at most {max} fit in a VMA header")]
-    ConfigTooLarge {
-        /// The config's (stored) name.
-        name: String,
-        /// Its length.
-        len: usize,
-        /// The limit, 65535.
-        max: usize,
-    },
-    /// More configs than the header has slots for.
-    #[error("too many config entries: at most {max} fit in a VMA header")]
-    TooManyConfigs {
-        /// The limit, 256.
-        max: usize,
-    },
-    /// More devices than a writer can hand out ids for.
-    #[error("too many devices: a VMA archive holds at most {max}")]
-    TooManyDevices {
-        /// The limit, 254.
-        max: usize,
-    },
-    /// A device of size 0.
-    #[error("device {name}: size 0 (a device needs at least one byte)")]
-    ZeroSizeDevice {
-        /// The device's name.
-        name: String,
-    },
-    /// A device larger than 2^32 clusters.
-    #[error("device {name}: size {size} exceeds the format's maximum of {max} bytes")]
-    DeviceTooLarge {
-        /// The device's name.
-        name: String,
-        /// The size given.
-        size: u64,
-        /// The limit (256 TiB).
-        max: u64,
-    },
-    /// Neither configs nor devices: Proxmox's reader rejects such an archive.
-    #[error("an archive needs at least one config entry or device (Proxmox cannot read one with neither)")]
-    EmptyArchive,
     /// The header could not be encoded.
     #[error("archive header: {0}")]
     Format(#[from] FormatError),
@@ -266,7 +219,47 @@ pub enum Error {
     },
 }
 
+/// What kind of failure an [`Error`] is, for callers that map errors to exit codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The caller declared or wrote something the archive cannot hold: a bad name, a
+    /// size, a cluster twice or past the end, an incomplete archive, a token of another
+    /// archive, a call after finishing.
+    Usage,
+    /// Writing the archive or reading a source failed in the operating system, or the
+    /// target exists.
+    Io,
+    /// A bug: a thread panicked or could not start.
+    Internal,
+}
+
 impl Error {
+    /// The kind of failure.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Sink { .. }
+            | Error::File { .. }
+            | Error::TargetExists { .. }
+            | Error::Source { .. } => ErrorKind::Io,
+            Error::SinkPanicked | Error::Thread(_) => ErrorKind::Internal,
+            Error::Declaration { .. }
+            | Error::ReservedName
+            | Error::Format(_)
+            | Error::UnknownDevice { .. }
+            | Error::DuplicateCluster { .. }
+            | Error::ClusterPastEnd { .. }
+            | Error::ClusterLength { .. }
+            | Error::Misaligned { .. }
+            | Error::RangePastEnd { .. }
+            | Error::VmstateOverflow { .. }
+            | Error::Incomplete { .. }
+            | Error::Finished
+            | Error::Aborted
+            | Error::SourceTooLarge { .. } => ErrorKind::Usage,
+        }
+    }
+
     /// Whether this error poisoned the writer (a sink failure): every later call on any
     /// handle returns it again.
     pub fn is_poison(&self) -> bool {

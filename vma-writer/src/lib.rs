@@ -78,7 +78,7 @@ mod source;
 mod writer;
 
 pub use builder::{Builder, Device, VmState};
-pub use error::{Error, MissingClusters, Result};
+pub use error::{Error, ErrorKind, MissingClusters, Result};
 pub use file::{FileWriter, PartialFile};
 #[cfg(unix)]
 pub use source::source_size;

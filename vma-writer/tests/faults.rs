@@ -202,13 +202,13 @@ fn misuse_gives_typed_errors() {
 fn declaring_nothing_is_refused() {
     assert!(matches!(
         Builder::new().build(Vec::new()),
-        Err(Error::EmptyArchive)
+        Err(Error::Format(vma_format::FormatError::EmptyHeader))
     ));
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("a.vma");
     assert!(matches!(
         Builder::new().create_file(&path),
-        Err(Error::EmptyArchive)
+        Err(Error::Format(vma_format::FormatError::EmptyHeader))
     ));
     assert_dir_empty(dir.path());
 }
