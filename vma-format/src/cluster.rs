@@ -134,13 +134,13 @@ pub fn scan_cluster(data: &[u8], span: usize) -> BlockMask {
 pub fn pack_cluster(data: &[u8], span: usize, mask: BlockMask, out: &mut Vec<u8>) {
     let data = &data[..data.len().min(span)];
     if mask == BlockMask::all() && data.len() == VMA_CLUSTER_SIZE {
-        crate::aligned::extend(out, data);
+        crate::copies::extend(out, data);
         return;
     }
     for (j, _) in mask.stored_block_offsets() {
         let start = (j * VMA_BLOCK_SIZE).min(data.len());
         let end = ((j + 1) * VMA_BLOCK_SIZE).min(data.len());
-        crate::aligned::extend(out, &data[start..end]);
+        crate::copies::extend(out, &data[start..end]);
         out.resize(out.len() + VMA_BLOCK_SIZE - (end - start), 0);
     }
 }
@@ -153,7 +153,7 @@ pub fn unpack_cluster(mask: BlockMask, stored: &[u8], out: &mut [u8]) {
     debug_assert_eq!(stored.len(), mask.stored_len());
     if mask == BlockMask::all() {
         let n = out.len().min(VMA_CLUSTER_SIZE);
-        crate::aligned::copy(&mut out[..n], &stored[..n]);
+        crate::copies::copy(&mut out[..n], &stored[..n]);
         return;
     }
     for (j, block) in out
@@ -163,7 +163,7 @@ pub fn unpack_cluster(mask: BlockMask, stored: &[u8], out: &mut [u8]) {
     {
         if mask.has_block(j) {
             let at = BlockMask::from_bits_retain(mask.bits() & ((1u16 << j) - 1)).stored_len();
-            crate::aligned::copy(block, &stored[at..at + block.len()]);
+            crate::copies::copy(block, &stored[at..at + block.len()]);
         } else {
             block.fill(0);
         }

@@ -41,9 +41,9 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
-pub mod aligned;
 pub mod cluster;
 mod consts;
+mod copies;
 mod error;
 mod extent;
 mod header;

@@ -7,12 +7,12 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 use std::thread;
 
-use vma_format::aligned::AlignedBuf;
 use vma_format::integrity::{self, DataChecksum, Seal, SealHasher, SealKind};
 use vma_format::{
     cluster, ArchiveHeader, BlockMask, DeviceId, ExtentHeader, VMA_EXTENT_HEADER_SIZE,
     VMA_FIXED_HEADER_SIZE, VMA_MAGIC, VMA_MAX_EXTENT_SIZE,
 };
+use vma_iobuf::AlignedBuf;
 
 use crate::error::{Error, Result};
 use crate::integrity::{

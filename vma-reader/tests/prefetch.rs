@@ -194,7 +194,7 @@ fn memory_is_bounded_by_the_buffers() {
         }
         most
     };
-    let page = vma_format::aligned::PAGE;
+    let page = vma_iobuf::PAGE;
     let varied = most(varied());
     let ceiling = PREFETCH_BUFFERS * (vma_format::VMA_MAX_EXTENT_SIZE + page) + (1 << 20);
     assert!(varied <= ceiling, "{varied} > {ceiling}");

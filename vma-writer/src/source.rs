@@ -135,7 +135,7 @@ impl WriterHandle {
         };
         // Page-aligned: reads at page-aligned file offsets into a buffer 16 bytes past a
         // page boundary (where a large Vec lands) hit a slow path of the kernel's copy.
-        let mut buffer = vma_format::aligned::AlignedBuf::default();
+        let mut buffer = vma_iobuf::AlignedBuf::default();
         let mut read = 0u64;
         let mut pos = 0u64;
         while pos < len {
@@ -155,7 +155,7 @@ impl WriterHandle {
                 let end = (pos + CHUNK as u64).min(region_end);
                 let piece = (end - pos) as usize;
                 if buffer.len() < piece {
-                    buffer = vma_format::aligned::AlignedBuf::new(CHUNK);
+                    buffer = vma_iobuf::AlignedBuf::new(CHUNK);
                 }
                 let from_source = (len.min(end) - pos) as usize;
                 read_exact_at(source, &mut buffer[..from_source], pos)?;

@@ -1,4 +1,4 @@
-//! Page-aligned byte buffers for I/O and large copies.
+//! Page-aligned byte buffers for I/O, shared by `vma-reader` and `vma-writer`.
 //!
 //! On some x86 CPUs (measured on AMD EPYC) `rep movsb`, which both glibc's `memcpy` and
 //! the kernel's `copy_to_user`/`copy_from_user` use for large copies, runs about 20 times
@@ -6,6 +6,14 @@
 //! from `mmap` and starts 16 bytes past a page boundary, so `read`ing file data at a
 //! page-aligned file offset into it hits exactly that case. An [`AlignedBuf`] starts on
 //! a page boundary instead.
+//!
+//! ```
+//! let mut buf = vma_iobuf::AlignedBuf::new(1 << 20);
+//! assert_eq!(buf.as_ptr() as usize % vma_iobuf::PAGE, 0);
+//! buf[..4].copy_from_slice(b"VMA\0");
+//! ```
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
 use std::ops::{Deref, DerefMut};
 
@@ -73,43 +81,6 @@ impl AlignedBuf {
     }
 }
 
-/// Pieces [`copy`] cuts an aliasing copy into: below glibc's `rep movsb` threshold, so
-/// each piece is copied with vector moves, which do not have the slow case.
-const PIECE: usize = 2048;
-
-/// `dst.copy_from_slice(src)`, avoiding the slow case of `rep movsb`: when
-/// `(dst - src) mod 4096` is in `1..64` it copies in pieces small enough for `memcpy`
-/// to use vector moves instead.
-///
-/// # Panics
-///
-/// If the lengths differ, like `copy_from_slice`.
-pub fn copy(dst: &mut [u8], src: &[u8]) {
-    assert_eq!(dst.len(), src.len(), "copy: lengths differ");
-    let distance = (dst.as_ptr() as usize).wrapping_sub(src.as_ptr() as usize) % PAGE;
-    if dst.len() <= PIECE || !(1..64).contains(&distance) {
-        dst.copy_from_slice(src);
-        return;
-    }
-    for (d, s) in dst.chunks_mut(PIECE).zip(src.chunks(PIECE)) {
-        d.copy_from_slice(s);
-    }
-}
-
-/// `out.extend_from_slice(src)`, avoiding the slow case of `rep movsb` like [`copy`].
-pub fn extend(out: &mut Vec<u8>, src: &[u8]) {
-    out.reserve(src.len());
-    let end = out.as_ptr() as usize + out.len();
-    let distance = end.wrapping_sub(src.as_ptr() as usize) % PAGE;
-    if src.len() <= PIECE || !(1..64).contains(&distance) {
-        out.extend_from_slice(src);
-        return;
-    }
-    for piece in src.chunks(PIECE) {
-        out.extend_from_slice(piece);
-    }
-}
-
 impl Deref for AlignedBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
@@ -134,35 +105,6 @@ impl std::fmt::Debug for AlignedBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn copy_at_every_distance() {
-        let src: Vec<u8> = (0..20_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
-        let mut dst = AlignedBuf::new(20_000 + 2 * PAGE);
-        for shift in [0, 1, 16, 63, 64, 100, 4095] {
-            for len in [0, 5, PIECE, PIECE + 1, 10_000, 20_000] {
-                dst.fill(0xee);
-                copy(&mut dst[shift..shift + len], &src[..len]);
-                assert_eq!(&dst[shift..shift + len], &src[..len]);
-                assert!(dst[..shift].iter().all(|&x| x == 0xee));
-                assert!(dst[shift + len..].iter().all(|&x| x == 0xee));
-            }
-        }
-    }
-
-    #[test]
-    fn extend_at_every_distance() {
-        let src: Vec<u8> = (0..20_000u32).map(|i| (i * 13 + i / 509) as u8).collect();
-        for start in [0, 1, 16, 63, 64, 4000] {
-            for len in [0, 7, PIECE, PIECE + 1, 20_000] {
-                let mut out = vec![9u8; start];
-                extend(&mut out, &src[..len]);
-                assert_eq!(out.len(), start + len);
-                assert!(out[..start].iter().all(|&x| x == 9));
-                assert_eq!(&out[start..], &src[..len]);
-            }
-        }
-    }
 
     #[test]
     fn page_aligned_and_sized() {
