@@ -197,14 +197,14 @@ impl Export for DriveExport {
         false
     }
 
-    fn read_at(&self, _offset: u64, buf: &mut [u8]) -> io::Result<()> {
+    fn read_at(&self, buf: &mut [u8], _offset: u64) -> io::Result<()> {
         // QEMU's backup job never reads its target; answer zeroes rather
         // than an error, as an archive target has nothing else to show.
         buf.fill(0);
         Ok(())
     }
 
-    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+    fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
         if let Some(d) = self.delay {
             std::thread::sleep(d);
         }
@@ -271,17 +271,17 @@ mod tests {
         let latch = Arc::new(Latch::default());
         let size = 4 * CLUSTER + 512;
         let e = DriveExport::new(rec.clone(), latch.clone(), 1, size, None);
-        e.write_at(CLUSTER, &vec![1; 2 * CLUSTER as usize]).unwrap();
+        e.write_at(&vec![1; 2 * CLUSTER as usize], CLUSTER).unwrap();
         e.write_zeroes(0, CLUSTER).unwrap();
-        e.write_at(4 * CLUSTER, &[7; 512]).unwrap();
+        e.write_at(&[7; 512], 4 * CLUSTER).unwrap();
         assert!(!latch.failed());
         assert_eq!(e.counters().non_sequential.load(Ordering::Relaxed), 3);
         // Unaligned: latched, still acknowledged.
-        e.write_at(100, &[0; 512]).unwrap();
+        e.write_at(&[0; 512], 100).unwrap();
         assert!(latch.failed());
         assert!(latch.take().unwrap().message.contains("64 KiB"));
         // After a failure nothing reaches the sink, everything is acked.
-        e.write_at(3 * CLUSTER, &vec![1; CLUSTER as usize]).unwrap();
+        e.write_at(&vec![1; CLUSTER as usize], 3 * CLUSTER).unwrap();
         assert_eq!(rec.calls.lock().unwrap().len(), 3);
         assert_eq!(e.counters().received(), size + 512);
     }
@@ -294,8 +294,8 @@ mod tests {
         });
         let latch = Arc::new(Latch::default());
         let e = DriveExport::new(rec, latch.clone(), 0, 2 * CLUSTER, None);
-        e.write_at(0, &vec![1; CLUSTER as usize]).unwrap();
-        e.write_at(1, &[1]).unwrap();
+        e.write_at(&vec![1; CLUSTER as usize], 0).unwrap();
+        e.write_at(&[1], 1).unwrap();
         assert!(latch.take().unwrap().no_space);
         assert!(e.flush().is_ok());
     }

@@ -33,10 +33,10 @@ pub trait Export: Send + Sync {
     fn read_only(&self) -> bool;
 
     /// Fills `buf` with the bytes at `offset`.
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
 
     /// Writes `data` at `offset`. Default: `EPERM`.
-    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+    fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
         let _ = (offset, data);
         Err(Errno::Perm.to_io_error())
     }
@@ -54,7 +54,7 @@ pub trait Export: Send + Sync {
         while done < len {
             let n = (len - done).min(CHUNK);
             let n_usize = usize::try_from(n).unwrap_or(zeroes.len());
-            self.write_at(offset + done, &zeroes[..n_usize])?;
+            self.write_at(&zeroes[..n_usize], offset + done)?;
             done += n;
         }
         Ok(())
@@ -72,9 +72,9 @@ pub trait Export: Send + Sync {
     /// them to the request, merges neighbours with equal flags, and may
     /// report fewer extents than returned; returning fewer bytes than asked
     /// is allowed (the client asks again). Default: all data.
-    fn block_status(&self, offset: u64, len: u32) -> io::Result<Vec<Extent>> {
+    fn block_status(&self, offset: u64, len: u32) -> io::Result<Vec<BlockStatus>> {
         let _ = offset;
-        Ok(vec![Extent::data(u64::from(len))])
+        Ok(vec![BlockStatus::data(u64::from(len))])
     }
 
     /// Block size constraints advertised with `NBD_INFO_BLOCK_SIZE` and
@@ -147,9 +147,10 @@ impl BlockSize {
     }
 }
 
-/// One extent of a [`Export::block_status`] answer.
+/// A run of bytes with one allocation status, as [`Export::block_status`] answers (an
+/// extent descriptor of NBD's block status reply).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Extent {
+pub struct BlockStatus {
     /// Length in bytes.
     pub len: u64,
     /// Not allocated (`NBD_STATE_HOLE`).
@@ -158,7 +159,7 @@ pub struct Extent {
     pub zero: bool,
 }
 
-impl Extent {
+impl BlockStatus {
     /// Allocated data (status 0).
     pub fn data(len: u64) -> Self {
         Self {
@@ -379,7 +380,7 @@ mod tests {
         fn read_only(&self) -> bool {
             true
         }
-        fn read_at(&self, _: u64, buf: &mut [u8]) -> io::Result<()> {
+        fn read_at(&self, buf: &mut [u8], _: u64) -> io::Result<()> {
             buf.fill(0);
             Ok(())
         }
@@ -389,7 +390,7 @@ mod tests {
     fn defaults() {
         let e = Ro;
         assert_eq!(
-            Errno::from_io_error(&e.write_at(0, &[1]).unwrap_err()),
+            Errno::from_io_error(&e.write_at(&[1], 0).unwrap_err()),
             Errno::Perm
         );
         assert_eq!(
@@ -398,9 +399,12 @@ mod tests {
         );
         assert!(e.write_zeroes(0, 0).is_ok());
         assert!(e.flush().is_ok());
-        assert_eq!(e.block_status(0, 100).unwrap(), vec![Extent::data(100)]);
+        assert_eq!(
+            e.block_status(0, 100).unwrap(),
+            vec![BlockStatus::data(100)]
+        );
         assert!(e.can_multi_conn());
-        assert_eq!(Extent::hole(1).flags(), STATE_HOLE | STATE_ZERO);
-        assert_eq!(Extent::zero(1).flags(), STATE_ZERO);
+        assert_eq!(BlockStatus::hole(1).flags(), STATE_HOLE | STATE_ZERO);
+        assert_eq!(BlockStatus::zero(1).flags(), STATE_ZERO);
     }
 }

@@ -16,85 +16,38 @@
 //! The parsers in [`crate::proto`] can also be fuzzed on their own.
 
 use std::io::{self, Read, Write};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 
-use crate::transmission::lock;
-use crate::{BlockSize, Export, Extent, Server};
+use crate::{BlockSize, MemExport, Server};
 
 /// Size of each fuzzing export.
 pub const EXPORT_SIZE: u64 = 64 * 1024;
 /// Output beyond this many bytes is counted but not kept.
 const MAX_OUTPUT: usize = 1 << 20;
 
-struct MemExport {
-    data: Mutex<Vec<u8>>,
-    read_only: bool,
-    block: BlockSize,
-}
+/// Size of the runs of zero and non-zero bytes in the fuzzing exports: odd, so that
+/// block status answers need clipping and merging.
+const RUN: usize = 1000;
 
-impl Export for MemExport {
-    fn size(&self) -> u64 {
-        EXPORT_SIZE
-    }
-    fn read_only(&self) -> bool {
-        self.read_only
-    }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let data = lock(&self.data);
-        let start = usize::try_from(offset).map_err(|_| io::ErrorKind::InvalidInput)?;
-        let src = start
-            .checked_add(buf.len())
-            .and_then(|end| data.get(start..end))
-            .ok_or(io::ErrorKind::InvalidInput)?;
-        buf.copy_from_slice(src);
-        Ok(())
-    }
-    fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
-        let mut data = lock(&self.data);
-        let start = usize::try_from(offset).map_err(|_| io::ErrorKind::InvalidInput)?;
-        let dst = start
-            .checked_add(buf.len())
-            .and_then(|end| data.get_mut(start..end))
-            .ok_or(io::ErrorKind::InvalidInput)?;
-        dst.copy_from_slice(buf);
-        Ok(())
-    }
-    fn block_status(&self, offset: u64, len: u32) -> io::Result<Vec<Extent>> {
-        // Odd-sized alternating extents to exercise the normalisation.
-        let mut v = Vec::new();
-        let mut left = u64::from(len);
-        let mut i = offset;
-        while left > 0 {
-            let l = left.min(1000 + i % 3000);
-            v.push(if (i / 1000) % 2 == 0 {
-                Extent::data(l)
-            } else {
-                Extent::hole(l)
-            });
-            left -= l;
-            i += l;
-        }
-        Ok(v)
-    }
-    fn block_size(&self) -> BlockSize {
-        self.block
-    }
+/// An export of alternating zero and non-zero runs, reporting the zero ones as holes.
+fn export(read_only: bool, min: u32) -> MemExport {
+    let data = (0..EXPORT_SIZE as usize)
+        .map(|i| if (i / RUN) % 2 == 0 { 0x5a } else { 0 })
+        .collect();
+    MemExport::new(data)
+        .read_only(read_only)
+        .report_holes(RUN as u64)
+        .block_size(BlockSize {
+            min,
+            preferred: 4096,
+            max: 32 * 1024,
+        })
 }
 
 fn server() -> &'static Server {
     static SERVER: OnceLock<Server> = OnceLock::new();
     SERVER.get_or_init(|| {
-        let mk = |read_only, min| {
-            Arc::new(MemExport {
-                data: Mutex::new(vec![0x5a; EXPORT_SIZE as usize]),
-                read_only,
-                block: BlockSize {
-                    min,
-                    preferred: 4096,
-                    max: 32 * 1024,
-                },
-            })
-        };
+        let mk = |read_only, min| Arc::new(export(read_only, min));
         match Server::builder()
             .export("", mk(false, 1))
             .export("rw", mk(false, 1))

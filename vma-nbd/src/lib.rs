@@ -54,13 +54,13 @@
 //!     fn read_only(&self) -> bool {
 //!         false
 //!     }
-//!     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+//!     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
 //!         // The server has checked that the range is inside the export.
 //!         let start = offset as usize;
 //!         buf.copy_from_slice(&self.0.read().unwrap()[start..start + buf.len()]);
 //!         Ok(())
 //!     }
-//!     fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+//!     fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
 //!         let start = offset as usize;
 //!         self.0.write().unwrap()[start..start + data.len()].copy_from_slice(data);
 //!         Ok(())
@@ -94,12 +94,15 @@
 
 mod error;
 mod export;
+#[cfg(feature = "fuzzing")]
 pub mod fuzz;
 mod handshake;
+mod mem;
 pub mod proto;
 mod server;
 mod transmission;
 
 pub use error::Error;
-pub use export::{BlockSize, Errno, Export, Extent, MAX_PAYLOAD};
+pub use export::{BlockSize, BlockStatus, Errno, Export, MAX_PAYLOAD};
+pub use mem::MemExport;
 pub use server::{ListenAddr, Server, ServerBuilder, ServerHandle, ShutdownTrigger};

@@ -10,7 +10,7 @@ use std::thread;
 use crate::export::MAX_PAYLOAD;
 use crate::handshake::{discard, read_exact_or_eof, Session};
 use crate::proto::*;
-use crate::{Errno, Error, Extent};
+use crate::{BlockStatus, Errno, Error};
 
 /// Most descriptors sent in one block status reply.
 const MAX_EXTENTS: usize = 1024;
@@ -405,7 +405,7 @@ impl<W: Write> Conn<'_, W> {
                 };
                 // `len` is at most the export's maximum block size.
                 let mut buf = vec![0u8; hdr + len as usize];
-                if let Err(e) = export.read_at(offset, &mut buf[hdr..]) {
+                if let Err(e) = export.read_at(&mut buf[hdr..], offset) {
                     let msg = format!("read failed: {e}");
                     return self.reply_err(handle, Errno::from_io_error(&e), &msg);
                 }
@@ -437,7 +437,7 @@ impl<W: Write> Conn<'_, W> {
                 data,
                 fua,
             } => {
-                let mut r = export.write_at(offset, &data);
+                let mut r = export.write_at(&data, offset);
                 if fua && r.is_ok() {
                     r = export.flush();
                 }
@@ -488,7 +488,12 @@ impl<W: Write> Conn<'_, W> {
 /// [`MAX_EXTENTS`] entries, boundaries aligned to `min` (a request is
 /// aligned, so only backend extents can be unaligned: the list is cut at the
 /// first unaligned boundary), never empty (falls back to "data").
-fn normalize_extents(extents: &[Extent], len: u32, min: u32, req_one: bool) -> Vec<(u32, u32)> {
+fn normalize_extents(
+    extents: &[BlockStatus],
+    len: u32,
+    min: u32,
+    req_one: bool,
+) -> Vec<(u32, u32)> {
     let total = u64::from(len);
     let min = u64::from(min.max(1));
     let mut out: Vec<(u64, u32)> = Vec::new();
@@ -742,7 +747,7 @@ mod tests {
         fn read_only(&self) -> bool {
             false
         }
-        fn read_at(&self, _: u64, buf: &mut [u8]) -> io::Result<()> {
+        fn read_at(&self, buf: &mut [u8], _: u64) -> io::Result<()> {
             buf.fill(0);
             Ok(())
         }
@@ -890,10 +895,10 @@ mod tests {
     #[test]
     fn extent_normalization() {
         let e = [
-            Extent::data(100),
-            Extent::data(100),
-            Extent::hole(1000),
-            Extent::zero(5),
+            BlockStatus::data(100),
+            BlockStatus::data(100),
+            BlockStatus::hole(1000),
+            BlockStatus::zero(5),
         ];
         assert_eq!(
             normalize_extents(&e, 500, 1, false),
@@ -902,26 +907,26 @@ mod tests {
         assert_eq!(normalize_extents(&e, 500, 1, true), vec![(200, 0)]);
         assert_eq!(normalize_extents(&[], 500, 1, false), vec![(500, 0)]);
         assert_eq!(
-            normalize_extents(&[Extent::hole(0)], 500, 1, false),
+            normalize_extents(&[BlockStatus::hole(0)], 500, 1, false),
             vec![(500, 0)]
         );
         // Unaligned backend extents with min 512.
-        let e = [Extent::data(700), Extent::hole(1348)];
+        let e = [BlockStatus::data(700), BlockStatus::hole(1348)];
         assert_eq!(normalize_extents(&e, 2048, 512, false), vec![(512, 0)]);
-        let e = [Extent::hole(100), Extent::data(1948)];
+        let e = [BlockStatus::hole(100), BlockStatus::data(1948)];
         assert_eq!(normalize_extents(&e, 2048, 512, false), vec![(512, 0)]);
-        let e = [Extent::hole(1024), Extent::data(1024)];
+        let e = [BlockStatus::hole(1024), BlockStatus::data(1024)];
         assert_eq!(
             normalize_extents(&e, 2048, 512, false),
             vec![(1024, 3), (1024, 0)]
         );
         // Descriptor count is capped.
-        let many: Vec<Extent> = (0..5000)
+        let many: Vec<BlockStatus> = (0..5000)
             .map(|i| {
                 if i % 2 == 0 {
-                    Extent::data(1)
+                    BlockStatus::data(1)
                 } else {
-                    Extent::hole(1)
+                    BlockStatus::hole(1)
                 }
             })
             .collect();

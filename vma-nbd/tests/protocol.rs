@@ -14,8 +14,8 @@ const EPERM: u32 = 1;
 const EINVAL: u32 = 22;
 const ENOSPC: u32 = 28;
 
-fn rw_export() -> std::sync::Arc<MemExport> {
-    MemExport::new(pattern(SIZE, 1), false)
+fn rw_export() -> std::sync::Arc<vma_nbd::MemExport> {
+    mem(pattern(SIZE, 1), false)
 }
 
 fn read_simple(c: &mut Client, handle: u64, offset: u64, len: u32) -> Vec<u8> {
@@ -96,7 +96,7 @@ fn info_replies() {
         preferred: 4096,
         max: 1 << 20,
     };
-    let e = MemExport::with(pattern(SIZE, 2), true, false, block);
+    let e = mem_with(pattern(SIZE, 2), true, false, block);
     let (_d, sock, _h) = start(vec![("disk", e)]);
     let mut c = Client::connect(&sock);
     let (infos, fin) = c.info(OPT_INFO, "disk", &[INFO_NAME, INFO_BLOCK_SIZE]);
@@ -244,10 +244,10 @@ fn write_zeroes_fua_and_flush() {
     c.request(CMD_WRITE, CMD_FLAG_FUA, 2, 0, 3);
     c.send(b"xyz");
     assert_eq!(c.simple_reply(), (0, 2));
-    assert_eq!(e.flushes.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(e.flushes(), 1);
     c.request(CMD_FLUSH, 0, 3, 0, 0);
     assert_eq!(c.simple_reply(), (0, 3));
-    assert_eq!(e.flushes.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert_eq!(e.flushes(), 2);
     // Fast zero is not advertised: EINVAL.
     c.request(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 4, 0, 512);
     assert_eq!(c.simple_reply(), (EINVAL, 4));
@@ -257,7 +257,7 @@ fn write_zeroes_fua_and_flush() {
 
 #[test]
 fn read_only_refuses_writes_and_stays_usable() {
-    let e = MemExport::new(pattern(SIZE, 3), true);
+    let e = mem(pattern(SIZE, 3), true);
     let (_d, sock, _h) = start(vec![("ro", e.clone())]);
     for structured in [false, true] {
         let mut c = Client::connect(&sock);
@@ -307,7 +307,7 @@ fn over_max_length_requests() {
         preferred: 4096,
         max: 64 * 1024,
     };
-    let e = MemExport::with(pattern(SIZE, 4), false, false, block);
+    let e = mem_with(pattern(SIZE, 4), false, false, block);
     let (_d, sock, _h) = start(vec![("disk", e.clone())]);
     let mut c = Client::connect(&sock);
     c.go("disk", false, false);
@@ -392,7 +392,7 @@ fn client_vanishing_mid_request() {
     assert_eq!(read_simple(&mut c, 2, 0, 512), pattern(SIZE, 1)[..512]);
     c.disconnect();
     assert!(!h.is_finished());
-    assert_eq!(e.writes.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert_eq!(e.writes(), 0);
 }
 
 #[test]
@@ -476,7 +476,7 @@ fn pipelined_requests() {
 fn structured_reads() {
     let mut data = pattern(SIZE, 5);
     data[65536..131072].fill(0);
-    let e = MemExport::new(data.clone(), false);
+    let e = mem(data.clone(), false);
     let (_d, sock, _h) = start(vec![("disk", e)]);
     let mut c = Client::connect(&sock);
     c.go("disk", true, false);
@@ -541,7 +541,7 @@ fn meta_contexts_and_block_status() {
     let mut data = pattern(SIZE, 6);
     data[..2 * HOLE_GRANULE as usize].fill(0);
     data[4 * HOLE_GRANULE as usize..6 * HOLE_GRANULE as usize].fill(0);
-    let e = MemExport::with(data, true, true, BlockSize::default());
+    let e = mem_with(data, true, true, BlockSize::default());
     let (_d, sock, _h) = start(vec![("disk", e.clone())]);
 
     // Meta context options need structured replies.
@@ -621,11 +621,7 @@ fn meta_contexts_and_block_status() {
     c.request(CMD_BLOCK_STATUS, 0, 4, 0, 0);
     assert_eq!(c.chunk().kind, REPLY_TYPE_ERROR);
     c.disconnect();
-    assert!(
-        e.block_status_calls
-            .load(std::sync::atomic::Ordering::SeqCst)
-            >= 2
-    );
+    assert!(e.block_status_calls() >= 2);
 }
 
 #[test]

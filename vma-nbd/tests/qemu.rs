@@ -2,8 +2,6 @@
 
 mod common;
 
-use std::sync::atomic::Ordering;
-
 use common::*;
 
 const MIB: usize = 1 << 20;
@@ -11,7 +9,7 @@ const MIB: usize = 1 << 20;
 #[test]
 fn qemu_io_write_then_read() {
     require_qemu_tools();
-    let e = MemExport::new(vec![0; 4 * MIB], false);
+    let e = mem(vec![0; 4 * MIB], false);
     let (_d, sock, _h) = start(vec![("drive-scsi0", e.clone())]);
     let uri = nbd_uri("drive-scsi0", &sock);
     let out = run_ok(
@@ -46,13 +44,13 @@ fn qemu_io_write_then_read() {
     assert!(snap[131072..MIB].iter().all(|&b| b == 0xab));
     assert!(snap[MIB..MIB + MIB / 2].iter().all(|&b| b == 0xcd));
     assert!(snap[MIB + MIB / 2..].iter().all(|&b| b == 0));
-    assert!(e.flushes.load(Ordering::SeqCst) >= 1);
+    assert!(e.flushes() >= 1);
 }
 
 #[test]
 fn qemu_io_pipelined_aio() {
     require_qemu_tools();
-    let e = MemExport::new(vec![0; 8 * MIB], false);
+    let e = mem(vec![0; 8 * MIB], false);
     let (_d, sock, _h) = start(vec![("d", e.clone())]);
     let uri = nbd_uri("d", &sock);
     let mut args: Vec<String> = vec!["-f".into(), "raw".into(), uri];
@@ -83,7 +81,7 @@ fn qemu_io_pipelined_aio() {
 #[test]
 fn qemu_img_info() {
     require_qemu_tools();
-    let e = MemExport::new(vec![0; 3 * MIB], true);
+    let e = mem(vec![0; 3 * MIB], true);
     let (_d, sock, _h) = start(vec![("disk", e)]);
     let out = run_ok(
         "qemu-img",
@@ -101,7 +99,7 @@ fn qemu_img_convert_raw_is_exact() {
     require_qemu_tools();
     let mut data = pattern(9 * MIB + 4096, 9);
     data[2 * MIB..3 * MIB].fill(0);
-    let e = MemExport::new(data.clone(), true);
+    let e = mem(data.clone(), true);
     let (dir, sock, _h) = start(vec![("drive-virtio0", e)]);
     let out = dir.path().join("out.raw");
     run_ok(
@@ -127,7 +125,7 @@ fn qemu_img_convert_to_qcow2_keeps_holes() {
     // Holes: [0, 1 MiB) and [2 MiB + 64 KiB, 3 MiB).
     data[..MIB].fill(0);
     data[2 * MIB + g..3 * MIB].fill(0);
-    let e = MemExport::with(data.clone(), true, true, vma_nbd::BlockSize::default());
+    let e = mem_with(data.clone(), true, true, vma_nbd::BlockSize::default());
     let (dir, sock, _h) = start(vec![("disk", e.clone())]);
     let out = dir.path().join("out.qcow2");
     let raw = dir.path().join("ref.raw");
@@ -145,7 +143,7 @@ fn qemu_img_convert_to_qcow2_keeps_holes() {
         ],
     );
     assert!(
-        e.block_status_calls.load(Ordering::SeqCst) > 0,
+        e.block_status_calls() > 0,
         "qemu-img did not query block status"
     );
     run_ok(
@@ -204,7 +202,7 @@ fn qemu_img_convert_into_writable_export() {
     let mut src = pattern(16 * MIB, 13);
     src[3 * MIB..5 * MIB].fill(0);
     src[9 * MIB + 4096..10 * MIB].fill(0);
-    let e = MemExport::new(vec![0xff; 16 * MIB], false);
+    let e = mem(vec![0xff; 16 * MIB], false);
     let (dir, sock, _h) = start(vec![("drive-scsi0", e.clone())]);
     let src_path = dir.path().join("src.raw");
     std::fs::write(&src_path, &src).unwrap();
@@ -225,13 +223,13 @@ fn qemu_img_convert_into_writable_export() {
         ],
     );
     assert!(e.snapshot() == src, "exported data differs from the source");
-    assert!(e.flushes.load(Ordering::SeqCst) >= 1);
+    assert!(e.flushes() >= 1);
 }
 
 #[test]
 fn qemu_io_write_to_read_only_export_fails() {
     require_qemu_tools();
-    let e = MemExport::new(pattern(MIB, 1), true);
+    let e = mem(pattern(MIB, 1), true);
     let (_d, sock, _h) = start(vec![("ro", e.clone())]);
     let uri = nbd_uri("ro", &sock);
     // Opened read-write: QEMU refuses the read-only export.
@@ -266,7 +264,7 @@ fn qemu_io_write_to_read_only_export_fails() {
 #[test]
 fn qemu_over_tcp() {
     require_qemu_tools();
-    let e = MemExport::new(vec![0; 2 * MIB], false);
+    let e = mem(vec![0; 2 * MIB], false);
     let server = vma_nbd::Server::builder()
         .export("disk", e.clone())
         .build()
@@ -303,7 +301,7 @@ fn qemu_blockdev_backup_into_export() {
     let mut src = pattern(8 * MIB, 21);
     src[2 * MIB..3 * MIB].fill(0);
     src[5 * MIB + 4096..6 * MIB].fill(0);
-    let e = MemExport::new(vec![0xff; 8 * MIB], false);
+    let e = mem(vec![0xff; 8 * MIB], false);
     let (dir, sock, _h) = start(vec![("drive-scsi0", e.clone())]);
     let src_path = dir.path().join("src.raw");
     std::fs::write(&src_path, &src).unwrap();

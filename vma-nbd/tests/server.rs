@@ -15,7 +15,7 @@ const SIZE: usize = 256 * 1024;
 
 #[test]
 fn shutdown_disconnects_clients_and_removes_socket() {
-    let (_d, sock, h) = start(vec![("disk", MemExport::new(pattern(SIZE, 1), false))]);
+    let (_d, sock, h) = start(vec![("disk", mem(pattern(SIZE, 1), false))]);
     let mut idle = Client::connect(&sock); // stuck in the handshake
     let mut active = Client::connect(&sock);
     active.go("disk", false, false);
@@ -36,7 +36,7 @@ fn shutdown_disconnects_clients_and_removes_socket() {
 
 #[test]
 fn shutdown_trigger_ends_wait() {
-    let (_d, sock, h) = start(vec![("disk", MemExport::new(pattern(SIZE, 1), false))]);
+    let (_d, sock, h) = start(vec![("disk", mem(pattern(SIZE, 1), false))]);
     let trigger = h.shutdown_trigger();
     let (tx, rx) = mpsc::channel();
     thread::spawn(move || tx.send(h.wait().is_ok()).unwrap());
@@ -50,7 +50,7 @@ fn shutdown_trigger_ends_wait() {
 #[test]
 fn stop_after_last_client() {
     let builder = Server::builder()
-        .export("disk", MemExport::new(pattern(SIZE, 1), true))
+        .export("disk", mem(pattern(SIZE, 1), true))
         .stop_after_last_client(true);
     let (_d, sock, h) = start_with(builder);
     // Not stopping before any client came.
@@ -75,7 +75,7 @@ fn stop_after_last_client() {
 
 #[test]
 fn concurrent_clients() {
-    let e = MemExport::new(pattern(SIZE, 2), false);
+    let e = mem(pattern(SIZE, 2), false);
     let (_d, sock, h) = start(vec![("disk", e.clone())]);
     let workers: Vec<_> = (0..6u64)
         .map(|t| {
@@ -105,7 +105,7 @@ fn concurrent_clients() {
 #[test]
 fn max_connections_limit() {
     let builder = Server::builder()
-        .export("disk", MemExport::new(pattern(SIZE, 1), false))
+        .export("disk", mem(pattern(SIZE, 1), false))
         .max_connections(1);
     let (_d, sock, _h) = start_with(builder);
     let mut first = Client::connect(&sock);
@@ -121,7 +121,7 @@ fn max_connections_limit() {
 
 #[test]
 fn listen_on_existing_path_fails() {
-    let (_d, sock, _h) = start(vec![("disk", MemExport::new(pattern(SIZE, 1), false))]);
+    let (_d, sock, _h) = start(vec![("disk", mem(pattern(SIZE, 1), false))]);
     let server = Server::builder().build().unwrap();
     assert!(matches!(server.listen_unix(&sock), Err(Error::Bind { .. })));
     // The running listener is unaffected.
@@ -130,7 +130,7 @@ fn listen_on_existing_path_fails() {
 
 #[test]
 fn serve_split_on_socket_pair() {
-    let e = MemExport::new(pattern(SIZE, 3), false);
+    let e = mem(pattern(SIZE, 3), false);
     let server = Server::builder()
         .export("disk", e.clone())
         .workers(2)
@@ -181,7 +181,7 @@ fn serve_stream_in_memory() {
         }
         .encode(),
     );
-    let e = MemExport::new(pattern(SIZE, 4), false);
+    let e = mem(pattern(SIZE, 4), false);
     let server = Server::builder().export("disk", e).build().unwrap();
     let mut stream = InOut {
         input: std::io::Cursor::new(input),
@@ -202,7 +202,6 @@ fn serve_stream_in_memory() {
         output: Vec::new(),
     };
     assert!(server.serve_stream(&mut stream).is_err());
-    assert!(!vma_nbd::fuzz::run_session(&[0xff; 64]).is_empty());
 }
 
 struct InOut {
@@ -227,7 +226,7 @@ impl std::io::Write for InOut {
 
 #[test]
 fn builder_validation() {
-    let e = || MemExport::new(vec![0; 4096], false);
+    let e = || mem(vec![0; 4096], false);
     assert!(matches!(
         Server::builder().export("a", e()).export("a", e()).build(),
         Err(Error::DuplicateExport(_))
@@ -240,7 +239,7 @@ fn builder_validation() {
         Server::builder().export("a\0b", e()).build(),
         Err(Error::InvalidExport { .. })
     ));
-    let bad = MemExport::with(
+    let bad = mem_with(
         vec![0; 4096],
         false,
         false,

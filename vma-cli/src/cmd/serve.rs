@@ -6,7 +6,7 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use vma_nbd::{BlockSize, Export, Extent, Server};
+use vma_nbd::{BlockSize, BlockStatus, Export, Server};
 use vma_reader::DeviceReader;
 
 use super::open_seekable;
@@ -43,7 +43,7 @@ impl Export for DeviceExport {
         true
     }
 
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let n = self.0.read_at(buf, offset)?;
         if n != buf.len() {
             // The server checks bounds before calling; a short read is a bug, not EOF.
@@ -55,7 +55,7 @@ impl Export for DeviceExport {
         Ok(())
     }
 
-    fn block_status(&self, offset: u64, len: u32) -> io::Result<Vec<Extent>> {
+    fn block_status(&self, offset: u64, len: u32) -> io::Result<Vec<BlockStatus>> {
         let mut extents = Vec::new();
         let mut at = offset;
         let end = offset + len as u64;
@@ -64,9 +64,9 @@ impl Export for DeviceExport {
                 break;
             };
             extents.push(if stored {
-                Extent::data(n)
+                BlockStatus::data(n)
             } else {
-                Extent::hole(n)
+                BlockStatus::hole(n)
             });
             at += n;
         }

@@ -7,105 +7,33 @@ use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use vma_nbd::proto::*;
-use vma_nbd::{BlockSize, Export, Extent, Server, ServerHandle};
+use vma_nbd::{BlockSize, MemExport, Server, ServerHandle};
 
-/// Granularity at which [`MemExport`] reports holes.
+/// Granularity at which [`mem_with`] exports report holes.
 pub const HOLE_GRANULE: u64 = 64 * 1024;
 
-/// A RAM disk: a `Vec` behind a `Mutex`.
-pub struct MemExport {
-    pub data: Mutex<Vec<u8>>,
-    pub read_only: bool,
-    /// Report all-zero 64 KiB granules as holes in `block_status`.
-    pub report_holes: bool,
-    pub block: BlockSize,
-    pub block_status_calls: AtomicUsize,
-    pub writes: AtomicUsize,
-    pub flushes: AtomicUsize,
+/// A RAM disk of these bytes.
+pub fn mem(data: Vec<u8>, read_only: bool) -> Arc<MemExport> {
+    Arc::new(MemExport::new(data).read_only(read_only))
 }
 
-impl MemExport {
-    pub fn new(data: Vec<u8>, read_only: bool) -> Arc<Self> {
-        Self::with(data, read_only, false, BlockSize::default())
-    }
-
-    pub fn with(data: Vec<u8>, read_only: bool, report_holes: bool, block: BlockSize) -> Arc<Self> {
-        Arc::new(Self {
-            data: Mutex::new(data),
-            read_only,
-            report_holes,
-            block,
-            block_status_calls: AtomicUsize::new(0),
-            writes: AtomicUsize::new(0),
-            flushes: AtomicUsize::new(0),
-        })
-    }
-
-    pub fn snapshot(&self) -> Vec<u8> {
-        self.data.lock().unwrap().clone()
-    }
-}
-
-impl Export for MemExport {
-    fn size(&self) -> u64 {
-        self.data.lock().unwrap().len() as u64
-    }
-    fn read_only(&self) -> bool {
-        self.read_only
-    }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let data = self.data.lock().unwrap();
-        let start = offset as usize;
-        buf.copy_from_slice(&data[start..start + buf.len()]);
-        Ok(())
-    }
-    fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
-        assert!(
-            !self.read_only,
-            "server called write_at on a read-only export"
-        );
-        let mut data = self.data.lock().unwrap();
-        let start = offset as usize;
-        data[start..start + buf.len()].copy_from_slice(buf);
-        self.writes.fetch_add(1, Ordering::SeqCst);
-        Ok(())
-    }
-    fn flush(&self) -> io::Result<()> {
-        self.flushes.fetch_add(1, Ordering::SeqCst);
-        Ok(())
-    }
-    fn block_status(&self, offset: u64, len: u32) -> io::Result<Vec<Extent>> {
-        self.block_status_calls.fetch_add(1, Ordering::SeqCst);
-        if !self.report_holes {
-            return Ok(vec![Extent::data(u64::from(len))]);
-        }
-        let data = self.data.lock().unwrap();
-        let end = offset + u64::from(len);
-        let mut out = Vec::new();
-        let mut pos = offset;
-        while pos < end {
-            let granule_end = ((pos / HOLE_GRANULE) + 1) * HOLE_GRANULE;
-            let next = granule_end.min(end);
-            let g_start = (pos / HOLE_GRANULE * HOLE_GRANULE) as usize;
-            let g_end = (granule_end as usize).min(data.len());
-            let zero = data[g_start..g_end].iter().all(|&b| b == 0);
-            out.push(if zero {
-                Extent::hole(next - pos)
-            } else {
-                Extent::data(next - pos)
-            });
-            pos = next;
-        }
-        Ok(out)
-    }
-    fn block_size(&self) -> BlockSize {
-        self.block
-    }
+/// A RAM disk that may report all-zero 64 KiB granules as holes, with block sizes.
+pub fn mem_with(
+    data: Vec<u8>,
+    read_only: bool,
+    report_holes: bool,
+    block: BlockSize,
+) -> Arc<MemExport> {
+    let e = MemExport::new(data).read_only(read_only).block_size(block);
+    Arc::new(if report_holes {
+        e.report_holes(HOLE_GRANULE)
+    } else {
+        e
+    })
 }
 
 /// Panics unless the QEMU tools used by the tests can be run.
