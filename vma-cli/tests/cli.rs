@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use vma_format::{ArchiveHeader, VMA_FIXED_HEADER_SIZE};
+use vma_testkit::require_tool;
 use vma_testkit::{sha256_file, vectors, Vector};
 
 fn vma() -> Command {
@@ -39,18 +40,6 @@ fn fails(cmd: &mut Command, code: i32) -> String {
     assert!(!stderr.contains("panicked"), "{cmd:?} panicked: {stderr}");
     assert!(!stderr.trim().is_empty(), "{cmd:?}: no message");
     stderr
-}
-
-fn require_tool(tool: &str) {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    assert!(
-        found,
-        "{tool} is not installed: run scripts/install-deps (the test suite needs it)"
-    );
 }
 
 fn check_extracted(v: &Vector, dir: &Path) {

@@ -9,19 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use vma_testkit::{sha256_file, vectors};
-
-fn require(tool: &str) {
-    let ok = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    assert!(
-        ok,
-        "{tool} is not installed: run scripts/install-deps (the test suite needs it)"
-    );
-}
+use vma_testkit::{require_tool as require, sha256_file, vectors};
 
 /// A running `vma serve`, stopped (SIGINT) on drop.
 struct Serve {
@@ -97,6 +85,7 @@ fn qemu_img(args: &[&str]) {
 }
 
 #[test]
+#[ignore = "needs QEMU's tools (qemu-img, qemu-io); scripts/test runs it with --include-ignored"]
 fn every_device_converts_to_raw_and_qcow2_byte_exact() {
     require("qemu-img");
     let tmp = tempfile::tempdir().unwrap();
@@ -180,6 +169,7 @@ fn parse_dump(text: &str) -> Vec<u8> {
 }
 
 #[test]
+#[ignore = "needs QEMU's tools (qemu-img, qemu-io); scripts/test runs it with --include-ignored"]
 fn random_reads_through_qemu_io_equal_the_image() {
     require("qemu-io");
     let tmp = tempfile::tempdir().unwrap();
@@ -224,6 +214,7 @@ fn random_reads_through_qemu_io_equal_the_image() {
 }
 
 #[test]
+#[ignore = "needs QEMU's tools (qemu-img, qemu-io); scripts/test runs it with --include-ignored"]
 fn writes_unknown_exports_and_broken_clients_do_not_hurt_the_server() {
     require("qemu-io");
     let tmp = tempfile::tempdir().unwrap();
@@ -291,6 +282,7 @@ fn writes_unknown_exports_and_broken_clients_do_not_hurt_the_server() {
 }
 
 #[test]
+#[ignore = "needs QEMU's tools (qemu-img, qemu-io); scripts/test runs it with --include-ignored"]
 fn once_stops_after_the_last_client_and_device_filter_applies() {
     require("qemu-img");
     let tmp = tempfile::tempdir().unwrap();

@@ -7,6 +7,7 @@ use common::*;
 const MIB: usize = 1 << 20;
 
 #[test]
+#[ignore = "needs QEMU (qemu-utils); scripts/test runs it with --include-ignored"]
 fn qemu_io_write_then_read() {
     require_qemu_tools();
     let e = mem(vec![0; 4 * MIB], false);
@@ -48,6 +49,7 @@ fn qemu_io_write_then_read() {
 }
 
 #[test]
+#[ignore = "needs QEMU (qemu-utils); scripts/test runs it with --include-ignored"]
 fn qemu_io_pipelined_aio() {
     require_qemu_tools();
     let e = mem(vec![0; 8 * MIB], false);
@@ -79,6 +81,7 @@ fn qemu_io_pipelined_aio() {
 }
 
 #[test]
+#[ignore = "needs QEMU (qemu-utils); scripts/test runs it with --include-ignored"]
 fn qemu_img_info() {
     require_qemu_tools();
     let e = mem(vec![0; 3 * MIB], true);
@@ -95,6 +98,7 @@ fn qemu_img_info() {
 }
 
 #[test]
+#[ignore = "needs QEMU (qemu-utils); scripts/test runs it with --include-ignored"]
 fn qemu_img_convert_raw_is_exact() {
     require_qemu_tools();
     let mut data = pattern(9 * MIB + 4096, 9);
@@ -118,6 +122,7 @@ fn qemu_img_convert_raw_is_exact() {
 }
 
 #[test]
+#[ignore = "needs QEMU (qemu-utils); scripts/test runs it with --include-ignored"]
 fn qemu_img_convert_to_qcow2_keeps_holes() {
     require_qemu_tools();
     let g = HOLE_GRANULE as usize;
@@ -195,6 +200,7 @@ fn json_u64(line: &str, key: &str) -> u64 {
 }
 
 #[test]
+#[ignore = "needs QEMU (qemu-utils); scripts/test runs it with --include-ignored"]
 fn qemu_img_convert_into_writable_export() {
     // Like a backup job: many pipelined 1 MiB writes and write-zeroes,
     // out of order, then a flush.
@@ -227,6 +233,7 @@ fn qemu_img_convert_into_writable_export() {
 }
 
 #[test]
+#[ignore = "needs QEMU (qemu-utils); scripts/test runs it with --include-ignored"]
 fn qemu_io_write_to_read_only_export_fails() {
     require_qemu_tools();
     let e = mem(pattern(MIB, 1), true);
@@ -262,6 +269,7 @@ fn qemu_io_write_to_read_only_export_fails() {
 }
 
 #[test]
+#[ignore = "needs QEMU (qemu-utils); scripts/test runs it with --include-ignored"]
 fn qemu_over_tcp() {
     require_qemu_tools();
     let e = mem(vec![0; 2 * MIB], false);
@@ -292,6 +300,7 @@ fn qemu_over_tcp() {
 
 /// The real use case: QEMU's backup job writes a disk into our export.
 #[test]
+#[ignore = "needs QEMU (qemu-utils); scripts/test runs it with --include-ignored"]
 fn qemu_blockdev_backup_into_export() {
     use std::io::{BufRead, BufReader, Write};
     use std::process::{Command, Stdio};

@@ -36,19 +36,10 @@ pub fn mem_with(
     })
 }
 
-/// Panics unless the QEMU tools used by the tests can be run.
+/// Panics unless the QEMU tools used by the tests are installed.
 pub fn require_qemu_tools() {
     for tool in ["qemu-img", "qemu-io"] {
-        match Command::new(tool).arg("--version").output() {
-            Ok(out) if out.status.success() => {}
-            Ok(out) => panic!(
-                "{tool} --version failed ({}): install QEMU tools (qemu-utils) to run these tests",
-                out.status
-            ),
-            Err(e) => {
-                panic!("cannot run {tool}: {e}; install QEMU tools (qemu-utils) to run these tests")
-            }
-        }
+        vma_testkit::require_tool(tool);
     }
 }
 

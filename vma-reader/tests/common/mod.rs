@@ -294,6 +294,5 @@ impl Scratch {
     }
 }
 
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    vma_testkit::sha256_hex(bytes)
-}
+#[allow(unused_imports)] // reason: each test crate that includes this module uses some of it
+pub use vma_testkit::sha256_hex;

@@ -163,37 +163,8 @@ pub fn decode(bytes: &[u8]) -> Decoded {
     }
 }
 
-/// Deterministic xorshift bytes.
-pub struct Rng(pub u64);
-
-impl Rng {
-    pub fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    pub fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            let v = self.next().to_le_bytes();
-            chunk.copy_from_slice(&v[..chunk.len()]);
-        }
-    }
-
-    pub fn shuffle<T>(&mut self, items: &mut [T]) {
-        for i in (1..items.len()).rev() {
-            let j = self.below(i as u64 + 1) as usize;
-            items.swap(i, j);
-        }
-    }
-}
+#[allow(unused_imports)] // reason: each test crate that includes this module uses some of it
+pub use vma_testkit::Rng;
 
 /// An image of `size` bytes mixing random, zero, partly zero and single-byte 4 KiB blocks.
 pub fn image(size: usize, seed: u64) -> Vec<u8> {
@@ -242,10 +213,8 @@ pub fn write_in_order(handle: &WriterHandle, dev: Device, image: &[u8], order: &
     }
 }
 
-/// Sha256 in hex.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    vma_testkit::sha256_hex(bytes)
-}
+#[allow(unused_imports)] // reason: each test crate that includes this module uses some of it
+pub use vma_testkit::sha256_hex;
 
 /// Asserts two byte strings are equal, reporting the first difference (not the bytes).
 #[track_caller]
