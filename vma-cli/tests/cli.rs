@@ -590,3 +590,41 @@ fn stdin_pipe_is_read_in_one_pass() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Proxmox's restore opens the map FIFO for writing right after starting `vma` and blocks
+/// there until `vma` opens it: a restore of an archive that fails before the map is read
+/// must not leave it waiting forever.
+#[test]
+fn a_failed_restore_releases_the_writer_of_the_map_fifo() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fifo = tmp.path().join("map.fifo");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let bad = tmp.path().join("bad.vma");
+    fs::write(&bad, b"not an archive at all").unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let writer = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || {
+            let opened = fs::OpenOptions::new().write(true).open(&fifo).is_ok();
+            tx.send(opened).unwrap();
+        })
+    };
+    let err = fails(
+        vma()
+            .args(["extract", "-v", "-r"])
+            .arg(&fifo)
+            .arg(&bad)
+            .arg(tmp.path().join("t")),
+        3,
+    );
+    assert!(err.contains("not a VMA archive"), "{err}");
+    let opened = rx
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("the writer's open returned");
+    assert!(opened);
+    writer.join().unwrap();
+}

@@ -40,6 +40,30 @@ pub struct Args {
 }
 
 pub(crate) fn run(args: Args) -> Result<()> {
+    let result = open_and_extract(&args);
+    if result.is_err() {
+        if let Some(map) = &args.map {
+            release_map_writer(map);
+        }
+    }
+    result
+}
+
+/// Proxmox's restore opens the map FIFO for writing right after starting `vma`, which
+/// blocks until `vma` opens it for reading. An extraction that fails before it reads the
+/// map (a damaged archive, a missing target directory) opens and closes it once, without
+/// blocking, so that the restore sees the failure instead of waiting forever.
+fn release_map_writer(map: &Path) {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    if fs::metadata(map).is_ok_and(|m| m.file_type().is_fifo()) {
+        let _ = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(map);
+    }
+}
+
+fn open_and_extract(args: &Args) -> Result<()> {
     let stream = open_stream(&args.file, ReadOptions::default())?;
     let header = stream.header().clone();
 
@@ -52,7 +76,7 @@ pub(crate) fn run(args: Args) -> Result<()> {
             ),
         )
     })?;
-    let result = extract(&args, stream, &header);
+    let result = extract(args, stream, &header);
     if result.is_err() {
         // Leave nothing that looks like a result: the extractor removed its files; the
         // directory we made goes too if it is empty.
