@@ -51,18 +51,24 @@ const CHUNK: usize = 1 << 20;
 
 /// The packing of a file, from its first bytes (a short or empty file is `None`).
 pub fn detect_file(path: &Path) -> io::Result<Compression> {
+    let (head, got) = read_head(&mut File::open(path)?)?;
+    Ok(Compression::detect(&head[..got]))
+}
+
+/// The first bytes of a stream, as many as arrive of the 9 that tell a compression
+/// apart, and how many there are.
+fn read_head(source: &mut dyn Read) -> io::Result<([u8; 9], usize)> {
     let mut head = [0u8; 9];
-    let mut file = File::open(path)?;
     let mut got = 0;
     while got < head.len() {
-        match file.read(&mut head[got..]) {
+        match source.read(&mut head[got..]) {
             Ok(0) => break,
             Ok(n) => got += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
     }
-    Ok(Compression::detect(&head[..got]))
+    Ok((head, got))
 }
 
 /// Opens `path` (`-` is standard input) for one-pass reading, decompressing as needed.
@@ -79,16 +85,7 @@ pub fn open(path: &Path) -> io::Result<(Box<dyn Read + Send>, Compression)> {
 pub fn open_reader(
     mut source: Box<dyn Read + Send>,
 ) -> io::Result<(Box<dyn Read + Send>, Compression)> {
-    let mut head = [0u8; 9];
-    let mut got = 0;
-    while got < head.len() {
-        match source.read(&mut head[got..]) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
+    let (head, got) = read_head(&mut source)?;
     let compression = Compression::detect(&head[..got]);
     let rejoined = io::Cursor::new(head[..got].to_vec()).chain(source);
     if compression == Compression::None {
