@@ -18,9 +18,10 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use crate::backup::{job_index, run_backup, BackupOptions, BackupReport, DRIVES_CONFIG_NAME};
+use vma_live::backup::{job_index, DRIVES_CONFIG_NAME};
+use vma_live::{run_backup, BackupOptions, BackupReport, Qmp};
+
 use crate::qemu::{self, Disk, Vm};
-use crate::qmp::Qmp;
 
 const MIB: u64 = 1 << 20;
 

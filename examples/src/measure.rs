@@ -20,10 +20,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::backup::{run_backup, BackupOptions};
+use vma_live::{run_backup, BackupOptions, Qmp};
+
 use crate::demo::{job_offset, wait_for_jobs};
 use crate::qemu::{self, Disk, Vm};
-use crate::qmp::Qmp;
 
 const MIB: u64 = 1 << 20;
 const ROUNDS: usize = 3;
@@ -231,7 +231,7 @@ fn raw_round(
     drop(f);
     let node = format!("rawtarget{round}");
     let job = format!("rawjob{round}");
-    let q = |e: crate::qmp::QmpError| e.to_string();
+    let q = |e: vma_live::Error| e.to_string();
     ctl.execute(
         "blockdev-add",
         json!({"driver": "raw", "node-name": node,

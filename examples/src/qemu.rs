@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::qmp::Qmp;
+use vma_live::Qmp;
 
 /// The emulator the VM runs in.
 pub const QEMU_SYSTEM: &str = "qemu-system-x86_64";

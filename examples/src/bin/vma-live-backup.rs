@@ -6,7 +6,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use vma_examples::{run_backup, BackupOptions};
+use vma_live::{run_backup, BackupOptions, Error, ErrorKind};
 
 const USAGE: &str = "\
 usage: vma-live-backup --qmp SOCKET --output FILE.vma [--config NAME=FILE]...
@@ -32,10 +32,20 @@ instant.
   --measure           measure throughput against a plain raw-file backup and
                       the guest write latency added during a backup
 
-Exit codes: 0 done, 1 setup failed, 2 usage, 3 writing the archive failed,
-4 the archive's filesystem is full, 5 QEMU's backup job failed, 6 QEMU went
-away, 130 interrupted (SIGINT/SIGTERM). On failure the jobs are cancelled,
-the VM keeps running and no archive is left under FILE.
+Exit codes (0 to 5 mean what they mean for the vma command):
+  0    done
+  1    internal error (a bug: please report it); --demo or --measure failed
+  2    usage: the command line or the options cannot work
+  3    (not used: vma's code for an invalid or damaged archive)
+  4    I/O error: a config file cannot be read; the archive already exists or
+       cannot be created, written or finished (a full filesystem included)
+  5    a drive asked for with --drive is not in the VM, or it has no drive
+  6    QEMU or QMP failed: the QMP socket cannot be reached, QEMU refused a
+       command or sent something that is not QMP, a backup job failed, QEMU
+       went away
+  130  interrupted (SIGINT or SIGTERM; a second one exits at once)
+On failure the jobs are cancelled, the VM keeps running and no archive is
+left under FILE.
 ";
 
 enum Mode {
@@ -173,19 +183,187 @@ fn main() -> ExitCode {
                     println!("{report}");
                     ExitCode::SUCCESS
                 }
-                Err(e) if e.exit_code() == 2 => {
-                    eprintln!("vma-live-backup: {e}");
-                    ExitCode::from(2)
-                }
                 Err(e) => {
-                    eprintln!(
-                        "vma-live-backup: {e}\n\
-                         (the VM keeps running; no archive was written to {})",
-                        opts.output.display()
-                    );
-                    ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(1))
+                    report_failure(&e, &opts);
+                    ExitCode::from(exit_code(e.kind()))
                 }
             }
+        }
+    }
+}
+
+/// Prints `e`; once the backup may have started, also what was left behind.
+fn report_failure(e: &Error, opts: &BackupOptions) {
+    let before_start = matches!(e.kind(), ErrorKind::Usage | ErrorKind::NotFound)
+        || matches!(
+            e,
+            Error::Writer(vma_writer::Error::TargetExists { .. }) | Error::ReadConfig { .. }
+        );
+    if before_start {
+        eprintln!("vma-live-backup: {e}");
+    } else {
+        eprintln!(
+            "vma-live-backup: {e}\n\
+             (the VM keeps running; no archive was written to {})",
+            opts.output.display()
+        );
+    }
+}
+
+/// The exit code for a failed backup; the codes 0 to 5 mean what they mean for `vma`
+/// (spec/CLI.md).
+fn exit_code(kind: ErrorKind) -> u8 {
+    match kind {
+        ErrorKind::Usage => 2,
+        ErrorKind::Io => 4,
+        ErrorKind::NotFound => 5,
+        ErrorKind::Qemu => 6,
+        ErrorKind::Interrupted => 130,
+        // Internal, and kinds a newer vma-live may add.
+        _ => 1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_has_its_exit_code() {
+        let table = [
+            (ErrorKind::Usage, 2),
+            (ErrorKind::Io, 4),
+            (ErrorKind::NotFound, 5),
+            (ErrorKind::Qemu, 6),
+            (ErrorKind::Interrupted, 130),
+            (ErrorKind::Internal, 1),
+        ];
+        for (kind, code) in table {
+            assert_eq!(exit_code(kind), code, "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn errors_map_to_vma_exit_codes() {
+        use std::io;
+        let os = io::Error::from_raw_os_error;
+        let cases: Vec<(Error, u8)> = vec![
+            (
+                Error::ReadConfig {
+                    name: "c".into(),
+                    path: "/c".into(),
+                    source: os(libc::ENOENT),
+                },
+                4,
+            ),
+            (Error::ReservedConfigName, 2),
+            (
+                Error::NoSuchDrive {
+                    name: "d9".into(),
+                    known: vec![],
+                },
+                5,
+            ),
+            (Error::DuplicateDrive { name: "d0".into() }, 2),
+            (Error::NoDrives, 5),
+            (
+                Error::QmpConnect {
+                    path: "/q".into(),
+                    source: os(libc::ENOENT),
+                },
+                6,
+            ),
+            (
+                Error::QmpSend {
+                    command: "x".into(),
+                    source: os(libc::EPIPE),
+                },
+                6,
+            ),
+            (Error::QmpClosed, 6),
+            (Error::QmpNoGreeting, 6),
+            (
+                Error::QmpTimeout {
+                    command: "x".into(),
+                },
+                6,
+            ),
+            (
+                Error::QmpGreeting {
+                    got: serde_json::Value::Null,
+                },
+                6,
+            ),
+            (Error::QmpNotJson { line: "x".into() }, 6),
+            (
+                Error::QmpReply {
+                    reply: serde_json::Value::Null,
+                },
+                6,
+            ),
+            (
+                Error::QmpCommand {
+                    command: "x".into(),
+                    class: "GenericError".into(),
+                    desc: "no".into(),
+                },
+                6,
+            ),
+            (
+                Error::QueryBlock {
+                    reason: "expected a list",
+                    reply: serde_json::Value::Null,
+                },
+                6,
+            ),
+            (
+                Error::Unaligned {
+                    device: 1,
+                    offset: 1,
+                    len: 1,
+                },
+                6,
+            ),
+            (Error::JobFailed { failures: vec![] }, 6),
+            (Error::JobCancelled { job: "j".into() }, 6),
+            (
+                Error::CancelTimeout {
+                    source: Box::new(Error::Interrupted),
+                    secs: 60,
+                },
+                6,
+            ),
+            (
+                Error::ArchiveFailed {
+                    source: Box::new(Error::Writer(vma_writer::Error::Sink {
+                        offset: 0,
+                        source: std::sync::Arc::new(os(libc::ENOSPC)),
+                    })),
+                },
+                4,
+            ),
+            (
+                Error::Writer(vma_writer::Error::TargetExists { path: "/a".into() }),
+                4,
+            ),
+            (Error::Writer(vma_writer::Error::EmptyArchive), 2),
+            (Error::Writer(vma_writer::Error::SinkPanicked), 1),
+            (
+                Error::Compress {
+                    path: "/a".into(),
+                    op: "zstd finish",
+                    source: os(libc::EIO),
+                },
+                4,
+            ),
+            (Error::NoDevice(1), 1),
+            (Error::SocketDir(os(libc::EACCES)), 4),
+            (Error::SocketPath("/s".into()), 2),
+            (Error::Nbd(vma_nbd::Error::ThreadPanicked), 1),
+            (Error::Interrupted, 130),
+        ];
+        for (e, code) in cases {
+            assert_eq!(exit_code(e.kind()), code, "{e:?}");
         }
     }
 }
