@@ -1,6 +1,11 @@
 //! Runnable programs around the live backup of [`vma_live`], and the support its
-//! demonstration, measurements and tests share: a throwaway QEMU VM ([`qemu`]), the demo
-//! ([`demo`]) and the measurement ([`measure`]). Not a published API.
+//! demonstration, measurements and tests share. Not a published API.
+//!
+//! - [`qemu`]: a throwaway QEMU VM (no guest OS) and the QEMU tools that make its images;
+//! - [`fixture`]: that VM with two disks of known content, guest writes injected during a
+//!   backup, and the checks of an archive against the disks;
+//! - [`demo`]: `vma-live-backup --demo` (what `scripts/demo` runs);
+//! - [`measure`]: `vma-live-backup --measure` (what `examples/benches/live.sh` runs).
 //!
 //! The `vma-live-backup` binary is a thin command line around
 //! [`vma_live::run_backup`], plus `--demo` and `--measure`.
@@ -9,5 +14,13 @@
 #![forbid(unsafe_code)]
 
 pub mod demo;
+pub mod fixture;
 pub mod measure;
 pub mod qemu;
+
+/// The error of this test support: whatever failed, with its sources. One boxed type is
+/// enough here; the library's errors are typed ([`vma_live::Error`]).
+pub type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// A result with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -10,7 +10,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use vma_examples::demo::{check_archive, job_offset, wait_for_jobs, Fixture};
+use vma_examples::fixture::{check_archive, job_offset, wait_for_jobs, Fixture};
 use vma_live::{run_backup, BackupOptions, Error, ErrorKind, Qmp};
 
 /// Fixture layout scale (MiB): a 16 MiB qcow2 and a 10 MiB + 12345 raw.
