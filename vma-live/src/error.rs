@@ -327,11 +327,54 @@ mod tests {
         io::Error::from_raw_os_error(code)
     }
 
-    /// One value of every variant with the kind it must have. The match makes a new
-    /// variant fail to compile here until it is listed.
+    /// One value of every variant with the kind it must have.
     fn every_variant() -> Vec<(Error, ErrorKind)> {
+        let mut all = option_variants();
+        all.extend(qemu_variants());
+        all.extend(archive_and_local_variants());
+        for (e, _) in &all {
+            assert_listed(e);
+        }
+        all
+    }
+
+    /// Fails to compile once a variant is added, until it is listed here and above.
+    fn assert_listed(e: &Error) {
+        match e {
+            Error::ReadConfig { .. }
+            | Error::ReservedConfigName
+            | Error::NoSuchDrive { .. }
+            | Error::DuplicateDrive { .. }
+            | Error::NoDrives
+            | Error::QmpConnect { .. }
+            | Error::QmpSend { .. }
+            | Error::QmpClosed
+            | Error::QmpNoGreeting
+            | Error::QmpTimeout { .. }
+            | Error::QmpGreeting { .. }
+            | Error::QmpNotJson { .. }
+            | Error::QmpReply { .. }
+            | Error::QmpCommand { .. }
+            | Error::QueryBlock { .. }
+            | Error::Unaligned { .. }
+            | Error::JobFailed { .. }
+            | Error::JobCancelled { .. }
+            | Error::CancelTimeout { .. }
+            | Error::ArchiveFailed { .. }
+            | Error::Writer(_)
+            | Error::Compress { .. }
+            | Error::NoDevice(_)
+            | Error::SocketDir(_)
+            | Error::SocketPath(_)
+            | Error::Nbd(_)
+            | Error::Interrupted => {}
+        }
+    }
+
+    /// Errors of the options and the drive selection.
+    fn option_variants() -> Vec<(Error, ErrorKind)> {
         use ErrorKind as K;
-        let all = vec![
+        vec![
             (
                 Error::ReadConfig {
                     name: "qemu-server.conf".into(),
@@ -350,6 +393,13 @@ mod tests {
             ),
             (Error::DuplicateDrive { name: "d0".into() }, K::Usage),
             (Error::NoDrives, K::NotFound),
+        ]
+    }
+
+    /// Errors of QMP and of QEMU's jobs.
+    fn qemu_variants() -> Vec<(Error, ErrorKind)> {
+        use ErrorKind as K;
+        vec![
             (
                 Error::QmpConnect {
                     path: "/run/qmp".into(),
@@ -390,6 +440,13 @@ mod tests {
                 },
                 K::Qemu,
             ),
+        ]
+    }
+
+    /// Errors of the archive, the NBD server and the cancel flag.
+    fn archive_and_local_variants() -> Vec<(Error, ErrorKind)> {
+        use ErrorKind as K;
+        vec![
             (
                 Error::Unaligned {
                     device: 1,
@@ -435,39 +492,7 @@ mod tests {
             (Error::SocketPath("/tmp/\u{fffd}".into()), K::Usage),
             (Error::Nbd(vma_nbd::Error::Config("x".into())), K::Internal),
             (Error::Interrupted, K::Interrupted),
-        ];
-        for (e, _) in &all {
-            match e {
-                Error::ReadConfig { .. }
-                | Error::ReservedConfigName
-                | Error::NoSuchDrive { .. }
-                | Error::DuplicateDrive { .. }
-                | Error::NoDrives
-                | Error::QmpConnect { .. }
-                | Error::QmpSend { .. }
-                | Error::QmpClosed
-                | Error::QmpNoGreeting
-                | Error::QmpTimeout { .. }
-                | Error::QmpGreeting { .. }
-                | Error::QmpNotJson { .. }
-                | Error::QmpReply { .. }
-                | Error::QmpCommand { .. }
-                | Error::QueryBlock { .. }
-                | Error::Unaligned { .. }
-                | Error::JobFailed { .. }
-                | Error::JobCancelled { .. }
-                | Error::CancelTimeout { .. }
-                | Error::ArchiveFailed { .. }
-                | Error::Writer(_)
-                | Error::Compress { .. }
-                | Error::NoDevice(_)
-                | Error::SocketDir(_)
-                | Error::SocketPath(_)
-                | Error::Nbd(_)
-                | Error::Interrupted => {}
-            }
-        }
-        all
+        ]
     }
 
     fn sink_error(code: i32) -> Error {
