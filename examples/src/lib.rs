@@ -1,59 +1,26 @@
-//! Live backup of a running, stock QEMU VM into a VMA archive.
+//! Runnable programs around the live backup of [`vma_live`], and the support its
+//! demonstration, measurements and tests share. Not a published API.
 //!
-//! Proxmox VE backs VMs up through a private `backup` QMP command of its
-//! patched QEMU. Stock QEMU has none, but its standard backup job can write
-//! into any block node, including an NBD client. So this crate runs an NBD
-//! server ([`vma_nbd`]) whose exports turn QEMU's writes into archive writes
-//! ([`vma_writer`]), and drives QEMU over QMP:
+//! - [`qemu`]: a throwaway QEMU VM (no guest OS) and the QEMU tools that make its images;
+//! - [`fixture`]: that VM with two disks of known content, guest writes injected during a
+//!   backup, and the checks of an archive against the disks;
+//! - [`demo`]: `vma-live-backup --demo` (what `scripts/demo` runs);
+//! - [`measure`]: `vma-live-backup --measure` (what `examples/benches/live.sh` runs).
 //!
-//! 1. `query-version`, `query-block` (drives with a medium; the archive
-//!    device of a drive is `drive-<qdev id>`, as Proxmox names them);
-//! 2. per drive, `blockdev-add` of a raw node over an NBD client connected
-//!    to our export;
-//! 3. one `transaction` of `blockdev-backup` actions (`sync: full`) with
-//!    grouped completion, so every drive is copied as of the same instant;
-//! 4. wait for each job's `BLOCK_JOB_COMPLETED` / `BLOCK_JOB_CANCELLED`;
-//! 5. `blockdev-del` the targets and finish the archive.
-//!
-//! When the guest writes to an area not yet copied, QEMU first pushes the
-//! old data to the target and the guest's write waits for that push, so the
-//! exports only hand data to the writer and never answer with an error: if
-//! the archive cannot be written, the exports keep acknowledging (and drop
-//! the data) while the jobs are cancelled. The VM keeps running in every
-//! case, and only a complete archive gets its final name.
-//!
-//! [`run_backup`] is the whole backup as a function; the `vma-live-backup`
-//! binary is a thin command line around it, plus a self-contained demo
-//! ([`demo`]) and a throughput/latency measurement ([`measure`]) on a
-//! throwaway VM ([`qemu`]).
-//!
-//! ```no_run
-//! use vma_examples::{run_backup, BackupOptions};
-//!
-//! let mut opts = BackupOptions::new("/run/qemu-server/100.qmp", "/backup/vm-100.vma");
-//! opts.configs.push(("qemu-server.conf".into(), "/etc/pve/qemu-server/100.conf".into()));
-//! match run_backup(&opts) {
-//!     Ok(report) => println!("{report}"),
-//!     Err(e) => {
-//!         eprintln!("backup failed: {e}");
-//!         std::process::exit(e.exit_code());
-//!     }
-//! }
-//! ```
+//! The `vma-live-backup` binary is a thin command line around
+//! [`vma_live::run_backup`], plus `--demo` and `--measure`.
 
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
-mod archive;
-pub mod backup;
 pub mod demo;
-pub mod drives;
-pub mod export;
+pub mod fixture;
 pub mod measure;
-mod progress;
 pub mod qemu;
-pub mod qmp;
 
-pub use backup::{run_backup, BackupError, BackupOptions, BackupReport, DriveReport, XPerf};
-pub use drives::Drive;
-pub use qmp::{Event, Qmp, QmpError};
+/// The error of this test support: whatever failed, with its sources. One boxed type is
+/// enough here; the library's errors are typed ([`vma_live::Error`]).
+pub type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// A result with [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

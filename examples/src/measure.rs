@@ -20,10 +20,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::backup::{run_backup, BackupOptions};
-use crate::demo::{job_offset, wait_for_jobs};
+use vma_live::{run_backup, BackupOptions, Qmp};
+
+use crate::fixture::{job_offset, wait_for_jobs};
 use crate::qemu::{self, Disk, Vm};
-use crate::qmp::Qmp;
+use crate::Result;
 
 const MIB: u64 = 1 << 20;
 const ROUNDS: usize = 3;
@@ -136,13 +137,12 @@ impl fmt::Display for Measurement {
 
 /// Runs the measurement on a disk of `size_mib` MiB. Setting `cancel`
 /// stops it after the current step, killing the VM and removing its files.
-pub fn run(size_mib: u64, cancel: Arc<AtomicBool>) -> Result<Measurement, String> {
+pub fn run(size_mib: u64, cancel: Arc<AtomicBool>) -> Result<Measurement> {
     qemu::run_tool(qemu::QEMU_SYSTEM, &["--version"])?;
     let size = size_mib * MIB;
     let dir = tempfile::Builder::new()
         .prefix("vma-live-measure-")
-        .tempdir()
-        .map_err(|e| e.to_string())?;
+        .tempdir()?;
     let disk_path = dir.path().join("disk.raw");
     qemu::create_raw(&disk_path, size, &[(0x5a, 0, size)])?;
     let disks = [Disk {
@@ -180,11 +180,11 @@ pub fn run(size_mib: u64, cancel: Arc<AtomicBool>) -> Result<Measurement, String
     Ok(m)
 }
 
-fn guest_write(qmp: &mut Qmp, qdev: &str, offset: u64) -> Result<Duration, String> {
+fn guest_write(qmp: &mut Qmp, qdev: &str, offset: u64) -> Result<Duration> {
     let cmd = format!("qemu-io -d {qdev} \"write -P 0xa5 {offset} {WRITE}\"");
     let start = Instant::now();
     // The result goes to QEMU's stdout, not into the reply.
-    qmp.hmp(&cmd).map_err(|e| e.to_string())?;
+    qmp.hmp(&cmd)?;
     Ok(start.elapsed())
 }
 
@@ -194,8 +194,8 @@ fn writes_during_job(
     qmp: &mut Qmp,
     qdev: &str,
     size: u64,
-    offset_of_job: &mut dyn FnMut(&mut Qmp) -> Result<Option<u64>, String>,
-) -> Result<Vec<Duration>, String> {
+    offset_of_job: &mut dyn FnMut(&mut Qmp) -> Result<Option<u64>>,
+) -> Result<Vec<Duration>> {
     let mut samples = Vec::new();
     for k in 1..=16u64 {
         // 4 MiB apart so that each write hits a fresh, uncopied area.
@@ -224,33 +224,28 @@ fn raw_round(
     round: usize,
     qdev: &str,
     m: &mut Measurement,
-) -> Result<(), String> {
+) -> Result<()> {
     let target = dir.join(format!("target{round}.raw"));
-    let f = std::fs::File::create(&target).map_err(|e| e.to_string())?;
-    f.set_len(size).map_err(|e| e.to_string())?;
+    let f = std::fs::File::create(&target)?;
+    f.set_len(size)?;
     drop(f);
     let node = format!("rawtarget{round}");
     let job = format!("rawjob{round}");
-    let q = |e: crate::qmp::QmpError| e.to_string();
     ctl.execute(
         "blockdev-add",
         json!({"driver": "raw", "node-name": node,
                "file": {"driver": "file", "filename": target.to_str().ok_or("path")?}}),
-    )
-    .map_err(q)?;
+    )?;
     let start = Instant::now();
     ctl.execute(
         "transaction",
         json!({"actions": [{"type": "blockdev-backup", "data": {
             "device": "d0", "target": node, "sync": "full", "job-id": job}}],
             "properties": {"completion-mode": "grouped"}}),
-    )
-    .map_err(q)?;
+    )?;
     let job_for_offset = job.clone();
     let samples = writes_during_job(ctl, qdev, size, &mut |qmp| {
-        let jobs = qmp
-            .execute("query-block-jobs", Value::Null)
-            .map_err(|e| e.to_string())?;
+        let jobs = qmp.execute("query-block-jobs", Value::Null)?;
         Ok(jobs.as_array().into_iter().flatten().find_map(|j| {
             (j.get("device").and_then(Value::as_str) == Some(job_for_offset.as_str()))
                 .then(|| j.get("offset").and_then(Value::as_u64).unwrap_or(0))
@@ -258,10 +253,7 @@ fn raw_round(
     })?;
     m.raw_latency.extend(samples);
     loop {
-        let Some(ev) = ctl
-            .next_event(Duration::from_secs(120))
-            .map_err(|e| e.to_string())?
-        else {
+        let Some(ev) = ctl.next_event(Duration::from_secs(120))? else {
             return Err("the raw-file backup did not end".into());
         };
         if ev.data.get("device").and_then(Value::as_str) != Some(job.as_str()) {
@@ -270,14 +262,13 @@ fn raw_round(
         match ev.name.as_str() {
             "BLOCK_JOB_COMPLETED" if ev.data.get("error").is_none() => break,
             "BLOCK_JOB_COMPLETED" | "BLOCK_JOB_CANCELLED" => {
-                return Err(format!("raw-file backup failed: {}", ev.data))
+                return Err(format!("raw-file backup failed: {}", ev.data).into())
             }
             _ => {}
         }
     }
     m.raw_copy.push(start.elapsed());
-    ctl.execute("blockdev-del", json!({ "node-name": node }))
-        .map_err(q)?;
+    ctl.execute("blockdev-del", json!({ "node-name": node }))?;
     m.raw_durable.push(start.elapsed());
     let _ = std::fs::remove_file(&target);
     Ok(())
@@ -289,24 +280,19 @@ fn vma_round(
     size: u64,
     qdev: &str,
     m: &mut Measurement,
-) -> Result<(), String> {
+) -> Result<()> {
     let out = opts.output.clone();
     let backup = thread::spawn(move || run_backup(&opts));
     wait_for_jobs(ctl, 1, Duration::from_secs(30))?;
     let samples = writes_during_job(ctl, qdev, size, &mut |qmp| {
-        let jobs = qmp
-            .execute("query-block-jobs", Value::Null)
-            .map_err(|e| e.to_string())?;
+        let jobs = qmp.execute("query-block-jobs", Value::Null)?;
         if jobs.as_array().map_or(true, |a| a.is_empty()) {
             return Ok(None);
         }
         job_offset(qmp, 0).map(Some)
     })?;
     m.vma_latency.extend(samples);
-    let report = backup
-        .join()
-        .map_err(|_| "backup thread panicked".to_string())?
-        .map_err(|e| e.to_string())?;
+    let report = backup.join().map_err(|_| "backup thread panicked")??;
     m.vma_copy.push(report.copy_time);
     m.vma_durable.push(report.durable_time);
     let _ = std::fs::remove_file(&out);

@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::qmp::Qmp;
+use vma_live::Qmp;
+
+use crate::Result;
 
 /// The emulator the VM runs in.
 pub const QEMU_SYSTEM: &str = "qemu-system-x86_64";
@@ -29,7 +31,7 @@ pub fn missing_tool(tool: &str) -> String {
 /// Runs a QEMU tool (`qemu-img`, `qemu-io`, ...) and returns its stdout;
 /// a missing tool, a non-zero exit or an error message on stdout (qemu-io
 /// reports failures there and still exits 0) is an error.
-pub fn run_tool(tool: &str, args: &[&str]) -> Result<String, String> {
+pub fn run_tool(tool: &str, args: &[&str]) -> Result<String> {
     let out = Command::new(tool)
         .args(args)
         .stdin(Stdio::null())
@@ -49,7 +51,8 @@ pub fn run_tool(tool: &str, args: &[&str]) -> Result<String, String> {
             "{tool} {}: {}\n{stdout}{stderr}",
             args.join(" "),
             out.status
-        ));
+        )
+        .into());
     }
     Ok(stdout)
 }
@@ -94,7 +97,7 @@ impl Vm {
     ///
     /// QEMU runs in its own process group, so a Ctrl-C meant for this
     /// program does not kill it.
-    pub fn start(dir: &Path, disks: &[Disk]) -> Result<Vm, String> {
+    pub fn start(dir: &Path, disks: &[Disk]) -> Result<Vm> {
         let qmp_path = dir.join("qmp-backup.sock");
         let control_path = dir.join("qmp-control.sock");
         let log = dir.join("qemu.log");
@@ -151,16 +154,10 @@ impl Vm {
         let deadline = Instant::now() + Duration::from_secs(30);
         while !(vm.qmp_path.exists() && vm.control_path.exists()) {
             if let Ok(Some(status)) = vm.child.try_wait() {
-                return Err(format!(
-                    "QEMU exited at start ({status}): {}",
-                    vm.log_text()
-                ));
+                return Err(format!("QEMU exited at start ({status}): {}", vm.log_text()).into());
             }
             if Instant::now() > deadline {
-                return Err(format!(
-                    "QEMU did not open its QMP sockets: {}",
-                    vm.log_text()
-                ));
+                return Err(format!("QEMU did not open its QMP sockets: {}", vm.log_text()).into());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -168,8 +165,8 @@ impl Vm {
     }
 
     /// Connects to the control socket.
-    pub fn control(&self) -> Result<Qmp, String> {
-        Qmp::connect(&self.control_path).map_err(|e| e.to_string())
+    pub fn control(&self) -> Result<Qmp> {
+        Ok(Qmp::connect(&self.control_path)?)
     }
 
     /// The process id.
@@ -218,7 +215,7 @@ impl Drop for Vm {
 
 /// Creates a qcow2 image of `size` bytes and writes `writes` into it with
 /// qemu-io (each `(pattern byte, offset, length)`), before any VM uses it.
-pub fn create_qcow2(path: &Path, size: u64, writes: &[(u8, u64, u64)]) -> Result<(), String> {
+pub fn create_qcow2(path: &Path, size: u64, writes: &[(u8, u64, u64)]) -> Result<()> {
     let p = path_str(path)?;
     run_tool(
         "qemu-img",
@@ -229,7 +226,7 @@ pub fn create_qcow2(path: &Path, size: u64, writes: &[(u8, u64, u64)]) -> Result
 
 /// Creates a raw image of exactly `len` bytes (sparse) and writes `writes`
 /// into it with qemu-io.
-pub fn create_raw(path: &Path, len: u64, writes: &[(u8, u64, u64)]) -> Result<(), String> {
+pub fn create_raw(path: &Path, len: u64, writes: &[(u8, u64, u64)]) -> Result<()> {
     let p = path_str(path)?;
     let f = File::create(path).map_err(|e| format!("{p}: {e}"))?;
     f.set_len(len).map_err(|e| format!("{p}: {e}"))?;
@@ -237,7 +234,7 @@ pub fn create_raw(path: &Path, len: u64, writes: &[(u8, u64, u64)]) -> Result<()
     qemu_io_writes(p, "raw", writes)
 }
 
-fn qemu_io_writes(path: &str, format: &str, writes: &[(u8, u64, u64)]) -> Result<(), String> {
+fn qemu_io_writes(path: &str, format: &str, writes: &[(u8, u64, u64)]) -> Result<()> {
     if writes.is_empty() {
         return Ok(());
     }
@@ -255,7 +252,7 @@ fn qemu_io_writes(path: &str, format: &str, writes: &[(u8, u64, u64)]) -> Result
 
 /// Reads a whole image as QEMU sees it (qcow2 or raw) through
 /// `qemu-img convert` to a raw file in `scratch`, and returns the bytes.
-pub fn read_image(path: &Path, format: &str, scratch: &Path) -> Result<Vec<u8>, String> {
+pub fn read_image(path: &Path, format: &str, scratch: &Path) -> Result<Vec<u8>> {
     let out = scratch.join("read-image.raw");
     let _ = std::fs::remove_file(&out);
     run_tool(
@@ -275,7 +272,7 @@ pub fn read_image(path: &Path, format: &str, scratch: &Path) -> Result<Vec<u8>, 
     Ok(data)
 }
 
-fn path_str(p: &Path) -> Result<&str, String> {
+fn path_str(p: &Path) -> Result<&str> {
     p.to_str()
-        .ok_or_else(|| format!("{}: path is not UTF-8", p.display()))
+        .ok_or_else(|| format!("{}: path is not UTF-8", p.display()).into())
 }

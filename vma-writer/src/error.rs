@@ -223,10 +223,13 @@ pub enum Error {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum ErrorKind {
-    /// The caller declared or wrote something the archive cannot hold: a bad name, a
-    /// size, a cluster twice or past the end, an incomplete archive, a token of another
-    /// archive, a call after finishing.
+    /// What was declared cannot be an archive (a bad name, a size, nothing at all), or a
+    /// source does not fit its device: the user can fix it by asking differently.
     Usage,
+    /// The program using the writer broke its contract: a cluster twice, past the end or
+    /// of the wrong length, an incomplete archive, a token of another archive, a call
+    /// after finishing or aborting. For a tool built on the writer, a bug.
+    Misuse,
     /// Writing the archive or reading a source failed in the operating system, or the
     /// target exists.
     Io,
@@ -246,7 +249,8 @@ impl Error {
             Error::Declaration { .. }
             | Error::ReservedName
             | Error::Format(_)
-            | Error::UnknownDevice { .. }
+            | Error::SourceTooLarge { .. } => ErrorKind::Usage,
+            Error::UnknownDevice { .. }
             | Error::DuplicateCluster { .. }
             | Error::ClusterPastEnd { .. }
             | Error::ClusterLength { .. }
@@ -255,8 +259,7 @@ impl Error {
             | Error::VmstateOverflow { .. }
             | Error::Incomplete { .. }
             | Error::Finished
-            | Error::Aborted
-            | Error::SourceTooLarge { .. } => ErrorKind::Usage,
+            | Error::Aborted => ErrorKind::Misuse,
         }
     }
 

@@ -1,154 +1,157 @@
 //! `vma-live-backup`: back a running QEMU VM up into a VMA archive.
+//!
+//! A thin command line around [`vma_live::run_backup`], plus the demonstration and
+//! the measurement of the `examples` crate (`--demo`, `--measure`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use vma_examples::{run_backup, BackupOptions};
+use clap::Parser;
+use vma_live::{run_backup, BackupOptions, Error, ErrorKind};
 
-const USAGE: &str = "\
-usage: vma-live-backup --qmp SOCKET --output FILE.vma [--config NAME=FILE]...
-                       [--drive NODE]... [--zstd] [--throttle MS] [--no-progress]
+const USAGE: &str = "vma-live-backup --qmp SOCKET --output FILE [OPTIONS]
        vma-live-backup --demo
-       vma-live-backup --measure [--size-mib N]
+       vma-live-backup --measure [--size-mib N]";
 
-Backs up the disks of a running QEMU VM (stock QEMU, QMP on a unix socket)
-into a VMA archive, through QEMU's backup job writing into an NBD server run
-by this program. The VM keeps running; all disks are copied as of the same
-instant.
+const EXIT_CODES: &str = "\
+Exit codes (0 to 5 mean what they mean for the vma command):
+  0    done
+  1    internal error (a bug: please report it); --demo or --measure failed
+  2    usage: the command line or the options cannot work
+  3    (not used: vma's code for an invalid or damaged archive)
+  4    I/O error: a config file cannot be read; the archive already exists or
+       cannot be created, written or finished (a full filesystem included)
+  5    a drive asked for with --drive is not in the VM, or it has no drive
+  6    QEMU or QMP failed: the QMP socket cannot be reached, QEMU refused a
+       command or sent something that is not QMP, a backup job failed, QEMU
+       went away
+  130  interrupted (SIGINT, SIGTERM or SIGHUP; a second one exits at once)
+On failure the jobs are cancelled, the VM keeps running and no archive is
+left under FILE.";
 
-  --qmp SOCKET        QEMU's QMP unix socket (-qmp unix:SOCKET,server=on,wait=off)
-  --output FILE       the archive to create; never overwritten; it appears only
-                      once complete
-  --config NAME=FILE  embed FILE as config entry NAME (repeatable)
-  --drive NODE        back up only this block node (repeatable; default: every
-                      drive that query-block lists with a medium)
-  --zstd              compress the archive with zstd (name it .vma.zst)
-  --throttle MS       slow the backup: one 64 KiB copy at a time, MS ms each
-  --no-progress       no progress bars (they show only on a terminal anyway)
-  --demo              run a self-contained demonstration on a throwaway VM
-  --measure           measure throughput against a plain raw-file backup and
-                      the guest write latency added during a backup
+/// Back up a running QEMU VM into a VMA archive, live.
+///
+/// Backs up the disks of a running QEMU VM (stock QEMU, QMP on a unix socket) into a
+/// VMA archive, through QEMU's backup job writing into an NBD server run by this
+/// program. The VM keeps running; all disks are copied as of the same instant.
+#[derive(Debug, Parser)]
+#[command(name = "vma-live-backup", version, override_usage = USAGE, after_help = EXIT_CODES)]
+struct Cli {
+    /// QEMU's QMP unix socket (-qmp unix:SOCKET,server=on,wait=off)
+    #[arg(long, value_name = "SOCKET", required_unless_present_any = ["demo", "measure"])]
+    qmp: Option<PathBuf>,
+    /// The archive to create; never overwritten; it appears only once complete
+    #[arg(
+        short,
+        long,
+        value_name = "FILE",
+        required_unless_present_any = ["demo", "measure"]
+    )]
+    output: Option<PathBuf>,
+    /// Embed FILE as config entry NAME (repeatable)
+    #[arg(long = "config", value_name = "NAME=FILE", value_parser = parse_config)]
+    configs: Vec<(String, PathBuf)>,
+    /// Back up only this block node (repeatable; default: every drive that query-block
+    /// lists with a medium)
+    #[arg(long = "drive", value_name = "NODE")]
+    drives: Vec<String>,
+    /// Compress the archive with zstd (name it .vma.zst)
+    #[arg(long)]
+    zstd: bool,
+    /// Slow the backup: one 64 KiB copy at a time, MS milliseconds each
+    #[arg(long, value_name = "MS")]
+    throttle: Option<u64>,
+    /// No progress bars (they show only on a terminal anyway)
+    #[arg(long)]
+    no_progress: bool,
+    /// Run a self-contained demonstration on a throwaway VM
+    #[arg(long)]
+    demo: bool,
+    /// Measure throughput against a plain raw-file backup and the guest write latency
+    /// added during a backup
+    #[arg(long)]
+    measure: bool,
+    /// The disk size of --measure, in MiB
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 256,
+        value_parser = clap::value_parser!(u64).range(16..=65536)
+    )]
+    size_mib: u64,
+}
 
-Exit codes: 0 done, 1 setup failed, 2 usage, 3 writing the archive failed,
-4 the archive's filesystem is full, 5 QEMU's backup job failed, 6 QEMU went
-away, 130 interrupted (SIGINT/SIGTERM). On failure the jobs are cancelled,
-the VM keeps running and no archive is left under FILE.
-";
+/// `NAME=FILE`, both non-empty.
+fn parse_config(v: &str) -> Result<(String, PathBuf), String> {
+    v.split_once('=')
+        .filter(|(n, f)| !n.is_empty() && !f.is_empty())
+        .map(|(n, f)| (n.to_string(), PathBuf::from(f)))
+        .ok_or_else(|| "expected NAME=FILE".to_string())
+}
 
+/// What the command line asks for.
+#[derive(Debug)]
 enum Mode {
     Backup(Box<BackupOptions>),
     Demo,
     Measure { size_mib: u64 },
-    Help,
 }
 
-fn parse(args: Vec<String>) -> Result<Mode, String> {
-    let mut qmp = None;
-    let mut output = None;
-    let mut configs = Vec::new();
-    let mut drives = Vec::new();
-    let mut zstd = false;
-    let mut throttle = None;
-    let mut progress = true;
-    let mut demo = false;
-    let mut measure = false;
-    let mut size_mib = 256;
-    let mut it = args.into_iter();
-    while let Some(arg) = it.next() {
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
-            _ => (arg.clone(), None),
-        };
-        let mut value = |name: &str| -> Result<String, String> {
-            inline
-                .clone()
-                .or_else(|| it.next())
-                .ok_or_else(|| format!("{name} needs a value"))
-        };
-        match flag.as_str() {
-            "--qmp" => qmp = Some(PathBuf::from(value("--qmp")?)),
-            "--output" | "-o" => output = Some(PathBuf::from(value("--output")?)),
-            "--config" => {
-                let v = value("--config")?;
-                let (name, file) = v
-                    .split_once('=')
-                    .filter(|(n, f)| !n.is_empty() && !f.is_empty())
-                    .ok_or_else(|| format!("--config {v}: expected NAME=FILE"))?;
-                configs.push((name.to_string(), PathBuf::from(file)));
-            }
-            "--drive" => drives.push(value("--drive")?),
-            "--zstd" => zstd = true,
-            "--throttle" => {
-                let v = value("--throttle")?;
-                let ms: u64 = v
-                    .parse()
-                    .map_err(|_| format!("--throttle {v}: expected milliseconds"))?;
-                throttle = Some(Duration::from_millis(ms));
-            }
-            "--no-progress" => progress = false,
-            "--demo" => demo = true,
-            "--measure" => measure = true,
-            "--size-mib" => {
-                let v = value("--size-mib")?;
-                size_mib = v
-                    .parse()
-                    .ok()
-                    .filter(|&n| (16..=65536).contains(&n))
-                    .ok_or_else(|| format!("--size-mib {v}: expected 16..=65536"))?;
-            }
-            "--help" | "-h" => return Ok(Mode::Help),
-            other => return Err(format!("unknown argument {other:?}")),
+impl Cli {
+    fn mode(self) -> Mode {
+        if self.demo {
+            return Mode::Demo;
         }
+        if self.measure {
+            return Mode::Measure {
+                size_mib: self.size_mib,
+            };
+        }
+        // clap requires both unless --demo or --measure is given.
+        let (Some(qmp), Some(output)) = (self.qmp, self.output) else {
+            unreachable!("clap checks --qmp and --output")
+        };
+        let mut opts = BackupOptions::new(qmp, output);
+        if let Some(ms) = self.throttle {
+            opts = opts.throttle(Duration::from_millis(ms));
+        }
+        opts.configs = self.configs;
+        opts.drives = self.drives;
+        opts.zstd = self.zstd;
+        opts.progress = !self.no_progress;
+        Mode::Backup(Box::new(opts))
     }
-    if demo {
-        return Ok(Mode::Demo);
-    }
-    if measure {
-        return Ok(Mode::Measure { size_mib });
-    }
-    let qmp = qmp.ok_or("--qmp is required")?;
-    let output = output.ok_or("--output is required")?;
-    let mut opts = BackupOptions::new(qmp, output);
-    if let Some(ms) = throttle {
-        opts = opts.throttle(ms);
-    }
-    opts.configs = configs;
-    opts.drives = drives;
-    opts.zstd = zstd;
-    opts.progress = progress;
-    Ok(Mode::Backup(Box::new(opts)))
+}
+
+/// SIGINT, SIGTERM and SIGHUP set the returned flag: the backup cancels its jobs,
+/// removes its target nodes and temporary file, and exits 130. A second signal while
+/// that runs exits at once (a `.partial` file may then be left, never an archive under
+/// its final name).
+fn cancel_on_signals() -> Result<Arc<AtomicBool>, ctrlc::Error> {
+    let cancel = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&cancel);
+    // ctrlc runs this on a thread of its own, not in the signal handler.
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+    })?;
+    Ok(cancel)
 }
 
 fn main() -> ExitCode {
-    let mode = match parse(std::env::args().skip(1).collect()) {
-        Ok(m) => m,
+    let mode = Cli::parse().mode();
+    let cancel = match cancel_on_signals() {
+        Ok(c) => c,
         Err(e) => {
-            eprintln!("vma-live-backup: {e}\n\n{USAGE}");
-            return ExitCode::from(2);
-        }
-    };
-    // SIGINT/SIGTERM set `cancel`: the backup cancels its jobs, removes its
-    // target nodes and temporary file, and exits 130. A second signal while
-    // that runs exits at once (a `.partial` file may then be left, never an
-    // archive under its final name).
-    let cancel = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        let registered =
-            signal_hook::flag::register_conditional_shutdown(sig, 130, Arc::clone(&cancel))
-                .and_then(|_| signal_hook::flag::register(sig, Arc::clone(&cancel)));
-        if let Err(e) = registered {
-            eprintln!("vma-live-backup: cannot handle signal {sig}: {e}");
+            eprintln!("vma-live-backup: cannot handle signals: {e}");
             return ExitCode::FAILURE;
         }
-    }
+    };
     match mode {
-        Mode::Help => {
-            print!("{USAGE}");
-            ExitCode::SUCCESS
-        }
         Mode::Demo => match vma_examples::demo::run_demo(cancel) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -173,19 +176,223 @@ fn main() -> ExitCode {
                     println!("{report}");
                     ExitCode::SUCCESS
                 }
-                Err(e) if e.exit_code() == 2 => {
-                    eprintln!("vma-live-backup: {e}");
-                    ExitCode::from(2)
-                }
                 Err(e) => {
-                    eprintln!(
-                        "vma-live-backup: {e}\n\
-                         (the VM keeps running; no archive was written to {})",
-                        opts.output.display()
-                    );
-                    ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(1))
+                    report_failure(&e, &opts);
+                    ExitCode::from(exit_code(e.kind()))
                 }
             }
+        }
+    }
+}
+
+/// Prints `e`; once the backup may have started, also what was left behind.
+fn report_failure(e: &Error, opts: &BackupOptions) {
+    let before_start = matches!(e.kind(), ErrorKind::Usage | ErrorKind::NotFound)
+        || matches!(
+            e,
+            Error::Writer(vma_writer::Error::TargetExists { .. }) | Error::ReadConfig { .. }
+        );
+    if before_start {
+        eprintln!("vma-live-backup: {e}");
+    } else {
+        eprintln!(
+            "vma-live-backup: {e}\n\
+             (the VM keeps running; no archive was written to {})",
+            opts.output.display()
+        );
+    }
+}
+
+/// The exit code for a failed backup; the codes 0 to 5 mean what they mean for `vma`
+/// (spec/CLI.md).
+fn exit_code(kind: ErrorKind) -> u8 {
+    match kind {
+        ErrorKind::Usage => 2,
+        ErrorKind::Io => 4,
+        ErrorKind::NotFound => 5,
+        ErrorKind::Qemu => 6,
+        ErrorKind::Interrupted => 130,
+        // Internal, and kinds a newer vma-live may add.
+        _ => 1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mode(args: &[&str]) -> Result<Mode, clap::Error> {
+        let argv = std::iter::once("vma-live-backup").chain(args.iter().copied());
+        Cli::try_parse_from(argv).map(Cli::mode)
+    }
+
+    fn backup(args: &[&str]) -> BackupOptions {
+        match mode(args) {
+            Ok(Mode::Backup(opts)) => *opts,
+            other => panic!("{args:?}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn backup_arguments() {
+        let o = backup(&["--qmp", "/run/q", "--output", "/b/vm.vma"]);
+        assert_eq!(o.qmp_socket, PathBuf::from("/run/q"));
+        assert_eq!(o.output, PathBuf::from("/b/vm.vma"));
+        assert!(o.configs.is_empty() && o.drives.is_empty());
+        assert!(!o.zstd && o.progress);
+        assert!(o.write_delay.is_none() && o.x_perf.is_none());
+
+        let o = backup(&[
+            "--qmp=/run/q",
+            "-o",
+            "/b/vm.vma.zst",
+            "--config",
+            "qemu-server.conf=/etc/100.conf",
+            "--config=qemu-server.fw=a=b",
+            "--drive",
+            "d1",
+            "--drive=d0",
+            "--zstd",
+            "--throttle",
+            "3",
+            "--no-progress",
+        ]);
+        assert_eq!(
+            o.configs,
+            [
+                ("qemu-server.conf".into(), PathBuf::from("/etc/100.conf")),
+                ("qemu-server.fw".into(), PathBuf::from("a=b")),
+            ]
+        );
+        assert_eq!(o.drives, ["d1", "d0"]);
+        assert!(o.zstd && !o.progress);
+        assert_eq!(o.write_delay, Some(Duration::from_millis(3)));
+        assert_eq!(o.x_perf.map(|x| x.max_workers), Some(1));
+    }
+
+    #[test]
+    fn demo_and_measure() {
+        assert!(matches!(mode(&["--demo"]), Ok(Mode::Demo)));
+        // --demo wins, and needs neither --qmp nor --output.
+        assert!(matches!(mode(&["--demo", "--measure"]), Ok(Mode::Demo)));
+        assert!(matches!(
+            mode(&["--measure"]),
+            Ok(Mode::Measure { size_mib: 256 })
+        ));
+        assert!(matches!(
+            mode(&["--measure", "--size-mib", "16"]),
+            Ok(Mode::Measure { size_mib: 16 })
+        ));
+    }
+
+    #[test]
+    fn usage_errors_exit_2() {
+        use clap::error::ErrorKind as K;
+        for args in [
+            &["--bogus"][..],
+            &["--qmp", "/q"],
+            &["--output", "/o"],
+            &["--qmp", "/q", "-o", "/o", "--config", "noequals"],
+            &["--qmp", "/q", "-o", "/o", "--config", "=f"],
+            &["--qmp", "/q", "-o", "/o", "--config", "n="],
+            &["--qmp", "/q", "-o", "/o", "--throttle", "soon"],
+            &["--measure", "--size-mib", "15"],
+            &["--measure", "--size-mib", "65537"],
+            &["--qmp"],
+        ] {
+            let e = mode(args).unwrap_err();
+            assert_ne!(e.kind(), K::DisplayHelp, "{args:?}");
+            assert_eq!(e.exit_code(), 2, "{args:?}: {e}");
+        }
+        let help = mode(&["--help"]).unwrap_err();
+        assert_eq!((help.kind(), help.exit_code()), (K::DisplayHelp, 0));
+        let text = help.to_string();
+        for code in ["0 ", "1 ", "2 ", "3 ", "4 ", "5 ", "6 ", "130 "] {
+            assert!(text.contains(&format!("\n  {code}")), "{code}: {text}");
+        }
+    }
+
+    #[test]
+    fn every_kind_has_its_exit_code() {
+        let table = [
+            (ErrorKind::Usage, 2),
+            (ErrorKind::Io, 4),
+            (ErrorKind::NotFound, 5),
+            (ErrorKind::Qemu, 6),
+            (ErrorKind::Interrupted, 130),
+            (ErrorKind::Internal, 1),
+        ];
+        for (kind, code) in table {
+            assert_eq!(exit_code(kind), code, "{kind:?}");
+        }
+    }
+
+    /// vma-live checks every variant's kind; these are the errors whose code a user
+    /// meets most, and the ones whose kind comes from a wrapped error.
+    #[test]
+    fn errors_map_to_vma_exit_codes() {
+        use std::io;
+        use std::sync::Arc;
+        let os = io::Error::from_raw_os_error;
+        let full = || {
+            Error::Writer(vma_writer::Error::Sink {
+                offset: 0,
+                source: Arc::new(os(libc::ENOSPC)),
+            })
+        };
+        let cases: Vec<(Error, u8)> = vec![
+            (Error::DuplicateDrive { name: "d0".into() }, 2),
+            (Error::Writer(vma_writer::Error::ReservedName), 2),
+            (
+                Error::Writer(vma_writer::Error::TargetExists { path: "/a".into() }),
+                4,
+            ),
+            (full(), 4),
+            (
+                Error::ArchiveFailed {
+                    source: Box::new(full()),
+                },
+                4,
+            ),
+            (
+                Error::Nbd(vma_nbd::Error::Bind {
+                    addr: "/s".into(),
+                    source: os(libc::EACCES),
+                }),
+                4,
+            ),
+            (
+                Error::NoSuchDrive {
+                    name: "d9".into(),
+                    known: vec![],
+                },
+                5,
+            ),
+            (Error::NoDrives, 5),
+            (Error::QmpClosed, 6),
+            (Error::JobFailed { failures: vec![] }, 6),
+            (
+                Error::ArchiveFailed {
+                    source: Box::new(Error::Unaligned {
+                        device: 1,
+                        offset: 1,
+                        len: 1,
+                    }),
+                },
+                6,
+            ),
+            (Error::Interrupted, 130),
+            (Error::Nbd(vma_nbd::Error::ThreadPanicked), 1),
+            (Error::Writer(vma_writer::Error::SinkPanicked), 1),
+        ];
+        for (e, code) in cases {
+            assert_eq!(exit_code(e.kind()), code, "{e:?}");
         }
     }
 }

@@ -18,49 +18,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use crate::Error;
+
 /// Longest wait for the reply to a command (QEMU answers in milliseconds;
 /// `blockdev-add` of an NBD node connects synchronously).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// A QMP failure.
-#[derive(Debug, thiserror::Error)]
-pub enum QmpError {
-    /// Connecting to the socket or writing to it failed.
-    #[error("QMP socket {path}: {source}")]
-    Connect {
-        /// The socket path.
-        path: String,
-        /// The OS error.
-        source: std::io::Error,
-    },
-    /// Writing a command failed.
-    #[error("QMP: sending {command}: {source}")]
-    Send {
-        /// The command.
-        command: String,
-        /// The OS error.
-        source: std::io::Error,
-    },
-    /// QEMU closed the connection (it exited or another client took over).
-    #[error("QMP connection closed by QEMU (did QEMU exit?)")]
-    Closed,
-    /// No reply or event in time.
-    #[error("QMP: no answer to {0} in time")]
-    Timeout(String),
-    /// QEMU sent something that is not QMP.
-    #[error("QMP protocol error: {0}")]
-    Protocol(String),
-    /// QEMU answered a command with an error.
-    #[error("QMP command {command} failed: {desc} ({class})")]
-    Command {
-        /// The command.
-        command: String,
-        /// QEMU's error class, e.g. `GenericError`.
-        class: String,
-        /// QEMU's error description.
-        desc: String,
-    },
-}
 
 /// One asynchronous QMP event.
 #[derive(Debug, Clone)]
@@ -99,10 +61,10 @@ impl std::fmt::Debug for Qmp {
 impl Qmp {
     /// Connects, reads the greeting and enters command mode
     /// (`qmp_capabilities`).
-    pub fn connect(path: impl AsRef<Path>) -> Result<Qmp, QmpError> {
+    pub fn connect(path: impl AsRef<Path>) -> Result<Qmp, Error> {
         let path = path.as_ref();
-        let connect_err = |source| QmpError::Connect {
-            path: path.display().to_string(),
+        let connect_err = |source| Error::QmpConnect {
+            path: path.to_path_buf(),
             source,
         };
         let stream = UnixStream::connect(path).map_err(connect_err)?;
@@ -121,16 +83,9 @@ impl Qmp {
             closed: false,
         };
         let deadline = Instant::now() + DEFAULT_TIMEOUT;
-        let greeting = qmp.recv(deadline)?.ok_or_else(|| {
-            QmpError::Timeout(
-                "the greeting (QEMU serves one client per QMP socket: is another connected?)"
-                    .into(),
-            )
-        })?;
+        let greeting = qmp.recv(deadline)?.ok_or(Error::QmpNoGreeting)?;
         if greeting.get("QMP").is_none() {
-            return Err(QmpError::Protocol(format!(
-                "expected the QMP greeting, got {greeting}"
-            )));
+            return Err(Error::QmpGreeting { got: greeting });
         }
         qmp.greeting = greeting;
         qmp.execute("qmp_capabilities", json!({}))?;
@@ -144,7 +99,7 @@ impl Qmp {
 
     /// Runs `command` with `arguments` (an object, or `null` for none) and
     /// returns its `return` value. Events arriving meanwhile are buffered.
-    pub fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, QmpError> {
+    pub fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, Error> {
         self.execute_timeout(command, arguments, DEFAULT_TIMEOUT)
     }
 
@@ -154,7 +109,7 @@ impl Qmp {
         command: &str,
         arguments: Value,
         timeout: Duration,
-    ) -> Result<Value, QmpError> {
+    ) -> Result<Value, Error> {
         let id = self.next_id;
         self.next_id += 1;
         let mut msg = json!({ "execute": command, "id": id });
@@ -164,15 +119,15 @@ impl Qmp {
         let mut line = msg.to_string();
         line.push('\n');
         if self.closed {
-            return Err(QmpError::Closed);
+            return Err(Error::QmpClosed);
         }
         if let Err(source) = self.stream.write_all(line.as_bytes()) {
             return Err(match source.kind() {
                 std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset => {
                     self.closed = true;
-                    QmpError::Closed
+                    Error::QmpClosed
                 }
-                _ => QmpError::Send {
+                _ => Error::QmpSend {
                     command: command.to_string(),
                     source,
                 },
@@ -180,9 +135,9 @@ impl Qmp {
         }
         let deadline = Instant::now() + timeout;
         loop {
-            let msg = self
-                .recv(deadline)?
-                .ok_or_else(|| QmpError::Timeout(command.to_string()))?;
+            let msg = self.recv(deadline)?.ok_or_else(|| Error::QmpTimeout {
+                command: command.to_string(),
+            })?;
             if let Some(ev) = as_event(&msg) {
                 self.events.push_back(ev);
                 continue;
@@ -202,19 +157,19 @@ impl Qmp {
                         .unwrap_or("?")
                         .to_string()
                 };
-                return Err(QmpError::Command {
+                return Err(Error::QmpCommand {
                     command: command.to_string(),
                     class: field("class"),
                     desc: field("desc"),
                 });
             }
-            return Err(QmpError::Protocol(format!("reply without result: {msg}")));
+            return Err(Error::QmpReply { reply: msg });
         }
     }
 
     /// Runs an HMP command line through `human-monitor-command` and returns
     /// its output text.
-    pub fn hmp(&mut self, command_line: &str) -> Result<String, QmpError> {
+    pub fn hmp(&mut self, command_line: &str) -> Result<String, Error> {
         let out = self.execute(
             "human-monitor-command",
             json!({ "command-line": command_line }),
@@ -223,7 +178,7 @@ impl Qmp {
     }
 
     /// The next event, waiting up to `timeout`; `Ok(None)` on timeout.
-    pub fn next_event(&mut self, timeout: Duration) -> Result<Option<Event>, QmpError> {
+    pub fn next_event(&mut self, timeout: Duration) -> Result<Option<Event>, Error> {
         if let Some(ev) = self.events.pop_front() {
             return Ok(Some(ev));
         }
@@ -240,18 +195,18 @@ impl Qmp {
     }
 
     /// The next message, or `None` once the deadline passed.
-    fn recv(&mut self, deadline: Instant) -> Result<Option<Value>, QmpError> {
+    fn recv(&mut self, deadline: Instant) -> Result<Option<Value>, Error> {
         if self.closed {
-            return Err(QmpError::Closed);
+            return Err(Error::QmpClosed);
         }
         let left = deadline.saturating_duration_since(Instant::now());
         match self.rx.recv_timeout(left) {
             Ok(Incoming::Message(msg)) => Ok(Some(msg)),
             Ok(Incoming::Closed) | Err(RecvTimeoutError::Disconnected) => {
                 self.closed = true;
-                Err(QmpError::Closed)
+                Err(Error::QmpClosed)
             }
-            Ok(Incoming::Garbage(line)) => Err(QmpError::Protocol(format!("not JSON: {line}"))),
+            Ok(Incoming::Garbage(line)) => Err(Error::QmpNotJson { line }),
             Err(RecvTimeoutError::Timeout) => Ok(None),
         }
     }
@@ -277,12 +232,14 @@ fn read_loop(stream: UnixStream, tx: &mpsc::Sender<Incoming>) {
     let mut line = Vec::new();
     loop {
         line.clear();
+        // A line the connection's end cut short (QEMU killed mid-message) is
+        // the connection closing, not garbage.
         match reader.read_until(b'\n', &mut line) {
-            Ok(0) | Err(_) => {
+            Ok(_) if line.ends_with(b"\n") => {}
+            _ => {
                 let _ = tx.send(Incoming::Closed);
                 return;
             }
-            Ok(_) => {}
         }
         let text = String::from_utf8_lossy(&line);
         let text = text.trim();
@@ -352,7 +309,7 @@ mod tests {
         assert_eq!(b.name, "B");
         assert!(q.next_event(Duration::from_millis(50)).unwrap().is_none());
         match q.execute("bad", json!({})) {
-            Err(QmpError::Command { class, desc, .. }) => {
+            Err(Error::QmpCommand { class, desc, .. }) => {
                 assert_eq!((class.as_str(), desc.as_str()), ("GenericError", "nope"))
             }
             other => panic!("{other:?}"),
@@ -366,11 +323,34 @@ mod tests {
             _ => panic!("server goes away"),
         });
         let mut q = Qmp::connect(&path).unwrap();
-        assert!(matches!(q.execute("x", Value::Null), Err(QmpError::Closed)));
+        assert!(matches!(q.execute("x", Value::Null), Err(Error::QmpClosed)));
         assert!(matches!(
             q.next_event(Duration::from_secs(1)),
-            Err(QmpError::Closed)
+            Err(Error::QmpClosed)
         ));
+    }
+
+    #[test]
+    fn connection_cut_mid_message_is_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            let mut w = s.try_clone().unwrap();
+            let mut r = BufReader::new(s);
+            writeln!(w, r#"{{"QMP": {{"version": {{}}, "capabilities": []}}}}"#).unwrap();
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            let id = serde_json::from_str::<Value>(&line).unwrap()["id"].clone();
+            writeln!(w, "{}", json!({"return": {}, "id": id})).unwrap();
+            line.clear();
+            r.read_line(&mut line).unwrap();
+            // QEMU killed while writing an event: no newline, then the end.
+            write!(w, r#"{{"event": "BLOCK_JOB_COMPL"#).unwrap();
+        });
+        let mut q = Qmp::connect(&path).unwrap();
+        assert!(matches!(q.execute("x", Value::Null), Err(Error::QmpClosed)));
     }
 
     #[test]
@@ -383,6 +363,6 @@ mod tests {
             writeln!(s, "hello").unwrap();
             thread::sleep(Duration::from_millis(200));
         });
-        assert!(matches!(Qmp::connect(&path), Err(QmpError::Protocol(_))));
+        assert!(matches!(Qmp::connect(&path), Err(Error::QmpNotJson { .. })));
     }
 }

@@ -2,6 +2,8 @@
 
 use serde_json::{json, Value};
 
+use crate::Error;
+
 /// One disk of the VM that can be backed up.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Drive {
@@ -58,10 +60,14 @@ pub fn device_name(node_name: &str, qdev: Option<&str>) -> String {
 /// The disks in a `query-block` reply: entries with a medium inserted, in
 /// QEMU's order. Entries without a node name or size are reported as errors
 /// since a backup could not address them.
-pub fn parse_query_block(reply: &Value) -> Result<Vec<Drive>, String> {
+pub fn parse_query_block(reply: &Value) -> Result<Vec<Drive>, Error> {
+    let bad = |reason, reply: &Value| Error::QueryBlock {
+        reason,
+        reply: reply.clone(),
+    };
     let entries = reply
         .as_array()
-        .ok_or_else(|| format!("query-block: expected a list, got {reply}"))?;
+        .ok_or_else(|| bad("expected a list", reply))?;
     let mut drives = Vec::new();
     for entry in entries {
         let Some(inserted) = entry.get("inserted") else {
@@ -70,11 +76,11 @@ pub fn parse_query_block(reply: &Value) -> Result<Vec<Drive>, String> {
         let node_name = inserted
             .get("node-name")
             .and_then(Value::as_str)
-            .ok_or_else(|| format!("query-block: a drive without node-name: {entry}"))?;
+            .ok_or_else(|| bad("a drive without node-name", entry))?;
         let size = inserted
             .pointer("/image/virtual-size")
             .and_then(Value::as_u64)
-            .ok_or_else(|| format!("query-block: drive {node_name} has no virtual-size"))?;
+            .ok_or_else(|| bad("a drive without virtual-size", entry))?;
         let qdev = entry
             .get("qdev")
             .and_then(Value::as_str)
@@ -92,21 +98,20 @@ pub fn parse_query_block(reply: &Value) -> Result<Vec<Drive>, String> {
 
 /// Keeps the drives whose node names are in `wanted` (all when empty), in
 /// the order given; an unknown name is an error listing the known ones.
-pub fn select(drives: Vec<Drive>, wanted: &[String]) -> Result<Vec<Drive>, String> {
+pub fn select(drives: Vec<Drive>, wanted: &[String]) -> Result<Vec<Drive>, Error> {
     if wanted.is_empty() {
         return Ok(drives);
     }
     let mut out = Vec::new();
     for name in wanted {
         let Some(d) = drives.iter().find(|d| &d.node_name == name) else {
-            let known: Vec<&str> = drives.iter().map(|d| d.node_name.as_str()).collect();
-            return Err(format!(
-                "no drive with node name {name:?} (the VM has: {})",
-                known.join(", ")
-            ));
+            return Err(Error::NoSuchDrive {
+                name: name.clone(),
+                known: drives.iter().map(|d| d.node_name.clone()).collect(),
+            });
         };
         if out.iter().any(|o: &Drive| &o.node_name == name) {
-            return Err(format!("drive {name:?} given twice"));
+            return Err(Error::DuplicateDrive { name: name.clone() });
         }
         out.push(d.clone());
     }
@@ -153,12 +158,40 @@ mod tests {
 
         let sel = select(drives.clone(), &["d1".into()]).unwrap();
         assert_eq!(sel.len(), 1);
-        assert!(select(drives.clone(), &["nope".into()])
-            .unwrap_err()
-            .contains("d0, d1"));
-        assert!(select(drives, &["d0".into(), "d0".into()]).is_err());
+        match select(drives.clone(), &["nope".into()]) {
+            Err(Error::NoSuchDrive { name, known }) => {
+                assert_eq!(
+                    (name.as_str(), known),
+                    ("nope", vec!["d0".into(), "d1".into()])
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            select(drives, &["d0".into(), "d0".into()]),
+            Err(Error::DuplicateDrive { name }) if name == "d0"
+        ));
 
-        assert!(parse_query_block(&json!({})).is_err());
-        assert!(parse_query_block(&json!([{"inserted": {"node-name": "x"}}])).is_err());
+        assert!(matches!(
+            parse_query_block(&json!({})),
+            Err(Error::QueryBlock {
+                reason: "expected a list",
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse_query_block(&json!([{"inserted": {"node-name": "x"}}])),
+            Err(Error::QueryBlock {
+                reason: "a drive without virtual-size",
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse_query_block(&json!([{"inserted": {}}])),
+            Err(Error::QueryBlock {
+                reason: "a drive without node-name",
+                ..
+            })
+        ));
     }
 }

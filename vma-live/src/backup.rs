@@ -18,13 +18,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
-use vma_nbd::{Export, Server, ServerHandle};
+use vma_nbd::{Export, Server};
 
 use crate::archive::Archive;
 use crate::drives::{self, Drive};
-use crate::export::{Counters, DriveExport, Latch, SinkError};
+use crate::error::JobFailure;
+use crate::export::{Counters, DriveExport, Latch};
 use crate::progress::Progress;
-use crate::qmp::{Qmp, QmpError};
+use crate::qmp::{Event, Qmp};
+use crate::Error;
 
 /// Name of the config entry describing the backed-up drives.
 pub const DRIVES_CONFIG_NAME: &str = "vma-live-backup.json";
@@ -94,54 +96,6 @@ impl BackupOptions {
             max_chunk: 65536,
         });
         self
-    }
-}
-
-/// Why a backup failed. In every case the VM was left running and no file
-/// exists under the archive's name.
-#[derive(Debug, thiserror::Error)]
-pub enum BackupError {
-    /// The options cannot work (unreadable config, unknown drive, ...).
-    #[error("{0}")]
-    Usage(String),
-    /// Talking to QEMU or setting the backup up failed before any data.
-    #[error("{0}")]
-    Setup(String),
-    /// Writing the archive failed; the backup jobs were cancelled.
-    #[error("writing the archive failed, backup cancelled: {0}")]
-    Archive(SinkError),
-    /// QEMU's backup job failed.
-    #[error("QEMU's backup job failed: {0}")]
-    JobFailed(String),
-    /// QEMU went away during the backup.
-    #[error("QEMU went away during the backup: {0}")]
-    QemuGone(String),
-    /// The backup was cancelled by the user.
-    #[error("backup interrupted; the jobs were cancelled")]
-    Interrupted,
-}
-
-impl BackupError {
-    /// The process exit code for this error: 2 usage, 1 setup, 3 archive
-    /// write failure (4 when the archive's filesystem is full), 5 QEMU's job
-    /// failed, 6 QEMU went away, 130 interrupted.
-    pub fn exit_code(&self) -> i32 {
-        match self {
-            BackupError::Usage(_) => 2,
-            BackupError::Setup(_) => 1,
-            BackupError::Archive(e) if e.no_space => 4,
-            BackupError::Archive(_) => 3,
-            BackupError::JobFailed(_) => 5,
-            BackupError::QemuGone(_) => 6,
-            BackupError::Interrupted => 130,
-        }
-    }
-}
-
-fn setup(what: &str) -> impl Fn(QmpError) -> BackupError + '_ {
-    move |e| match e {
-        QmpError::Closed => BackupError::QemuGone(format!("{what}: {e}")),
-        e => BackupError::Setup(format!("{what}: {e}")),
     }
 }
 
@@ -260,29 +214,19 @@ struct Target {
 }
 
 /// Runs a live backup as `opts` describes.
-pub fn run_backup(opts: &BackupOptions) -> Result<BackupReport, BackupError> {
+///
+/// Whatever the error, the VM keeps running, every job and target node this started
+/// is gone again, and no file exists under the archive's name.
+pub fn run_backup(opts: &BackupOptions) -> Result<BackupReport, Error> {
     let started = Instant::now();
     let configs = read_configs(&opts.configs)?;
-    let mut qmp = Qmp::connect(&opts.qmp_socket).map_err(|e| {
-        BackupError::Setup(format!(
-            "connecting to QEMU at {}: {e}",
-            opts.qmp_socket.display()
-        ))
-    })?;
-    let version = qmp
-        .execute("query-version", Value::Null)
-        .map_err(setup("query-version"))?;
+    let mut qmp = Qmp::connect(&opts.qmp_socket)?;
+    let version = qmp.execute("query-version", Value::Null)?;
     let qemu_version = qemu_version_string(&version);
-    let all = drives::parse_query_block(
-        &qmp.execute("query-block", Value::Null)
-            .map_err(setup("query-block"))?,
-    )
-    .map_err(BackupError::Setup)?;
-    let drives = drives::select(all, &opts.drives).map_err(BackupError::Usage)?;
+    let all = drives::parse_query_block(&qmp.execute("query-block", Value::Null)?)?;
+    let drives = drives::select(all, &opts.drives)?;
     if drives.is_empty() {
-        return Err(BackupError::Usage(
-            "the VM has no drive to back up (query-block lists none with a medium)".into(),
-        ));
+        return Err(Error::NoDrives);
     }
 
     let mut all_configs = configs;
@@ -294,58 +238,45 @@ pub fn run_backup(opts: &BackupOptions) -> Result<BackupReport, BackupError> {
         .iter()
         .map(|d| (d.device_name.clone(), d.size))
         .collect();
-    let archive =
-        Archive::create(&opts.output, opts.zstd, &all_configs, &devices).map_err(|e| {
-            match e.message.contains("already exists") {
-                true => BackupError::Usage(e.message),
-                false => BackupError::Archive(e),
-            }
-        })?;
+    let archive = Archive::create(&opts.output, opts.zstd, &all_configs, &devices)?;
 
     // From here on the archive must be finished or aborted.
     let latch = Arc::new(Latch::default());
-    let result = serve_and_copy(opts, &mut qmp, &drives, &archive, &latch);
-    match result {
-        Ok(Copied {
-            counters,
-            copy_start,
-            copy_time,
-            warnings,
-        }) => {
-            let summary = archive.finish().map_err(BackupError::Archive)?;
-            let archive_bytes = std::fs::metadata(&opts.output)
-                .map(|m| m.len())
-                .unwrap_or(summary.archive_bytes);
-            let reports = drives
-                .iter()
-                .zip(&counters)
-                .zip(&summary.devices)
-                .map(|((drive, c), dev)| DriveReport {
-                    drive: drive.clone(),
-                    data_bytes: c.data_bytes.load(Ordering::Relaxed),
-                    zero_request_bytes: c.zero_bytes.load(Ordering::Relaxed),
-                    stored_bytes: dev.stored_bytes,
-                    zero_bytes: dev.zero_bytes,
-                    requests: c.requests.load(Ordering::Relaxed),
-                    non_sequential: c.non_sequential.load(Ordering::Relaxed),
-                })
-                .collect();
-            Ok(BackupReport {
-                output: opts.output.clone(),
-                archive_bytes,
-                qemu_version,
-                drives: reports,
-                copy_time,
-                durable_time: copy_start.elapsed(),
-                total_time: started.elapsed(),
-                warnings,
-            })
-        }
+    let copied = match serve_and_copy(opts, &mut qmp, &drives, &archive, &latch) {
+        Ok(copied) => copied,
         Err(e) => {
             archive.abort();
-            Err(e)
+            return Err(e);
         }
-    }
+    };
+    let summary = archive.finish()?;
+    let archive_bytes = std::fs::metadata(&opts.output)
+        .map(|m| m.len())
+        .unwrap_or(summary.archive_bytes);
+    let reports = drives
+        .iter()
+        .zip(&copied.counters)
+        .zip(&summary.devices)
+        .map(|((drive, c), dev)| DriveReport {
+            drive: drive.clone(),
+            data_bytes: c.data_bytes.load(Ordering::Relaxed),
+            zero_request_bytes: c.zero_bytes.load(Ordering::Relaxed),
+            stored_bytes: dev.stored_bytes,
+            zero_bytes: dev.zero_bytes,
+            requests: c.requests.load(Ordering::Relaxed),
+            non_sequential: c.non_sequential.load(Ordering::Relaxed),
+        })
+        .collect();
+    Ok(BackupReport {
+        output: opts.output.clone(),
+        archive_bytes,
+        qemu_version,
+        drives: reports,
+        copy_time: copied.copy_time,
+        durable_time: copied.copy_start.elapsed(),
+        total_time: started.elapsed(),
+        warnings: copied.warnings,
+    })
 }
 
 /// Serves the exports and runs the jobs; returns the exports' counters and
@@ -357,11 +288,11 @@ fn serve_and_copy(
     drives: &[Drive],
     archive: &Archive,
     latch: &Arc<Latch>,
-) -> Result<Copied, BackupError> {
+) -> Result<Copied, Error> {
     let sock_dir = tempfile::Builder::new()
         .prefix("vma-live-backup-")
         .tempdir()
-        .map_err(|e| BackupError::Setup(format!("creating a socket directory: {e}")))?;
+        .map_err(Error::SocketDir)?;
     let sock = sock_dir.path().join("nbd.sock");
     let sink = archive.sink();
     let mut builder = Server::builder();
@@ -377,12 +308,8 @@ fn serve_and_copy(
         counters.push(export.counters());
         builder = builder.export(d.node_name.clone(), Arc::new(export) as Arc<dyn Export>);
     }
-    let server = builder
-        .build()
-        .map_err(|e| BackupError::Setup(format!("NBD server: {e}")))?;
-    let handle = server
-        .listen_unix(&sock)
-        .map_err(|e| BackupError::Setup(format!("NBD server: {e}")))?;
+    let server = builder.build().map_err(Error::Nbd)?;
+    let handle = server.listen_unix(&sock).map_err(Error::Nbd)?;
 
     let tag = format!(
         "vmalb{}x{}",
@@ -415,17 +342,21 @@ fn serve_and_copy(
         }
     }
     let del = del_targets(qmp, &targets[..added]);
-    let stopped = stop_server(handle);
+    let stopped = handle.shutdown().map_err(Error::Nbd);
     result?;
     // Every job completed, so every byte was received and acknowledged: a
     // target QEMU would not remove does not spoil the archive.
     let mut warnings = Vec::new();
     if let Err(e) = del {
-        warnings.push(format!("{e} (remove the node by hand)"));
+        warnings.push(format!(
+            "blockdev-del of the NBD target: {e} (remove the node by hand)"
+        ));
     }
     stopped?;
     if let Some(e) = latch.take() {
-        return Err(BackupError::Archive(e));
+        return Err(Error::ArchiveFailed {
+            source: Box::new(e),
+        });
     }
     Ok(Copied {
         counters,
@@ -449,47 +380,40 @@ fn add_targets(
     targets: &[Target],
     sock: &Path,
     added: &mut usize,
-) -> Result<(), BackupError> {
-    let sock = sock
+) -> Result<(), Error> {
+    let sock_str = sock
         .to_str()
-        .ok_or_else(|| BackupError::Setup("socket path is not UTF-8".into()))?;
+        .ok_or_else(|| Error::SocketPath(sock.to_path_buf()))?;
     for (d, t) in drives.iter().zip(targets) {
         let args = json!({
             "driver": "raw",
             "node-name": t.node,
             "file": {
                 "driver": "nbd",
-                "server": { "type": "unix", "path": sock },
+                "server": { "type": "unix", "path": sock_str },
                 "export": d.node_name,
             },
         });
-        qmp.execute("blockdev-add", args)
-            .map_err(setup("blockdev-add of the NBD target"))?;
+        qmp.execute("blockdev-add", args)?;
         *added += 1;
     }
     Ok(())
 }
 
-fn del_targets(qmp: &mut Qmp, targets: &[Target]) -> Result<(), BackupError> {
+fn del_targets(qmp: &mut Qmp, targets: &[Target]) -> Result<(), Error> {
     let mut first_err = None;
     for t in targets {
         if let Err(e) = qmp.execute("blockdev-del", json!({ "node-name": t.node })) {
-            first_err.get_or_insert_with(|| setup("blockdev-del of the NBD target")(e));
+            first_err.get_or_insert(e);
         }
     }
     first_err.map_or(Ok(()), Err)
 }
 
-fn stop_server(handle: ServerHandle) -> Result<(), BackupError> {
-    handle
-        .shutdown()
-        .map_err(|e| BackupError::Setup(format!("NBD server: {e}")))
-}
-
 #[derive(Debug)]
 enum JobEnd {
     Completed,
-    Failed(String),
+    Failed(JobFailure),
     Cancelled,
 }
 
@@ -502,10 +426,55 @@ fn run_jobs(
     targets: &[Target],
     latch: &Latch,
     progress: Option<&Progress>,
-) -> Result<(), BackupError> {
+) -> Result<(), Error> {
     if opts.cancel.load(Ordering::SeqCst) {
-        return Err(BackupError::Interrupted);
+        return Err(Error::Interrupted);
     }
+    start_jobs(opts, qmp, drives, targets)?;
+    let mut ends: BTreeMap<&str, JobEnd> = BTreeMap::new();
+    let mut abort: Option<(Error, Instant)> = None;
+    while ends.len() < targets.len() {
+        if abort.is_none() {
+            if let Some(reason) = abort_reason(opts, latch) {
+                cancel_jobs(qmp, targets, &ends)?;
+                abort = Some((reason, Instant::now()));
+            }
+        }
+        let timed_out = abort
+            .as_ref()
+            .is_some_and(|(_, at)| at.elapsed() > CANCEL_TIMEOUT);
+        if let Some((reason, _)) = abort.take_if(|_| timed_out) {
+            return Err(Error::CancelTimeout {
+                source: Box::new(reason),
+                secs: CANCEL_TIMEOUT.as_secs(),
+            });
+        }
+        let event = qmp.next_event(POLL)?;
+        if let Some(p) = progress {
+            p.update();
+        }
+        if let Some((job, end)) = event.and_then(|ev| job_end(&ev, targets)) {
+            ends.insert(job, end);
+        }
+    }
+    if let Some((e, _)) = abort {
+        return Err(e);
+    }
+    if opts.cancel.load(Ordering::SeqCst) {
+        // Interrupted as the jobs ended: keep the promise that an
+        // interrupted backup leaves no archive.
+        return Err(Error::Interrupted);
+    }
+    jobs_result(ends)
+}
+
+/// One `transaction` of `blockdev-backup` actions with grouped completion.
+fn start_jobs(
+    opts: &BackupOptions,
+    qmp: &mut Qmp,
+    drives: &[Drive],
+    targets: &[Target],
+) -> Result<(), Error> {
     let actions: Vec<Value> = drives
         .iter()
         .zip(targets)
@@ -531,93 +500,80 @@ fn run_jobs(
             "actions": actions,
             "properties": { "completion-mode": "grouped" },
         }),
-    )
-    .map_err(setup("starting the backup jobs (transaction)"))?;
+    )?;
+    Ok(())
+}
 
-    let mut ends: BTreeMap<&str, JobEnd> = BTreeMap::new();
-    let mut abort: Option<BackupError> = None;
-    let mut cancelled_at: Option<Instant> = None;
-    while ends.len() < targets.len() {
-        if abort.is_none() {
-            if latch.failed() {
-                let err = latch
-                    .take()
-                    .unwrap_or_else(|| SinkError::new("unknown archive failure"));
-                abort = Some(BackupError::Archive(err));
-            } else if opts.cancel.load(Ordering::SeqCst) {
-                abort = Some(BackupError::Interrupted);
-            }
-            if abort.is_some() {
-                cancelled_at = Some(Instant::now());
-                for t in targets {
-                    if !ends.contains_key(t.job.as_str()) {
-                        // Fails harmlessly for jobs already gone.
-                        match qmp.execute("block-job-cancel", json!({ "device": t.job })) {
-                            Err(QmpError::Closed) => {
-                                return Err(BackupError::QemuGone(QmpError::Closed.to_string()))
-                            }
-                            _ => continue,
-                        }
-                    }
-                }
-            }
-        }
-        if let Some(at) = cancelled_at {
-            if at.elapsed() > CANCEL_TIMEOUT {
-                return Err(BackupError::Setup(format!(
-                    "{}; and the jobs did not end within {} s of being cancelled",
-                    abort.map(|e| e.to_string()).unwrap_or_default(),
-                    CANCEL_TIMEOUT.as_secs()
-                )));
-            }
-        }
-        let event = qmp
-            .next_event(POLL)
-            .map_err(|e| BackupError::QemuGone(e.to_string()))?;
-        if let Some(p) = progress {
-            p.update();
-        }
-        let Some(event) = event else { continue };
-        let Some(job) = event.data.get("device").and_then(Value::as_str) else {
+/// Why the running jobs must be cancelled now, if they must.
+fn abort_reason(opts: &BackupOptions, latch: &Latch) -> Option<Error> {
+    if let Some(e) = latch.take() {
+        return Some(Error::ArchiveFailed {
+            source: Box::new(e),
+        });
+    }
+    opts.cancel
+        .load(Ordering::SeqCst)
+        .then_some(Error::Interrupted)
+}
+
+/// Cancels the jobs that have not ended (grouped completion cancels the
+/// rest with the first). Only QEMU going away is an error: cancelling a job
+/// that is already gone fails harmlessly.
+fn cancel_jobs(
+    qmp: &mut Qmp,
+    targets: &[Target],
+    ends: &BTreeMap<&str, JobEnd>,
+) -> Result<(), Error> {
+    for t in targets {
+        if ends.contains_key(t.job.as_str()) {
             continue;
-        };
-        let Some(t) = targets.iter().find(|t| t.job == job) else {
-            continue;
-        };
-        let end = match event.name.as_str() {
-            "BLOCK_JOB_COMPLETED" => match event.data.get("error").and_then(Value::as_str) {
-                Some(err) => JobEnd::Failed(format!("{job}: {err}")),
-                None => JobEnd::Completed,
-            },
-            "BLOCK_JOB_CANCELLED" => JobEnd::Cancelled,
+        }
+        match qmp.execute("block-job-cancel", json!({ "device": t.job })) {
+            Err(Error::QmpClosed) => return Err(Error::QmpClosed),
             _ => continue,
-        };
-        ends.insert(t.job.as_str(), end);
-    }
-    if let Some(e) = abort {
-        return Err(e);
-    }
-    if opts.cancel.load(Ordering::SeqCst) {
-        // Interrupted as the jobs ended: keep the promise that an
-        // interrupted backup leaves no archive.
-        return Err(BackupError::Interrupted);
-    }
-    let failures: Vec<&str> = ends
-        .values()
-        .filter_map(|e| match e {
-            JobEnd::Failed(m) => Some(m.as_str()),
-            _ => None,
-        })
-        .collect();
-    if !failures.is_empty() {
-        return Err(BackupError::JobFailed(failures.join("; ")));
-    }
-    if ends.values().any(|e| matches!(e, JobEnd::Cancelled)) {
-        return Err(BackupError::JobFailed(
-            "a job was cancelled outside this program".into(),
-        ));
+        }
     }
     Ok(())
+}
+
+/// The job of ours an event reports the end of, and how it ended.
+fn job_end<'t>(event: &Event, targets: &'t [Target]) -> Option<(&'t str, JobEnd)> {
+    let job = event.data.get("device").and_then(Value::as_str)?;
+    let t = targets.iter().find(|t| t.job == job)?;
+    let end = match event.name.as_str() {
+        "BLOCK_JOB_COMPLETED" => match event.data.get("error").and_then(Value::as_str) {
+            Some(err) => JobEnd::Failed(JobFailure {
+                job: job.to_string(),
+                error: err.to_string(),
+            }),
+            None => JobEnd::Completed,
+        },
+        "BLOCK_JOB_CANCELLED" => JobEnd::Cancelled,
+        _ => return None,
+    };
+    Some((t.job.as_str(), end))
+}
+
+/// Success when every job completed without error.
+fn jobs_result(ends: BTreeMap<&str, JobEnd>) -> Result<(), Error> {
+    let mut failures = Vec::new();
+    let mut cancelled = None;
+    for (job, end) in ends {
+        match end {
+            JobEnd::Completed => {}
+            JobEnd::Failed(f) => failures.push(f),
+            JobEnd::Cancelled => {
+                cancelled.get_or_insert_with(|| job.to_string());
+            }
+        }
+    }
+    if !failures.is_empty() {
+        return Err(Error::JobFailed { failures });
+    }
+    match cancelled {
+        Some(job) => Err(Error::JobCancelled { job }),
+        None => Ok(()),
+    }
 }
 
 fn qemu_version_string(v: &Value) -> String {
@@ -646,18 +602,20 @@ fn drives_blob(drives: &[Drive], version: &Value) -> String {
     serde_json::to_string_pretty(&blob).unwrap_or_else(|_| blob.to_string())
 }
 
-fn read_configs(configs: &[(String, PathBuf)]) -> Result<Vec<(String, Vec<u8>)>, BackupError> {
+fn read_configs(configs: &[(String, PathBuf)]) -> Result<Vec<(String, Vec<u8>)>, Error> {
     configs
         .iter()
         .map(|(name, path)| {
             if name == DRIVES_CONFIG_NAME {
-                return Err(BackupError::Usage(format!(
-                    "config name {DRIVES_CONFIG_NAME} is reserved for the drive list"
-                )));
+                return Err(Error::ReservedConfigName);
             }
             std::fs::read(path)
                 .map(|data| (name.clone(), data))
-                .map_err(|e| BackupError::Usage(format!("config {name}: {}: {e}", path.display())))
+                .map_err(|source| Error::ReadConfig {
+                    name: name.clone(),
+                    path: path.clone(),
+                    source,
+                })
         })
         .collect()
 }
@@ -665,27 +623,6 @@ fn read_configs(configs: &[(String, PathBuf)]) -> Result<Vec<(String, Vec<u8>)>,
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn exit_codes_differ() {
-        let codes = [
-            BackupError::Usage(String::new()).exit_code(),
-            BackupError::Setup(String::new()).exit_code(),
-            BackupError::Archive(SinkError::new("x")).exit_code(),
-            BackupError::Archive(SinkError {
-                message: "x".into(),
-                no_space: true,
-            })
-            .exit_code(),
-            BackupError::JobFailed(String::new()).exit_code(),
-            BackupError::QemuGone(String::new()).exit_code(),
-            BackupError::Interrupted.exit_code(),
-        ];
-        let mut sorted = codes.to_vec();
-        sorted.sort_unstable();
-        sorted.dedup();
-        assert_eq!(sorted.len(), codes.len());
-    }
 
     #[test]
     fn job_ids() {
@@ -719,11 +656,102 @@ mod tests {
         assert_eq!(got[0].1, b"memory: 512\n");
         assert!(matches!(
             read_configs(&[("x".into(), dir.path().join("missing"))]),
-            Err(BackupError::Usage(_))
+            Err(Error::ReadConfig { name, .. }) if name == "x"
         ));
         assert!(matches!(
             read_configs(&[(DRIVES_CONFIG_NAME.into(), dir.path().into())]),
-            Err(BackupError::Usage(_))
+            Err(Error::ReservedConfigName)
         ));
+    }
+
+    fn targets() -> Vec<Target> {
+        (0..2)
+            .map(|i| Target {
+                node: format!("vmalb1x0-target{i}"),
+                job: format!("vmalb1x0-job{i}"),
+            })
+            .collect()
+    }
+
+    fn event(name: &str, data: Value) -> Event {
+        Event {
+            name: name.into(),
+            data,
+        }
+    }
+
+    #[test]
+    fn job_end_events() {
+        let t = targets();
+        let done = event("BLOCK_JOB_COMPLETED", json!({"device": "vmalb1x0-job1"}));
+        assert!(matches!(
+            job_end(&done, &t),
+            Some(("vmalb1x0-job1", JobEnd::Completed))
+        ));
+        let failed = event(
+            "BLOCK_JOB_COMPLETED",
+            json!({"device": "vmalb1x0-job0", "error": "Input/output error"}),
+        );
+        match job_end(&failed, &t) {
+            Some(("vmalb1x0-job0", JobEnd::Failed(f))) => {
+                assert_eq!(f.to_string(), "vmalb1x0-job0: Input/output error")
+            }
+            other => panic!("{other:?}"),
+        }
+        let cancelled = event("BLOCK_JOB_CANCELLED", json!({"device": "vmalb1x0-job0"}));
+        assert!(matches!(
+            job_end(&cancelled, &t),
+            Some((_, JobEnd::Cancelled))
+        ));
+        let other_job = event("BLOCK_JOB_COMPLETED", json!({"device": "theirs"}));
+        assert!(job_end(&other_job, &t).is_none());
+        let progress = event("BLOCK_JOB_READY", json!({"device": "vmalb1x0-job0"}));
+        assert!(job_end(&progress, &t).is_none());
+    }
+
+    #[test]
+    fn jobs_result_names_every_failure() {
+        let ok = BTreeMap::from([("a", JobEnd::Completed), ("b", JobEnd::Completed)]);
+        assert!(jobs_result(ok).is_ok());
+        let failure = |job: &str| {
+            JobEnd::Failed(JobFailure {
+                job: job.into(),
+                error: "Input/output error".into(),
+            })
+        };
+        let ends = BTreeMap::from([
+            ("a", failure("a")),
+            ("b", JobEnd::Cancelled),
+            ("c", failure("c")),
+        ]);
+        match jobs_result(ends) {
+            Err(Error::JobFailed { failures }) => assert_eq!(failures.len(), 2),
+            other => panic!("{other:?}"),
+        }
+        let ends = BTreeMap::from([("a", JobEnd::Completed), ("b", JobEnd::Cancelled)]);
+        assert!(matches!(
+            jobs_result(ends),
+            Err(Error::JobCancelled { job }) if job == "b"
+        ));
+    }
+
+    #[test]
+    fn abort_reasons() {
+        let opts = BackupOptions::new("/q", "/o");
+        let latch = Latch::default();
+        assert!(abort_reason(&opts, &latch).is_none());
+        opts.cancel.store(true, Ordering::SeqCst);
+        assert!(matches!(
+            abort_reason(&opts, &latch),
+            Some(Error::Interrupted)
+        ));
+        // An archive failure wins over the interrupt: it is what the user must fix.
+        latch.fail(Error::NoDevice(7));
+        match abort_reason(&opts, &latch) {
+            Some(Error::ArchiveFailed { source }) => {
+                assert!(matches!(*source, Error::NoDevice(7)))
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

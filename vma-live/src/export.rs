@@ -5,7 +5,7 @@
 //! an export never answers QEMU with an error and never blocks on anything
 //! but handing the data to the archive writer. When archiving fails, the
 //! first error is latched, every later write is acknowledged and dropped,
-//! and the orchestrator (polling [`Latch::failure`]) cancels the jobs.
+//! and the orchestrator (polling [`Latch::failed`]) cancels the jobs.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -14,32 +14,7 @@ use std::time::Duration;
 
 use vma_nbd::Export;
 
-/// Why the archive could not take a write.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SinkError {
-    /// What went wrong, for the user.
-    pub message: String,
-    /// The archive's filesystem is full (`ENOSPC`/`EDQUOT`).
-    pub no_space: bool,
-}
-
-impl SinkError {
-    /// An error with `message` that is not about space.
-    pub fn new(message: impl Into<String>) -> SinkError {
-        SinkError {
-            message: message.into(),
-            no_space: false,
-        }
-    }
-}
-
-impl std::fmt::Display for SinkError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl std::error::Error for SinkError {}
+use crate::Error;
 
 /// Where the exports put the data: byte ranges of the archive's devices.
 ///
@@ -48,21 +23,21 @@ impl std::error::Error for SinkError {}
 pub trait RangeSink: Send + Sync {
     /// Stores `data` at `offset` of device number `device` (0-based, in
     /// declaration order).
-    fn write(&self, device: usize, offset: u64, data: &[u8]) -> Result<(), SinkError>;
+    fn write(&self, device: usize, offset: u64, data: &[u8]) -> Result<(), Error>;
     /// Records `len` bytes of zeroes at `offset` of device number `device`.
-    fn write_zeroes(&self, device: usize, offset: u64, len: u64) -> Result<(), SinkError>;
+    fn write_zeroes(&self, device: usize, offset: u64, len: u64) -> Result<(), Error>;
 }
 
 /// The first archiving failure, shared by all exports of one backup.
 #[derive(Debug, Default)]
 pub struct Latch {
     failed: AtomicBool,
-    error: Mutex<Option<SinkError>>,
+    error: Mutex<Option<Error>>,
 }
 
 impl Latch {
     /// Records `err` unless a failure is already recorded.
-    pub fn fail(&self, err: SinkError) {
+    pub fn fail(&self, err: Error) {
         let mut slot = self.error.lock().unwrap_or_else(PoisonError::into_inner);
         if slot.is_none() {
             *slot = Some(err);
@@ -76,7 +51,7 @@ impl Latch {
     }
 
     /// Takes the recorded failure (`None` if there is none, or it was taken).
-    pub fn take(&self) -> Option<SinkError> {
+    pub fn take(&self) -> Option<Error> {
         self.error
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -166,19 +141,19 @@ impl DriveExport {
 
     /// Checks QEMU's request against what the archive writer takes: ranges
     /// start on a cluster and cover whole clusters except at the end.
-    fn check_range(&self, offset: u64, len: u64) -> Result<(), SinkError> {
+    fn check_range(&self, offset: u64, len: u64) -> Result<(), Error> {
         let end = offset.saturating_add(len);
         if offset % CLUSTER != 0 || (len % CLUSTER != 0 && end != self.size) {
-            return Err(SinkError::new(format!(
-                "QEMU wrote {len} bytes at offset {offset} of device {}: not whole 64 KiB \
-                     clusters (is the job's cluster size 64 KiB?)",
-                self.device + 1
-            )));
+            return Err(Error::Unaligned {
+                device: self.device + 1,
+                offset,
+                len,
+            });
         }
         Ok(())
     }
 
-    fn store(&self, offset: u64, len: u64, op: impl FnOnce() -> Result<(), SinkError>) {
+    fn store(&self, offset: u64, len: u64, op: impl FnOnce() -> Result<(), Error>) {
         if self.latch.failed() {
             return;
         }
@@ -243,12 +218,12 @@ mod tests {
     }
 
     impl RangeSink for Recorder {
-        fn write(&self, device: usize, offset: u64, data: &[u8]) -> Result<(), SinkError> {
+        fn write(&self, device: usize, offset: u64, data: &[u8]) -> Result<(), Error> {
             if Some(offset) == self.fail_at {
-                return Err(SinkError {
-                    message: "full".into(),
-                    no_space: true,
-                });
+                return Err(Error::Writer(vma_writer::Error::Sink {
+                    offset,
+                    source: Arc::new(io::Error::from_raw_os_error(libc::ENOSPC)),
+                }));
             }
             self.calls
                 .lock()
@@ -256,7 +231,7 @@ mod tests {
                 .push((device, offset, data.len() as u64, false));
             Ok(())
         }
-        fn write_zeroes(&self, device: usize, offset: u64, len: u64) -> Result<(), SinkError> {
+        fn write_zeroes(&self, device: usize, offset: u64, len: u64) -> Result<(), Error> {
             self.calls.lock().unwrap().push((device, offset, len, true));
             Ok(())
         }
@@ -279,7 +254,14 @@ mod tests {
         // Unaligned: latched, still acknowledged.
         e.write_at(&[0; 512], 100).unwrap();
         assert!(latch.failed());
-        assert!(latch.take().unwrap().message.contains("64 KiB"));
+        assert!(matches!(
+            latch.take(),
+            Some(Error::Unaligned {
+                device: 2,
+                offset: 100,
+                len: 512
+            })
+        ));
         // After a failure nothing reaches the sink, everything is acked.
         e.write_at(&vec![1; CLUSTER as usize], 3 * CLUSTER).unwrap();
         assert_eq!(rec.calls.lock().unwrap().len(), 3);
@@ -296,7 +278,7 @@ mod tests {
         let e = DriveExport::new(rec, latch.clone(), 0, 2 * CLUSTER, None);
         e.write_at(&vec![1; CLUSTER as usize], 0).unwrap();
         e.write_at(&[1], 1).unwrap();
-        assert!(latch.take().unwrap().no_space);
+        assert!(latch.take().unwrap().is_no_space());
         assert!(e.flush().is_ok());
     }
 }

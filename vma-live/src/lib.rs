@@ -1,0 +1,16 @@
+#![doc = include_str!("../README.md")]
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+mod archive;
+pub mod backup;
+pub mod drives;
+mod error;
+pub mod export;
+mod progress;
+pub mod qmp;
+
+pub use backup::{run_backup, BackupOptions, BackupReport, DriveReport, XPerf};
+pub use drives::Drive;
+pub use error::{Error, ErrorKind, JobFailure};
+pub use qmp::{Event, Qmp};
