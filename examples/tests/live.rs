@@ -305,7 +305,6 @@ fn interrupt_cancels_jobs_and_vm_keeps_running() {
 }
 
 #[test]
-#[ignore = "boots QEMU (qemu-system-x86); scripts/test runs it with --include-ignored"]
 fn demo_without_qemu_says_what_is_missing() {
     let out = Command::new(bin())
         .arg("--demo")
