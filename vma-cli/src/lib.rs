@@ -8,6 +8,7 @@
 //! The binary is a thin `main` around [`run`]; the parsers of untrusted input
 //! ([`lzop`], [`mapfile`]) are public so that the fuzz targets can reach them.
 #![deny(missing_docs)]
+#![cfg_attr(not(test), warn(clippy::too_many_lines))]
 
 mod cmd;
 pub mod ctime;

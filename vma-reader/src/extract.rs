@@ -308,6 +308,7 @@ impl<'a> Extractor<'a> {
 
     /// Plans and opens every device output: checks names, selections and targets before
     /// creating anything.
+    #[allow(clippy::too_many_lines)] // reason: being split in a parallel change (issue 19)
     fn open_devices(
         &self,
         devices: &[DeviceInfo],

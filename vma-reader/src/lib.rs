@@ -117,6 +117,7 @@
 //! is held too and freed afterwards.
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
+#![cfg_attr(not(test), warn(clippy::too_many_lines))]
 
 mod error;
 mod extract;

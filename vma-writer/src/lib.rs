@@ -67,6 +67,7 @@
 //! (skipping the holes of a sparse one) or a block device.
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
+#![cfg_attr(not(test), warn(clippy::too_many_lines))]
 
 mod bitmap;
 mod builder;
