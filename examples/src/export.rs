@@ -5,7 +5,7 @@
 //! an export never answers QEMU with an error and never blocks on anything
 //! but handing the data to the archive writer. When archiving fails, the
 //! first error is latched, every later write is acknowledged and dropped,
-//! and the orchestrator (polling [`Latch::failure`]) cancels the jobs.
+//! and the orchestrator (polling [`Latch::failed`]) cancels the jobs.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
