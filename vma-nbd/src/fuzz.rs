@@ -66,7 +66,7 @@ impl Export for MemExport {
         let mut i = offset;
         while left > 0 {
             let l = left.min(1000 + i % 3000);
-            v.push(if (i / 1000) % 2 == 0 {
+            v.push(if (i / 1000).is_multiple_of(2) {
                 Extent::data(l)
             } else {
                 Extent::hole(l)
@@ -234,7 +234,7 @@ mod tests {
                 };
                 input.extend_from_slice(&h.encode());
                 let payload = (rng.next() % 2048) as usize;
-                input.extend(std::iter::repeat(0xabu8).take(payload));
+                input.extend(std::iter::repeat_n(0xabu8, payload));
             }
             let out = run_session(&input);
             assert!(out.starts_with(b"NBDMAGIC"));

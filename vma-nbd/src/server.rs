@@ -532,7 +532,7 @@ impl ServerHandle {
     /// Whether the listener has stopped (after a shutdown, or on its own
     /// with [`ServerBuilder::stop_after_last_client`]).
     pub fn is_finished(&self) -> bool {
-        self.thread.as_ref().map_or(true, JoinHandle::is_finished)
+        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
     }
 
     /// A cloneable trigger that shuts this listener down.

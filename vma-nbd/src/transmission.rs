@@ -160,7 +160,7 @@ impl Request<'_> {
             h,
             s,
             in_bounds: h.offset.checked_add(len).is_some_and(|end| end <= s.size),
-            aligned: h.offset % min == 0 && len % min == 0,
+            aligned: h.offset.is_multiple_of(min) && len.is_multiple_of(min),
         }
     }
 
@@ -563,7 +563,7 @@ fn normalize_extents(extents: &[Extent], len: u32, min: u32, req_one: bool) -> V
         let mut aligned = Vec::with_capacity(out.len());
         for (l, f) in out {
             let end = pos + l;
-            if end % min == 0 {
+            if end.is_multiple_of(min) {
                 aligned.push((l, f));
                 pos = end;
             } else {

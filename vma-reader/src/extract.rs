@@ -339,7 +339,7 @@ impl<'a> Extractor<'a> {
                     || self
                         .devices
                         .as_ref()
-                        .map_or(true, |names| names.contains(&d.name))
+                        .is_none_or(|names| names.contains(&d.name))
             })
             .collect();
 

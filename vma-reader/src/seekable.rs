@@ -423,7 +423,7 @@ impl DeviceReader {
         while end < limit {
             // Whole zero clusters without an entry are skipped at once.
             let (mask, _) = self.index().get(end / VMA_CLUSTER_SIZE as u64);
-            if !state && mask.is_empty() && end % VMA_CLUSTER_SIZE as u64 == 0 {
+            if !state && mask.is_empty() && end.is_multiple_of(VMA_CLUSTER_SIZE as u64) {
                 end += VMA_CLUSTER_SIZE as u64;
                 continue;
             }
