@@ -2,6 +2,7 @@
 //! seekable reader against `pread` on the raw image. `compare.sh` runs everything and
 //! prints the table recorded in `RESULTS.md`.
 #![deny(missing_docs)]
+#![cfg_attr(not(test), warn(clippy::too_many_lines))]
 
 /// A small deterministic generator (xorshift64*), so that every run reads the same offsets.
 pub struct Offsets(u64);

@@ -62,7 +62,7 @@ impl Fixture {
     /// `vd1`): a raw file of `5s/8` MiB + 12345 bytes, data in `0..s/8`,
     /// `3s/8..5s/8` and in the last, partial cluster; the rest a hole.
     pub fn with_size(s: u64) -> Result<Fixture> {
-        if s < 16 || s % 16 != 0 {
+        if s < 16 || !s.is_multiple_of(16) {
             return Err(format!("fixture size {s} MiB: expected a multiple of 16").into());
         }
         // Fail early and clearly without QEMU.

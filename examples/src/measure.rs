@@ -286,7 +286,7 @@ fn vma_round(
     wait_for_jobs(ctl, 1, Duration::from_secs(30))?;
     let samples = writes_during_job(ctl, qdev, size, &mut |qmp| {
         let jobs = qmp.execute("query-block-jobs", Value::Null)?;
-        if jobs.as_array().map_or(true, |a| a.is_empty()) {
+        if jobs.as_array().is_none_or(|a| a.is_empty()) {
             return Ok(None);
         }
         job_offset(qmp, 0).map(Some)

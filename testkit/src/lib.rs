@@ -1,6 +1,7 @@
 //! Test support shared by the vma-rs crates: where the reference vectors live and what
 //! Proxmox's own `vma` tool says they hold (parsed from `spec/vectors/EXPECTED.txt`).
 #![deny(missing_docs)]
+#![cfg_attr(not(test), warn(clippy::too_many_lines))]
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

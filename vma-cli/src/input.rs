@@ -1,6 +1,7 @@
 //! Opening an archive for streaming: a file or standard input, plain or compressed
-//! (zstd, gzip, lzop), recognised by its first bytes rather than its name. The reader
-//! built on it ([`crate::cmd::open_stream`]) reads and decompresses on a second thread.
+//! (zstd, gzip, lzop), recognised by its first bytes rather than its name. The reader the
+//! commands build on it (`cmd::open_stream`, private) reads and decompresses on a second
+//! thread.
 
 use std::fs::File;
 use std::io::{self, Read};

@@ -577,8 +577,10 @@ impl BlobBuilder {
                 max: VMA_MAX_HEADER_SIZE,
             });
         }
-        self.buffer
-            .extend_from_slice(&(data.len() as u16).to_le_bytes());
+        // The one little-endian field of the format (spec/FORMAT.md).
+        let mut len = [0u8; 2];
+        LittleEndian::write_u16(&mut len, data.len() as u16);
+        self.buffer.extend_from_slice(&len);
         self.buffer.extend_from_slice(data);
         Ok(ptr as u32)
     }

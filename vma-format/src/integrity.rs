@@ -13,6 +13,8 @@
 //!   Each of those extent headers carries its data's CRC32C, so the seal covers the data
 //!   through them while a reader need only read headers to check it.
 
+use byteorder::{BigEndian, ByteOrder};
+
 use crate::consts::{VMA_BLOCKS_PER_EXTENT, VMA_EXTENT_HEADER_SIZE};
 use crate::extent::{BlockInfo, BlockMask, ExtentHeader};
 use sha2::{Digest, Sha256};
@@ -159,7 +161,7 @@ impl Seal {
     /// The seal extent header for an archive with this uuid.
     pub fn to_extent(&self, uuid: Uuid) -> ExtentHeader {
         let mut payload = [0u8; SEAL_PAYLOAD_LEN];
-        payload[..8].copy_from_slice(&self.extents.to_be_bytes());
+        BigEndian::write_u64(&mut payload[..8], self.extents);
         payload[8..].copy_from_slice(&self.sha256);
         let mut slots = [BlockInfo::EMPTY; VMA_BLOCKS_PER_EXTENT];
         slots[0] = BlockInfo {
@@ -175,10 +177,10 @@ impl Seal {
             let mut b = [0u8; SEAL_BYTES_PER_SLOT];
             b[..chunk.len()].copy_from_slice(chunk);
             *slot = BlockInfo {
-                mask: BlockMask::from_bits_retain(u16::from_be_bytes([b[0], b[1]])),
+                mask: BlockMask::from_bits_retain(BigEndian::read_u16(&b[0..2])),
                 reserved: b[2],
                 dev_id: 0,
-                cluster: u32::from_be_bytes([b[3], b[4], b[5], b[6]]),
+                cluster: BigEndian::read_u32(&b[3..7]),
             };
         }
         ExtentHeader::new(uuid, slots)
@@ -201,15 +203,17 @@ impl Seal {
         }
         let mut payload = Vec::with_capacity(SEAL_PAYLOAD_LEN + SEAL_BYTES_PER_SLOT);
         for slot in &extent.blockinfo[1..] {
-            payload.extend_from_slice(&slot.mask.bits().to_be_bytes());
-            payload.push(slot.reserved);
-            payload.extend_from_slice(&slot.cluster.to_be_bytes());
+            let mut b = [0u8; SEAL_BYTES_PER_SLOT];
+            BigEndian::write_u16(&mut b[0..2], slot.mask.bits());
+            b[2] = slot.reserved;
+            BigEndian::write_u32(&mut b[3..7], slot.cluster);
+            payload.extend_from_slice(&b);
             if payload.len() >= SEAL_PAYLOAD_LEN {
                 break;
             }
         }
         SealKind::Seal(Seal {
-            extents: u64::from_be_bytes(payload[..8].try_into().unwrap()),
+            extents: BigEndian::read_u64(&payload[..8]),
             sha256: payload[8..SEAL_PAYLOAD_LEN].try_into().unwrap(),
         })
     }
@@ -235,6 +239,21 @@ mod tests {
             "no slot a reader would use"
         );
         assert_eq!(Seal::from_extent(&back), SealKind::Seal(seal));
+    }
+
+    #[test]
+    fn seal_payload_is_big_endian_on_disk() {
+        let seal = Seal {
+            extents: 0x0102_0304_0506_0708,
+            sha256: [0xff; 32],
+        };
+        let extent = seal.to_extent(Uuid::nil());
+        // Slot 1 carries the first 7 payload bytes as mask (BE), reserved, cluster (BE):
+        // on disk (a big-endian u64) they are the payload bytes in order around dev_id 0.
+        let slot = extent.blockinfo[1].to_u64().to_be_bytes();
+        assert_eq!(slot, [0x01, 0x02, 0x03, 0x00, 0x04, 0x05, 0x06, 0x07]);
+        let slot = extent.blockinfo[2].to_u64().to_be_bytes();
+        assert_eq!(slot, [0x08, 0xff, 0xff, 0x00, 0xff, 0xff, 0xff, 0xff]);
     }
 
     #[test]

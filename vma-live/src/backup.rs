@@ -419,6 +419,7 @@ enum JobEnd {
 
 /// Starts the transaction and waits for every job's end, cancelling the
 /// jobs when archiving fails or the user interrupts.
+#[allow(clippy::too_many_lines)] // reason: being split in a parallel change (issue 19)
 fn run_jobs(
     opts: &BackupOptions,
     qmp: &mut Qmp,

@@ -143,7 +143,7 @@ impl DriveExport {
     /// start on a cluster and cover whole clusters except at the end.
     fn check_range(&self, offset: u64, len: u64) -> Result<(), Error> {
         let end = offset.saturating_add(len);
-        if offset % CLUSTER != 0 || (len % CLUSTER != 0 && end != self.size) {
+        if !offset.is_multiple_of(CLUSTER) || (!len.is_multiple_of(CLUSTER) && end != self.size) {
             return Err(Error::Unaligned {
                 device: self.device + 1,
                 offset,

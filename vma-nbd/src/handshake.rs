@@ -122,6 +122,14 @@ fn meta_context_reply(id: u32, name: &str) -> Vec<u8> {
     d
 }
 
+/// What an option leaves the handshake to do.
+enum Step {
+    /// Read the next option.
+    Next,
+    /// The handshake is over.
+    Done(Outcome),
+}
+
 /// Runs the server side of the fixed newstyle handshake.
 pub(crate) fn handshake<R: Read, W: Write>(
     r: &mut R,
@@ -145,9 +153,13 @@ pub(crate) fn handshake<R: Read, W: Write>(
             "unknown client flags {client_flags:#x}"
         )));
     }
-    let mut st = State {
-        no_zeroes: client_flags & FLAG_C_NO_ZEROES != 0,
-        ..State::default()
+    let mut haggle = Haggle {
+        w,
+        exports,
+        st: State {
+            no_zeroes: client_flags & FLAG_C_NO_ZEROES != 0,
+            ..State::default()
+        },
     };
 
     loop {
@@ -161,137 +173,174 @@ pub(crate) fn handshake<R: Read, W: Write>(
                 return Err(Error::Protocol("export name too long".into()));
             }
             discard(r, u64::from(length))?;
-            send_reply(w, option, REP_ERR_TOO_BIG, b"option data too long")?;
+            haggle.reply(option, REP_ERR_TOO_BIG, b"option data too long")?;
             continue;
         }
         // Bounded by MAX_OPTION_LEN.
         let mut data = vec![0u8; length as usize];
         r.read_exact(&mut data)?;
 
-        match option {
-            OPT_EXPORT_NAME => {
-                let name = String::from_utf8(data)
-                    .map_err(|_| Error::Protocol("export name is not UTF-8".into()))?;
-                // No way to report an error here: hard disconnect.
-                let export = exports
-                    .get(&name)
-                    .ok_or_else(|| Error::Protocol(format!("unknown export {name:?}")))?;
-                let session = st.session(&name, export);
-                let mut msg = Vec::with_capacity(134);
-                msg.extend_from_slice(&session.size.to_be_bytes());
-                msg.extend_from_slice(&session.flags.to_be_bytes());
-                if !st.no_zeroes {
-                    msg.extend_from_slice(&[0u8; 124]);
-                }
-                w.write_all(&msg)?;
-                w.flush()?;
-                return Ok(Outcome::Transmission(session));
-            }
-            OPT_ABORT => {
-                // The client may already have closed the connection.
-                let _ = send_reply(w, option, REP_ACK, &[]);
-                return Ok(Outcome::Closed);
-            }
-            OPT_LIST => {
-                if !data.is_empty() {
-                    send_reply(w, option, REP_ERR_INVALID, b"OPT_LIST takes no data")?;
-                    continue;
-                }
-                for name in exports.keys() {
-                    let mut d = (name.len() as u32).to_be_bytes().to_vec();
-                    d.extend_from_slice(name.as_bytes());
-                    send_reply(w, option, REP_SERVER, &d)?;
-                }
-                send_reply(w, option, REP_ACK, &[])?;
-            }
-            OPT_INFO | OPT_GO => {
-                let req = match parse_info_request(&data) {
-                    Ok(req) => req,
-                    Err(e) => {
-                        send_reply(w, option, REP_ERR_INVALID, e.to_string().as_bytes())?;
-                        continue;
-                    }
-                };
-                let Some(export) = exports.get(&req.name) else {
-                    let msg = format!("unknown export {:?}", req.name);
-                    send_reply(w, option, REP_ERR_UNKNOWN, msg.as_bytes())?;
-                    continue;
-                };
-                let session = st.session(&req.name, export);
-                send_reply(w, option, REP_INFO, &info_export(&session))?;
-                if req.requests.contains(&INFO_NAME) {
-                    let mut d = INFO_NAME.to_be_bytes().to_vec();
-                    d.extend_from_slice(req.name.as_bytes());
-                    send_reply(w, option, REP_INFO, &d)?;
-                }
-                // Always sent: clients ignore information they did not ask for.
-                send_reply(w, option, REP_INFO, &info_block_size(&session.block))?;
-                send_reply(w, option, REP_ACK, &[])?;
-                if option == OPT_GO {
-                    return Ok(Outcome::Transmission(session));
-                }
-            }
-            OPT_STRUCTURED_REPLY => {
-                if !data.is_empty() {
-                    send_reply(w, option, REP_ERR_INVALID, b"option takes no data")?;
-                    continue;
-                }
-                st.structured = true;
-                send_reply(w, option, REP_ACK, &[])?;
-            }
-            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
-                let set = option == OPT_SET_META_CONTEXT;
-                if set {
-                    // Replaced even if the option fails.
-                    st.meta_export = None;
-                }
-                if !st.structured {
-                    send_reply(
-                        w,
-                        option,
-                        REP_ERR_INVALID,
-                        b"structured replies not negotiated",
-                    )?;
-                    continue;
-                }
-                let req = match parse_meta_context_request(&data) {
-                    Ok(req) => req,
-                    Err(e) => {
-                        send_reply(w, option, REP_ERR_INVALID, e.to_string().as_bytes())?;
-                        continue;
-                    }
-                };
-                if !exports.contains_key(&req.export_name) {
-                    let msg = format!("unknown export {:?}", req.export_name);
-                    send_reply(w, option, REP_ERR_UNKNOWN, msg.as_bytes())?;
-                    continue;
-                }
-                if req.queries.iter().any(|q| !q.contains(':')) {
-                    send_reply(w, option, REP_ERR_INVALID, b"query without namespace")?;
-                    continue;
-                }
-                let selected = if set {
-                    req.queries.iter().any(|q| q == META_BASE_ALLOCATION)
-                } else {
-                    req.queries.is_empty()
-                        || req
-                            .queries
-                            .iter()
-                            .any(|q| q == "base:" || q == META_BASE_ALLOCATION)
-                };
-                if selected {
-                    let id = if set { META_BASE_ALLOCATION_ID } else { 0 };
-                    let d = meta_context_reply(id, META_BASE_ALLOCATION);
-                    send_reply(w, option, REP_META_CONTEXT, &d)?;
-                    if set {
-                        st.meta_export = Some(req.export_name);
-                    }
-                }
-                send_reply(w, option, REP_ACK, &[])?;
-            }
+        let step = match option {
+            OPT_EXPORT_NAME => haggle.export_name(data)?,
+            OPT_ABORT => haggle.abort(),
+            OPT_LIST => haggle.list(&data)?,
+            OPT_INFO | OPT_GO => haggle.info(option, &data)?,
+            OPT_STRUCTURED_REPLY => haggle.structured_reply(&data)?,
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => haggle.meta_context(option, &data)?,
             _ => {
-                send_reply(w, option, REP_ERR_UNSUP, b"option not supported")?;
+                haggle.reply(option, REP_ERR_UNSUP, b"option not supported")?;
+                Step::Next
+            }
+        };
+        if let Step::Done(outcome) = step {
+            return Ok(outcome);
+        }
+    }
+}
+
+/// The option haggling after the greeting: one method per option.
+struct Haggle<'a, W> {
+    w: &'a mut W,
+    exports: &'a BTreeMap<String, Arc<dyn Export>>,
+    st: State,
+}
+
+impl<W: Write> Haggle<'_, W> {
+    fn reply(&mut self, option: u32, kind: u32, data: &[u8]) -> io::Result<()> {
+        send_reply(self.w, option, kind, data)
+    }
+
+    /// Replies with an error and goes on to the next option.
+    fn refuse(&mut self, option: u32, kind: u32, msg: &[u8]) -> io::Result<Step> {
+        self.reply(option, kind, msg)?;
+        Ok(Step::Next)
+    }
+
+    /// `NBD_OPT_EXPORT_NAME`: enters transmission, or disconnects (it cannot report an
+    /// error).
+    fn export_name(&mut self, data: Vec<u8>) -> Result<Step, Error> {
+        let name = String::from_utf8(data)
+            .map_err(|_| Error::Protocol("export name is not UTF-8".into()))?;
+        // No way to report an error here: hard disconnect.
+        let export = self
+            .exports
+            .get(&name)
+            .ok_or_else(|| Error::Protocol(format!("unknown export {name:?}")))?;
+        let session = self.st.session(&name, export);
+        let mut msg = Vec::with_capacity(134);
+        msg.extend_from_slice(&session.size.to_be_bytes());
+        msg.extend_from_slice(&session.flags.to_be_bytes());
+        if !self.st.no_zeroes {
+            msg.extend_from_slice(&[0u8; 124]);
+        }
+        self.w.write_all(&msg)?;
+        self.w.flush()?;
+        Ok(Step::Done(Outcome::Transmission(session)))
+    }
+
+    /// `NBD_OPT_ABORT`.
+    fn abort(&mut self) -> Step {
+        // The client may already have closed the connection.
+        let _ = self.reply(OPT_ABORT, REP_ACK, &[]);
+        Step::Done(Outcome::Closed)
+    }
+
+    /// `NBD_OPT_LIST`.
+    fn list(&mut self, data: &[u8]) -> io::Result<Step> {
+        if !data.is_empty() {
+            return self.refuse(OPT_LIST, REP_ERR_INVALID, b"OPT_LIST takes no data");
+        }
+        for name in self.exports.keys() {
+            let mut d = (name.len() as u32).to_be_bytes().to_vec();
+            d.extend_from_slice(name.as_bytes());
+            send_reply(self.w, OPT_LIST, REP_SERVER, &d)?;
+        }
+        self.reply(OPT_LIST, REP_ACK, &[])?;
+        Ok(Step::Next)
+    }
+
+    /// `NBD_OPT_INFO` and `NBD_OPT_GO` (which then enters transmission).
+    fn info(&mut self, option: u32, data: &[u8]) -> io::Result<Step> {
+        let req = match parse_info_request(data) {
+            Ok(req) => req,
+            Err(e) => return self.refuse(option, REP_ERR_INVALID, e.to_string().as_bytes()),
+        };
+        let Some(export) = self.exports.get(&req.name) else {
+            let msg = format!("unknown export {:?}", req.name);
+            return self.refuse(option, REP_ERR_UNKNOWN, msg.as_bytes());
+        };
+        let session = self.st.session(&req.name, export);
+        self.reply(option, REP_INFO, &info_export(&session))?;
+        if req.requests.contains(&INFO_NAME) {
+            let mut d = INFO_NAME.to_be_bytes().to_vec();
+            d.extend_from_slice(req.name.as_bytes());
+            self.reply(option, REP_INFO, &d)?;
+        }
+        // Always sent: clients ignore information they did not ask for.
+        self.reply(option, REP_INFO, &info_block_size(&session.block))?;
+        self.reply(option, REP_ACK, &[])?;
+        Ok(if option == OPT_GO {
+            Step::Done(Outcome::Transmission(session))
+        } else {
+            Step::Next
+        })
+    }
+
+    /// `NBD_OPT_STRUCTURED_REPLY`.
+    fn structured_reply(&mut self, data: &[u8]) -> io::Result<Step> {
+        let option = OPT_STRUCTURED_REPLY;
+        if !data.is_empty() {
+            return self.refuse(option, REP_ERR_INVALID, b"option takes no data");
+        }
+        self.st.structured = true;
+        self.reply(option, REP_ACK, &[])?;
+        Ok(Step::Next)
+    }
+
+    /// `NBD_OPT_LIST_META_CONTEXT` and `NBD_OPT_SET_META_CONTEXT`: only
+    /// `base:allocation` exists.
+    fn meta_context(&mut self, option: u32, data: &[u8]) -> io::Result<Step> {
+        let set = option == OPT_SET_META_CONTEXT;
+        if set {
+            // Replaced even if the option fails.
+            self.st.meta_export = None;
+        }
+        if !self.st.structured {
+            return self.refuse(
+                option,
+                REP_ERR_INVALID,
+                b"structured replies not negotiated",
+            );
+        }
+        let req = match parse_meta_context_request(data) {
+            Ok(req) => req,
+            Err(e) => return self.refuse(option, REP_ERR_INVALID, e.to_string().as_bytes()),
+        };
+        if !self.exports.contains_key(&req.export_name) {
+            let msg = format!("unknown export {:?}", req.export_name);
+            return self.refuse(option, REP_ERR_UNKNOWN, msg.as_bytes());
+        }
+        if req.queries.iter().any(|q| !q.contains(':')) {
+            return self.refuse(option, REP_ERR_INVALID, b"query without namespace");
+        }
+        let selected = if set {
+            req.queries.iter().any(|q| q == META_BASE_ALLOCATION)
+        } else {
+            req.queries.is_empty()
+                || req
+                    .queries
+                    .iter()
+                    .any(|q| q == "base:" || q == META_BASE_ALLOCATION)
+        };
+        if selected {
+            let id = if set { META_BASE_ALLOCATION_ID } else { 0 };
+            let d = meta_context_reply(id, META_BASE_ALLOCATION);
+            self.reply(option, REP_META_CONTEXT, &d)?;
+            if set {
+                self.st.meta_export = Some(req.export_name);
             }
         }
+        self.reply(option, REP_ACK, &[])?;
+        Ok(Step::Next)
     }
 }

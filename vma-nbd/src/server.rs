@@ -202,8 +202,8 @@ impl Server {
     ///
     /// Returns `Ok(())` when the client disconnects (`NBD_CMD_DISC`,
     /// `NBD_OPT_ABORT`, or EOF between messages), `Err` on protocol
-    /// violations and I/O errors. Useful for tests and fuzzing (see
-    /// [`crate::fuzz`]).
+    /// violations and I/O errors. Useful for tests and fuzzing (the
+    /// `fuzz` module, with the `fuzzing` feature).
     pub fn serve_stream<S: Read + Write>(&self, stream: S) -> Result<(), Error> {
         let duplex = Duplex(RefCell::new(stream));
         let mut r = BufReader::with_capacity(READ_BUFFER, &duplex);
@@ -532,7 +532,7 @@ impl ServerHandle {
     /// Whether the listener has stopped (after a shutdown, or on its own
     /// with [`ServerBuilder::stop_after_last_client`]).
     pub fn is_finished(&self) -> bool {
-        self.thread.as_ref().map_or(true, JoinHandle::is_finished)
+        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
     }
 
     /// A cloneable trigger that shuts this listener down.

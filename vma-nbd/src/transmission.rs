@@ -113,148 +113,193 @@ enum JobSpec {
 }
 
 fn validate(h: &RequestHeader, s: &Session) -> Action {
-    let len = u64::from(h.length);
-    let in_bounds = h.offset.checked_add(len).is_some_and(|end| end <= s.size);
-    let min = u64::from(s.block.min);
-    let aligned = h.offset % min == 0 && len % min == 0;
-    let fail = |errno, msg| Action::Reply {
-        result: Err((errno, msg)),
-        discard: 0,
-    };
-    let ok = Action::Reply {
-        result: Ok(()),
-        discard: 0,
-    };
+    let req = Request::new(h, s);
     match h.command {
-        CMD_READ => {
-            let bad_df = h.flags & CMD_FLAG_DF != 0 && !s.structured;
-            if h.flags & !(CMD_FLAG_FUA | CMD_FLAG_DF) != 0 || bad_df {
-                fail(Errno::Inval, "invalid flags for read")
-            } else if h.length > s.block.max {
-                fail(Errno::Inval, "read larger than the maximum block size")
-            } else if !in_bounds {
-                fail(Errno::Inval, "read beyond the end of the export")
-            } else if !aligned {
-                fail(Errno::Inval, "read not aligned to the minimum block size")
-            } else if h.length == 0 {
-                ok
-            } else {
-                Action::Run(JobSpec::Read {
-                    offset: h.offset,
-                    len: h.length,
-                })
-            }
-        }
-        CMD_WRITE => {
-            if h.length > MAX_PAYLOAD {
-                return Action::Close(format!(
-                    "write payload of {} bytes exceeds {MAX_PAYLOAD}",
-                    h.length
-                ));
-            }
-            // The payload is skipped on every error.
-            let fail = |errno, msg| Action::Reply {
-                result: Err((errno, msg)),
-                discard: h.length,
-            };
-            if h.flags & !CMD_FLAG_FUA != 0 {
-                fail(Errno::Inval, "invalid flags for write")
-            } else if s.read_only {
-                fail(Errno::Perm, "export is read-only")
-            } else if h.length > s.block.max {
-                fail(Errno::Inval, "write larger than the maximum block size")
-            } else if !in_bounds {
-                fail(Errno::NoSpc, "write beyond the end of the export")
-            } else if !aligned {
-                fail(Errno::Inval, "write not aligned to the minimum block size")
-            } else if h.length == 0 {
-                ok
-            } else {
-                Action::Write {
-                    offset: h.offset,
-                    len: h.length,
-                    fua: h.flags & CMD_FLAG_FUA != 0,
-                }
-            }
-        }
-        CMD_WRITE_ZEROES => {
-            if h.flags & !(CMD_FLAG_FUA | CMD_FLAG_NO_HOLE) != 0 {
-                fail(Errno::Inval, "invalid flags for write zeroes")
-            } else if s.read_only {
-                fail(Errno::Perm, "export is read-only")
-            } else if !in_bounds {
-                fail(Errno::NoSpc, "write zeroes beyond the end of the export")
-            } else if !aligned {
-                fail(
-                    Errno::Inval,
-                    "write zeroes not aligned to the minimum block size",
-                )
-            } else if h.length == 0 {
-                ok
-            } else {
-                Action::Run(JobSpec::WriteZeroes {
-                    offset: h.offset,
-                    len: h.length,
-                    fua: h.flags & CMD_FLAG_FUA != 0,
-                })
-            }
-        }
-        CMD_FLUSH => {
-            if h.flags & !CMD_FLAG_FUA != 0 {
-                fail(Errno::Inval, "invalid flags for flush")
-            } else {
-                Action::Run(JobSpec::Flush)
-            }
-        }
-        CMD_TRIM => {
-            // Not advertised; accepted as a validated no-op (the protocol
-            // lets a server ignore trims).
-            if h.flags & !CMD_FLAG_FUA != 0 {
-                fail(Errno::Inval, "invalid flags for trim")
-            } else if s.read_only {
-                fail(Errno::Perm, "export is read-only")
-            } else if !in_bounds {
-                fail(Errno::Inval, "trim beyond the end of the export")
-            } else if !aligned {
-                fail(Errno::Inval, "trim not aligned to the minimum block size")
-            } else {
-                ok
-            }
-        }
-        CMD_CACHE => {
-            // Not advertised; some clients send it anyway: a no-op.
-            if h.flags != 0 {
-                fail(Errno::Inval, "invalid flags for cache")
-            } else if !in_bounds {
-                fail(Errno::Inval, "cache beyond the end of the export")
-            } else {
-                ok
-            }
-        }
-        CMD_BLOCK_STATUS => {
-            if !s.base_allocation {
-                fail(Errno::Inval, "no metadata context negotiated")
-            } else if h.flags & !CMD_FLAG_REQ_ONE != 0 {
-                fail(Errno::Inval, "invalid flags for block status")
-            } else if h.length == 0 {
-                fail(Errno::Inval, "zero-length block status")
-            } else if !in_bounds {
-                fail(Errno::Inval, "block status beyond the end of the export")
-            } else if !aligned {
-                fail(
-                    Errno::Inval,
-                    "block status not aligned to the minimum block size",
-                )
-            } else {
-                Action::Run(JobSpec::BlockStatus {
-                    offset: h.offset,
-                    len: h.length,
-                    req_one: h.flags & CMD_FLAG_REQ_ONE != 0,
-                })
-            }
-        }
+        CMD_READ => req.read(),
+        CMD_WRITE => req.write(),
+        CMD_WRITE_ZEROES => req.write_zeroes(),
+        CMD_FLUSH => req.flush(),
+        CMD_TRIM => req.trim(),
+        CMD_CACHE => req.cache(),
+        CMD_BLOCK_STATUS => req.block_status(),
         CMD_DISC => Action::Disconnect,
         _ => fail(Errno::Inval, "unknown command"),
+    }
+}
+
+/// A refusal of a request without payload.
+fn fail(errno: Errno, msg: &'static str) -> Action {
+    Action::Reply {
+        result: Err((errno, msg)),
+        discard: 0,
+    }
+}
+
+/// Success, with nothing to do.
+fn ok() -> Action {
+    Action::Reply {
+        result: Ok(()),
+        discard: 0,
+    }
+}
+
+/// A request header with what every command's validation asks of it: one method per
+/// command.
+struct Request<'a> {
+    h: &'a RequestHeader,
+    s: &'a Session,
+    in_bounds: bool,
+    aligned: bool,
+}
+
+impl Request<'_> {
+    fn new<'a>(h: &'a RequestHeader, s: &'a Session) -> Request<'a> {
+        let len = u64::from(h.length);
+        let min = u64::from(s.block.min);
+        Request {
+            h,
+            s,
+            in_bounds: h.offset.checked_add(len).is_some_and(|end| end <= s.size),
+            aligned: h.offset.is_multiple_of(min) && len.is_multiple_of(min),
+        }
+    }
+
+    fn read(&self) -> Action {
+        let (h, s) = (self.h, self.s);
+        let bad_df = h.flags & CMD_FLAG_DF != 0 && !s.structured;
+        if h.flags & !(CMD_FLAG_FUA | CMD_FLAG_DF) != 0 || bad_df {
+            fail(Errno::Inval, "invalid flags for read")
+        } else if h.length > s.block.max {
+            fail(Errno::Inval, "read larger than the maximum block size")
+        } else if !self.in_bounds {
+            fail(Errno::Inval, "read beyond the end of the export")
+        } else if !self.aligned {
+            fail(Errno::Inval, "read not aligned to the minimum block size")
+        } else if h.length == 0 {
+            ok()
+        } else {
+            Action::Run(JobSpec::Read {
+                offset: h.offset,
+                len: h.length,
+            })
+        }
+    }
+
+    fn write(&self) -> Action {
+        let (h, s) = (self.h, self.s);
+        if h.length > MAX_PAYLOAD {
+            return Action::Close(format!(
+                "write payload of {} bytes exceeds {MAX_PAYLOAD}",
+                h.length
+            ));
+        }
+        // The payload is skipped on every error.
+        let fail = |errno, msg| Action::Reply {
+            result: Err((errno, msg)),
+            discard: h.length,
+        };
+        if h.flags & !CMD_FLAG_FUA != 0 {
+            fail(Errno::Inval, "invalid flags for write")
+        } else if s.read_only {
+            fail(Errno::Perm, "export is read-only")
+        } else if h.length > s.block.max {
+            fail(Errno::Inval, "write larger than the maximum block size")
+        } else if !self.in_bounds {
+            fail(Errno::NoSpc, "write beyond the end of the export")
+        } else if !self.aligned {
+            fail(Errno::Inval, "write not aligned to the minimum block size")
+        } else if h.length == 0 {
+            ok()
+        } else {
+            Action::Write {
+                offset: h.offset,
+                len: h.length,
+                fua: h.flags & CMD_FLAG_FUA != 0,
+            }
+        }
+    }
+
+    fn write_zeroes(&self) -> Action {
+        let (h, s) = (self.h, self.s);
+        if h.flags & !(CMD_FLAG_FUA | CMD_FLAG_NO_HOLE) != 0 {
+            fail(Errno::Inval, "invalid flags for write zeroes")
+        } else if s.read_only {
+            fail(Errno::Perm, "export is read-only")
+        } else if !self.in_bounds {
+            fail(Errno::NoSpc, "write zeroes beyond the end of the export")
+        } else if !self.aligned {
+            fail(
+                Errno::Inval,
+                "write zeroes not aligned to the minimum block size",
+            )
+        } else if h.length == 0 {
+            ok()
+        } else {
+            Action::Run(JobSpec::WriteZeroes {
+                offset: h.offset,
+                len: h.length,
+                fua: h.flags & CMD_FLAG_FUA != 0,
+            })
+        }
+    }
+
+    fn flush(&self) -> Action {
+        if self.h.flags & !CMD_FLAG_FUA != 0 {
+            fail(Errno::Inval, "invalid flags for flush")
+        } else {
+            Action::Run(JobSpec::Flush)
+        }
+    }
+
+    /// Not advertised; accepted as a validated no-op (the protocol lets a server ignore
+    /// trims).
+    fn trim(&self) -> Action {
+        if self.h.flags & !CMD_FLAG_FUA != 0 {
+            fail(Errno::Inval, "invalid flags for trim")
+        } else if self.s.read_only {
+            fail(Errno::Perm, "export is read-only")
+        } else if !self.in_bounds {
+            fail(Errno::Inval, "trim beyond the end of the export")
+        } else if !self.aligned {
+            fail(Errno::Inval, "trim not aligned to the minimum block size")
+        } else {
+            ok()
+        }
+    }
+
+    /// Not advertised; some clients send it anyway: a no-op.
+    fn cache(&self) -> Action {
+        if self.h.flags != 0 {
+            fail(Errno::Inval, "invalid flags for cache")
+        } else if !self.in_bounds {
+            fail(Errno::Inval, "cache beyond the end of the export")
+        } else {
+            ok()
+        }
+    }
+
+    fn block_status(&self) -> Action {
+        let h = self.h;
+        if !self.s.base_allocation {
+            fail(Errno::Inval, "no metadata context negotiated")
+        } else if h.flags & !CMD_FLAG_REQ_ONE != 0 {
+            fail(Errno::Inval, "invalid flags for block status")
+        } else if h.length == 0 {
+            fail(Errno::Inval, "zero-length block status")
+        } else if !self.in_bounds {
+            fail(Errno::Inval, "block status beyond the end of the export")
+        } else if !self.aligned {
+            fail(
+                Errno::Inval,
+                "block status not aligned to the minimum block size",
+            )
+        } else {
+            Action::Run(JobSpec::BlockStatus {
+                offset: h.offset,
+                len: h.length,
+                req_one: h.flags & CMD_FLAG_REQ_ONE != 0,
+            })
+        }
     }
 }
 
@@ -523,7 +568,7 @@ fn normalize_extents(
         let mut aligned = Vec::with_capacity(out.len());
         for (l, f) in out {
             let end = pos + l;
-            if end % min == 0 {
+            if end.is_multiple_of(min) {
                 aligned.push((l, f));
                 pos = end;
             } else {

@@ -311,6 +311,7 @@ impl<'a> Extractor<'a> {
 
     /// Plans and opens every device output: checks names, selections and targets before
     /// creating anything.
+    #[allow(clippy::too_many_lines)] // reason: being split in a parallel change (issue 19)
     fn open_devices(
         &self,
         devices: &[DeviceInfo],
@@ -341,7 +342,7 @@ impl<'a> Extractor<'a> {
                     || self
                         .devices
                         .as_ref()
-                        .map_or(true, |names| names.contains(&d.name))
+                        .is_none_or(|names| names.contains(&d.name))
             })
             .collect();
 

@@ -44,7 +44,7 @@ impl DeviceIndex {
         if mask.is_empty() {
             return;
         }
-        debug_assert!(relative % OFFSET_UNIT == 0 && relative <= MAX_RELATIVE_OFFSET);
+        debug_assert!(relative.is_multiple_of(OFFSET_UNIT) && relative <= MAX_RELATIVE_OFFSET);
         let (c, i) = (cluster as usize / CHUNK, cluster as usize % CHUNK);
         if self.chunks.len() <= c {
             self.chunks.resize_with(c + 1, || None);

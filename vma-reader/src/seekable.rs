@@ -100,92 +100,10 @@ impl SeekableArchive {
             .len();
         let (header, bytes) = read_header(&mut Positional::new(&file))?;
         let header_size = bytes.len() as u64;
-        let mut hasher = SealHasher::new(&bytes);
+        let hasher = SealHasher::new(&bytes);
         drop(bytes);
-        if file_len.saturating_sub(header_size) > MAX_RELATIVE_OFFSET {
-            return Err(Error::Usage(format!(
-                "archive of {file_len} bytes is larger than the seekable reader can index"
-            )));
-        }
-
-        // A complete archive has a slot for each cluster: bound what the header may make
-        // us allocate by what the file can hold.
-        let clusters: u64 = header
-            .devices
-            .iter()
-            .filter(|d| !d.is_vmstate())
-            .map(DeviceInfo::cluster_count)
-            .sum();
-        let max_clusters = file_len.saturating_sub(header_size) / VMA_EXTENT_HEADER_SIZE as u64
-            * VMA_BLOCKS_PER_EXTENT as u64;
-        if clusters > max_clusters {
-            return Err(Error::TooSmallForDevices {
-                file_len,
-                clusters,
-                max_clusters,
-            });
-        }
-
-        let mut index: Vec<Option<DeviceIndex>> = (0..VMA_MAX_DEVICES).map(|_| None).collect();
-        for d in &header.devices {
-            index[d.id.index()] = Some(DeviceIndex::default());
-        }
-        let mut validator = Validator::new(&header);
-        let mut integrity = IntegrityReport::default();
-        let mut scanner = Scanner::new(&file, file_len);
-        let mut pos = header_size;
-        let mut sealed = false;
-        while pos < file_len {
-            let raw = scanner.header_at(pos)?;
-            let extent = decode_extent(raw, pos, &header)?;
-            match Seal::from_extent(&extent) {
-                SealKind::NotASeal => {}
-                SealKind::Seal(seal) => {
-                    integrity.seal = check_seal(pos, &seal, integrity.total_extents, Some(&hasher));
-                    let end = pos + VMA_EXTENT_HEADER_SIZE as u64;
-                    if end < file_len {
-                        return Err(Error::DataAfterSeal { offset: end });
-                    }
-                    validator.finish(pos)?;
-                    sealed = true;
-                    break;
-                }
-                SealKind::UnknownVersion(v) => {
-                    integrity.seal = SealStatus::UnknownVersion(v);
-                    scanner.last_data = 0;
-                    pos += VMA_EXTENT_HEADER_SIZE as u64;
-                    continue;
-                }
-                SealKind::Malformed => return Err(Error::MalformedSeal { offset: pos }),
-            }
-            let len = extent.extent_len() as u64;
-            if pos + len > file_len {
-                return Err(Error::TruncatedExtent {
-                    offset: pos,
-                    got: file_len - pos,
-                    needed: len,
-                });
-            }
-            let data_start = pos + VMA_EXTENT_HEADER_SIZE as u64 - header_size;
-            validator.check_extent(pos, &extent, |slot, range| {
-                if let Some(ix) = index[slot.device.index()].as_mut() {
-                    ix.set(slot.cluster, slot.mask, data_start + range.start as u64);
-                }
-            })?;
-            match extent.data_checksum() {
-                DataChecksum::Absent => {}
-                DataChecksum::Crc32c(_) => integrity.checksummed_extents += 1,
-                DataChecksum::UnknownVersion(_) => integrity.unverifiable_extents += 1,
-            }
-            hasher.extent(raw);
-            integrity.total_extents += 1;
-            scanner.last_data = extent.data_len();
-            pos += len;
-        }
-        if !sealed {
-            validator.finish(file_len)?;
-        }
-        drop(validator);
+        check_fits(&header, header_size, file_len)?;
+        let (mut index, integrity) = index_extents(&file, file_len, &header, header_size, hasher)?;
         for ix in index.iter_mut().flatten() {
             ix.shrink();
         }
@@ -267,6 +185,104 @@ impl SeekableArchive {
             pos: 0,
         })
     }
+}
+
+/// Checks that the index can address the file and that the file can hold a slot for each
+/// cluster the header declares: what the header may make us allocate is bounded by what
+/// a complete archive of this length can hold.
+fn check_fits(header: &ArchiveHeader, header_size: u64, file_len: u64) -> Result<()> {
+    if file_len.saturating_sub(header_size) > MAX_RELATIVE_OFFSET {
+        return Err(Error::Usage(format!(
+            "archive of {file_len} bytes is larger than the seekable reader can index"
+        )));
+    }
+    let clusters: u64 = header
+        .devices
+        .iter()
+        .filter(|d| !d.is_vmstate())
+        .map(DeviceInfo::cluster_count)
+        .sum();
+    let max_clusters = file_len.saturating_sub(header_size) / VMA_EXTENT_HEADER_SIZE as u64
+        * VMA_BLOCKS_PER_EXTENT as u64;
+    if clusters > max_clusters {
+        return Err(Error::TooSmallForDevices {
+            file_len,
+            clusters,
+            max_clusters,
+        });
+    }
+    Ok(())
+}
+
+/// Reads and checks every extent header after the archive header (seeking over the data)
+/// and the seal, and indexes where each cluster's data is (the index by device id).
+fn index_extents(
+    file: &File,
+    file_len: u64,
+    header: &ArchiveHeader,
+    header_size: u64,
+    mut hasher: SealHasher,
+) -> Result<(Vec<Option<DeviceIndex>>, IntegrityReport)> {
+    let mut index: Vec<Option<DeviceIndex>> = (0..VMA_MAX_DEVICES).map(|_| None).collect();
+    for d in &header.devices {
+        index[d.id.index()] = Some(DeviceIndex::default());
+    }
+    let mut validator = Validator::new(header);
+    let mut integrity = IntegrityReport::default();
+    let mut scanner = Scanner::new(file, file_len);
+    let mut pos = header_size;
+    let mut sealed = false;
+    while pos < file_len {
+        let raw = scanner.header_at(pos)?;
+        let extent = decode_extent(raw, pos, header)?;
+        match Seal::from_extent(&extent) {
+            SealKind::NotASeal => {}
+            SealKind::Seal(seal) => {
+                integrity.seal = check_seal(pos, &seal, integrity.total_extents, Some(&hasher));
+                let end = pos + VMA_EXTENT_HEADER_SIZE as u64;
+                if end < file_len {
+                    return Err(Error::DataAfterSeal { offset: end });
+                }
+                validator.finish(pos)?;
+                sealed = true;
+                break;
+            }
+            SealKind::UnknownVersion(v) => {
+                integrity.seal = SealStatus::UnknownVersion(v);
+                scanner.last_data = 0;
+                pos += VMA_EXTENT_HEADER_SIZE as u64;
+                continue;
+            }
+            SealKind::Malformed => return Err(Error::MalformedSeal { offset: pos }),
+        }
+        let len = extent.extent_len() as u64;
+        if pos + len > file_len {
+            return Err(Error::TruncatedExtent {
+                offset: pos,
+                got: file_len - pos,
+                needed: len,
+            });
+        }
+        let data_start = pos + VMA_EXTENT_HEADER_SIZE as u64 - header_size;
+        validator.check_extent(pos, &extent, |slot, range| {
+            if let Some(ix) = index[slot.device.index()].as_mut() {
+                ix.set(slot.cluster, slot.mask, data_start + range.start as u64);
+            }
+        })?;
+        match extent.data_checksum() {
+            DataChecksum::Absent => {}
+            DataChecksum::Crc32c(_) => integrity.checksummed_extents += 1,
+            DataChecksum::UnknownVersion(_) => integrity.unverifiable_extents += 1,
+        }
+        hasher.extent(raw);
+        integrity.total_extents += 1;
+        scanner.last_data = extent.data_len();
+        pos += len;
+    }
+    if !sealed {
+        validator.finish(file_len)?;
+    }
+    Ok((index, integrity))
 }
 
 /// Reads extent headers, in windows when extents are small so that an archive of
@@ -407,7 +423,7 @@ impl DeviceReader {
         while end < limit {
             // Whole zero clusters without an entry are skipped at once.
             let (mask, _) = self.index().get(end / VMA_CLUSTER_SIZE as u64);
-            if !state && mask.is_empty() && end % VMA_CLUSTER_SIZE as u64 == 0 {
+            if !state && mask.is_empty() && end.is_multiple_of(VMA_CLUSTER_SIZE as u64) {
                 end += VMA_CLUSTER_SIZE as u64;
                 continue;
             }

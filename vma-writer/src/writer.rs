@@ -381,13 +381,13 @@ impl Shared {
             len,
             reason,
         };
-        if offset % cluster != 0 {
+        if !offset.is_multiple_of(cluster) {
             return Err(misaligned("the offset is not a multiple of 65536"));
         }
         let end = offset.checked_add(len);
         match end {
             Some(end) if end <= meta.clusters * cluster => {
-                if len % cluster != 0 && end != meta.size {
+                if !len.is_multiple_of(cluster) && end != meta.size {
                     return Err(misaligned(
                         "the length is not a multiple of 65536 and the range does not end at the device end",
                     ));

@@ -1,6 +1,7 @@
 //! `vma-randread ARCHIVE RAW COUNT`: COUNT random 4 KiB reads of the archive's first disk
 //! through the seekable reader, then the same offsets with `pread` on the raw image;
 //! prints both rates and their ratio, and checks that the bytes agree.
+#![warn(clippy::too_many_lines)]
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;

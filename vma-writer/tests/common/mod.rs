@@ -106,7 +106,9 @@ pub fn decode(bytes: &[u8]) -> Decoded {
             assert!(!*seen_bit, "{}: cluster {} twice", dev.name, slot.cluster);
             *seen_bit = true;
             // The straddling block is zero past the end.
-            if slot.mask.has_block((span - 1) / VMA_BLOCK_SIZE) && span % VMA_BLOCK_SIZE != 0 {
+            if slot.mask.has_block((span - 1) / VMA_BLOCK_SIZE)
+                && !span.is_multiple_of(VMA_BLOCK_SIZE)
+            {
                 let tail_len = VMA_BLOCK_SIZE - span % VMA_BLOCK_SIZE;
                 assert!(
                     is_zero(&stored[stored.len() - tail_len..]),
