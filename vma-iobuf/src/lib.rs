@@ -1,19 +1,7 @@
-//! Page-aligned byte buffers for I/O, shared by `vma-reader` and `vma-writer`.
-//!
-//! On some x86 CPUs (measured on AMD EPYC) `rep movsb`, which both glibc's `memcpy` and
-//! the kernel's `copy_to_user`/`copy_from_user` use for large copies, runs about 20 times
-//! slower when `(dst - src) mod 4096` lies in `1..64`. A `Vec<u8>` of a few MiB comes
-//! from `mmap` and starts 16 bytes past a page boundary, so `read`ing file data at a
-//! page-aligned file offset into it hits exactly that case. An [`AlignedBuf`] starts on
-//! a page boundary instead.
-//!
-//! ```
-//! let mut buf = vma_iobuf::AlignedBuf::new(1 << 20);
-//! assert_eq!(buf.as_ptr() as usize % vma_iobuf::PAGE, 0);
-//! buf[..4].copy_from_slice(b"VMA\0");
-//! ```
+#![doc = include_str!("../README.md")]
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
+#![cfg_attr(not(test), warn(clippy::too_many_lines))]
 
 use std::ops::{Deref, DerefMut};
 
