@@ -8,6 +8,7 @@ mod error;
 pub mod input;
 pub mod lzop;
 pub mod mapfile;
+mod output;
 mod progress;
 
 pub use cmd::run;

@@ -173,46 +173,18 @@ fn bar(total: u64, message: &str) -> Option<ProgressBar> {
     Some(bar)
 }
 
-/// How progress is shown.
+/// A bar on stderr over the device bytes done, when stderr is a terminal.
 pub enum Progress {
-    /// Nothing (output is not a terminal, or it was turned off).
+    /// Nothing (stderr is not a terminal, or there is nothing to do).
     Quiet,
     /// A bar on stderr.
     Bar(ProgressBar),
-    /// The reference's `progress N% ...` lines, printed when the percentage changes.
-    Lines {
-        /// Where the lines go: the reference prints extract progress on stdout and
-        /// create progress on stderr.
-        to_stderr: bool,
-        /// Total bytes.
-        total: u64,
-        /// Last percentage printed.
-        last: Option<u64>,
-        /// Which line format.
-        style: LineStyle,
-    },
-}
-
-/// The reference tool's two progress line formats.
-#[derive(Clone, Copy)]
-pub enum LineStyle {
-    /// `progress 5% 1234/5678` (create: bytes done/total; the reference adds a zero-byte
-    /// count, which is only known at the end here and printed in the summary).
-    Create,
 }
 
 impl Progress {
-    /// Chooses: reference lines when `verbose`, a bar when stderr is a terminal.
-    pub fn new(verbose: bool, total: u64, style: LineStyle, message: &str) -> Progress {
-        if verbose {
-            return Progress::Lines {
-                to_stderr: matches!(style, LineStyle::Create),
-                total: total.max(1),
-                last: None,
-                style,
-            };
-        }
-        match bar(total, message) {
+    /// A bar over `total` bytes if stderr is a terminal and `wanted`.
+    pub fn bar(wanted: bool, total: u64, message: &str) -> Progress {
+        match bar(total, message).filter(|_| wanted) {
             Some(bar) => Progress::Bar(bar),
             None => Progress::Quiet,
         }
@@ -220,31 +192,8 @@ impl Progress {
 
     /// Reports `done` bytes so far.
     pub fn update(&mut self, done: u64) {
-        match self {
-            Progress::Quiet => {}
-            Progress::Bar(bar) => bar.set_position(done),
-            Progress::Lines {
-                to_stderr,
-                total,
-                last,
-                style,
-            } => {
-                let percent = (done.min(*total) * 100) / *total;
-                if *last == Some(percent) {
-                    return;
-                }
-                *last = Some(percent);
-                let line = match style {
-                    LineStyle::Create => format!("progress {percent}% {done}/{total}"),
-                };
-                if *to_stderr {
-                    eprintln!("{line}");
-                } else {
-                    let mut out = std::io::stdout().lock();
-                    let _ = writeln!(out, "{line}");
-                    let _ = out.flush();
-                }
-            }
+        if let Progress::Bar(bar) = self {
+            bar.set_position(done);
         }
     }
 
@@ -253,6 +202,65 @@ impl Progress {
         if let Progress::Bar(bar) = self {
             bar.finish_and_clear();
         }
+    }
+}
+
+/// Proxmox's `vma create -v` figures, counted as its writer counts them, cluster by
+/// cluster as clusters are recorded: `transferred` is device bytes (the last cluster cut
+/// at the device end), `zero_bytes` adds 4096 for every block not stored (a zero block,
+/// or one past the device end). A `progress N% TRANSFERRED/TOTAL ZEROBYTES` line goes to
+/// stderr whenever the percentage changes; Proxmox samples the same figures from its main
+/// loop, so its lines are a subset of these.
+#[derive(Debug)]
+pub struct CreateLines {
+    verbose: bool,
+    total: u64,
+    transferred: u64,
+    zero_bytes: u64,
+    last_percent: Option<u64>,
+    /// Per device id: zero bytes, for the closing `image` lines.
+    device_zero_bytes: Vec<u64>,
+}
+
+impl CreateLines {
+    /// Figures for devices of `total` bytes; lines only when `verbose`.
+    pub fn new(verbose: bool, total: u64) -> CreateLines {
+        CreateLines {
+            verbose,
+            total,
+            transferred: 0,
+            zero_bytes: 0,
+            last_percent: None,
+            device_zero_bytes: vec![0; 256],
+        }
+    }
+
+    /// Counts a recorded cluster; returns the line to print, if the percentage changed.
+    pub fn record(&mut self, c: &vma_writer::RecordedCluster) -> Option<String> {
+        let zeros = ((16 - c.mask.stored_blocks()) * vma_format::VMA_BLOCK_SIZE) as u64;
+        self.transferred += c.span as u64;
+        self.zero_bytes += zeros;
+        self.device_zero_bytes[c.device.index()] += zeros;
+        let percent = self.transferred * 100 / self.total.max(1);
+        if !self.verbose || self.last_percent == Some(percent) {
+            return None;
+        }
+        self.last_percent = Some(percent);
+        Some(format!(
+            "progress {percent}% {}/{} {}",
+            self.transferred, self.total, self.zero_bytes
+        ))
+    }
+
+    /// Proxmox's closing line for a device.
+    pub fn image_line(&self, d: &vma_writer::DeviceSummary) -> String {
+        let zeros = self.device_zero_bytes[d.id.index()];
+        format!(
+            "image {}: size={} zeros={zeros} saved={}",
+            d.name,
+            d.size,
+            d.size.saturating_sub(zeros)
+        )
     }
 }
 

@@ -609,6 +609,8 @@ fn a_failed_restore_releases_the_writer_of_the_map_fifo() {
     let writer = {
         let fifo = fifo.clone();
         std::thread::spawn(move || {
+            // Late, as a busy machine may schedule Proxmox's restore after vma failed.
+            std::thread::sleep(std::time::Duration::from_millis(300));
             let opened = fs::OpenOptions::new().write(true).open(&fifo).is_ok();
             tx.send(opened).unwrap();
         })

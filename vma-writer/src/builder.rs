@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use vma_format::{ArchiveHeader, DeviceId, Uuid, VMSTATE_DEVICE_NAME};
+use vma_format::{ArchiveHeader, BlockMask, DeviceId, Uuid, VMSTATE_DEVICE_NAME};
 
 use crate::error::{Error, Result};
 use crate::file::FileWriter;
@@ -53,6 +53,31 @@ pub struct Builder {
     pub(crate) header: ArchiveHeader,
     pub(crate) integrity: bool,
     pub(crate) fsync: bool,
+    pub(crate) observer: Option<Observer>,
+}
+
+/// A cluster as the writer records it into the archive, handed to the observer set with
+/// [`Builder::on_cluster`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RecordedCluster {
+    /// The device.
+    pub device: DeviceId,
+    /// The cluster number.
+    pub cluster: u32,
+    /// Bytes of the cluster inside the device (65536 except for the last cluster).
+    pub span: usize,
+    /// The blocks stored; the others are zero (or past the device end).
+    pub mask: BlockMask,
+}
+
+/// The observer of recorded clusters.
+pub(crate) struct Observer(pub(crate) Box<dyn FnMut(&RecordedCluster) + Send>);
+
+impl std::fmt::Debug for Observer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Observer")
+    }
 }
 
 impl Default for Builder {
@@ -79,6 +104,7 @@ impl Builder {
             },
             integrity: true,
             fsync: true,
+            observer: None,
         }
     }
 
@@ -106,6 +132,19 @@ impl Builder {
     /// archive before renaming it into place, and its directory after. Default: on.
     pub fn fsync(&mut self, on: bool) -> &mut Builder {
         self.fsync = on;
+        self
+    }
+
+    /// Calls `observe` for every cluster of a disk as the writer records it, in the order
+    /// clusters enter the archive: for progress that follows what is really stored (Proxmox's
+    /// `vma create -v` counts zero blocks this way). It runs on whichever thread records the
+    /// cluster, with the writer's state locked: keep it short, and never call the writer
+    /// from it. Not called for the vmstate stream.
+    pub fn on_cluster(
+        &mut self,
+        observe: impl FnMut(&RecordedCluster) + Send + 'static,
+    ) -> &mut Builder {
+        self.observer = Some(Observer(Box::new(observe)));
         self
     }
 

@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::writer::{forward_writes, Summary, Writer, WriterHandle};
 
 /// An archive being written to a file. The data goes to `.NAME.partial-XXXXXX` in the
-/// target's directory (mode 0600); only a successful [`finish`](FileWriter::finish)
+/// target's directory (mode 0666 less the umask); only a successful [`finish`](FileWriter::finish)
 /// renames it to `NAME`. An aborted, failed or dropped writer removes the temporary file;
 /// a killed process leaves it behind under its `.partial` name, never under `NAME`.
 ///
@@ -77,7 +77,8 @@ impl FileWriter {
     }
 }
 
-/// A file written under a temporary name (`.NAME.partial-XXXXXX`, mode 0600) in its
+/// A file written under a temporary name (`.NAME.partial-XXXXXX`, mode 0666 less the
+/// umask) in its
 /// target's directory and given its final name only by [`commit`](PartialFile::commit);
 /// dropped without a commit, it removes itself. [`FileWriter`] writes archives through one;
 /// use it directly to put something between the writer and the file (a compressor, say).
@@ -108,8 +109,11 @@ impl PartialFile {
         let mut prefix = OsString::from(".");
         prefix.push(name);
         prefix.push(".partial-");
+        // Mode 0666 less the umask (0644 under the usual umask), as Proxmox's writer
+        // creates archives, not tempfile's 0600.
         let temp = tempfile::Builder::new()
             .prefix(&prefix)
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
             .tempfile_in(parent_dir(path))
             .map_err(|e| file_error(path, "create", e))?;
         Ok(PartialFile {

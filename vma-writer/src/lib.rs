@@ -12,7 +12,7 @@ mod sink;
 mod source;
 mod writer;
 
-pub use builder::{Builder, Device, VmState};
+pub use builder::{Builder, Device, RecordedCluster, VmState};
 pub use error::{Error, ErrorKind, MissingClusters, Result};
 pub use file::{FileWriter, PartialFile};
 #[cfg(unix)]

@@ -22,7 +22,7 @@ use vma_format::{
 };
 
 use crate::bitmap::ClusterBitmap;
-use crate::builder::{Builder, Device, VmState};
+use crate::builder::{Builder, Device, Observer, RecordedCluster, VmState};
 use crate::error::{Error, MissingClusters, Result};
 use crate::sink::{self, Assembly, Health, Msg, SinkReport, SinkSetup};
 
@@ -152,6 +152,8 @@ pub(crate) struct Shared {
     clusters_back: Receiver<Vec<u8>>,
     extents_back: Receiver<Box<Assembly>>,
     vmstate: Mutex<Option<VmstateStream>>,
+    /// What [`Builder::on_cluster`] set, called as clusters are recorded.
+    observer: Option<Mutex<Observer>>,
 }
 
 /// A call in progress: counted so that `finish` can wait for it; on drop (also on an
@@ -258,6 +260,19 @@ impl Shared {
         }
     }
 
+    /// Tells the observer, if any, that a disk's cluster is being recorded.
+    fn observe(&self, device: DeviceId, p: &Pending) {
+        if let Some(observer) = &self.observer {
+            let mut observer = observer.lock().unwrap_or_else(PoisonError::into_inner);
+            (observer.0)(&RecordedCluster {
+                device,
+                cluster: p.cluster,
+                span: p.span,
+                mask: p.mask,
+            });
+        }
+    }
+
     /// Moves packed clusters of one device into extents (a short lock), and ships each
     /// extent that fills up (outside the lock).
     fn commit(&self, call: &mut Call<'_>, device: usize, batch: &mut Vec<Pending>) -> Result<()> {
@@ -272,6 +287,9 @@ impl Shared {
                 }
                 let mut full = None;
                 for p in pending.by_ref() {
+                    if !self.devices[device].vmstate {
+                        self.observe(id, &p);
+                    }
                     let state = &mut *st;
                     let d = &mut state.devices[device];
                     d.committed += 1;
@@ -873,6 +891,7 @@ impl<W: Write + Send + 'static> Writer<W> {
             clusters_back: clusters_rx,
             extents_back: extents_rx,
             vmstate: Mutex::new(vmstate),
+            observer: builder.observer.map(Mutex::new),
         };
         Ok(Writer {
             handle: WriterHandle {

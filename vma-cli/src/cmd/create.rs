@@ -6,10 +6,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use vma_writer::{round_up_to_sector, source_size, Builder};
+use std::sync::{Arc, Mutex};
+
+use vma_writer::{round_up_to_sector, source_size, Builder, Writer};
 
 use crate::error::{CliError, Result};
-use crate::progress::{LineStyle, Progress};
+use crate::output::{self, Sink, Target};
+use crate::progress::{CreateLines, Progress};
 
 /// Arguments of `vma create`.
 #[derive(clap::Args, Debug)]
@@ -109,18 +112,60 @@ pub(crate) fn run(args: Args) -> Result<()> {
     for disk in &disks {
         devices.push(builder.add_device(&disk.name, disk.size)?);
     }
-    let writer = builder.create_file(&args.file)?;
+    let total: u64 = disks.iter().map(|d| d.size).sum();
+    let lines = Arc::new(Mutex::new(CreateLines::new(args.verbose, total)));
+    let observed = lines.clone();
+    builder.on_cluster(move |c| {
+        let line = lock(&observed).record(c);
+        if let Some(line) = line {
+            eprintln!("{line}");
+        }
+    });
 
+    let target = Target::parse(&args.file);
+    let (sink, mut command) = Sink::open(&target)?;
+    let writer = builder.build(sink)?;
+    let failed = write_disks(&writer, &disks, &devices, !args.verbose);
+    if let Some((path, e)) = failed {
+        let _ = writer.abort();
+        return Err(failure(&target, command.as_mut(), Some(path), e));
+    }
+    let (summary, sink) = match writer.finish() {
+        Ok(done) => done,
+        Err(e) => return Err(failure(&target, command.as_mut(), None, e)),
+    };
+    sink.complete(command, &target, args.sync)?;
+    if args.verbose {
+        let lines = lock(&lines);
+        for d in &summary.devices {
+            eprintln!("{}", lines.image_line(d));
+        }
+    }
+    Ok(())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Backs up every disk on a thread of its own, with a bar on a terminal (unless `bar`
+/// is false). Returns the first failure, with the path of the disk it happened on.
+fn write_disks<W: std::io::Write + Send + 'static>(
+    writer: &Writer<W>,
+    disks: &[Disk],
+    devices: &[vma_writer::Device],
+    bar: bool,
+) -> Option<(PathBuf, vma_writer::Error)> {
     let total: u64 = disks.iter().map(|d| d.size).sum();
     let done: Vec<AtomicU64> = disks.iter().map(|_| AtomicU64::new(0)).collect();
-    let mut progress = Progress::new(args.verbose, total, LineStyle::Create, "create");
+    let mut progress = Progress::bar(bar, total, "create");
     let result = std::thread::scope(|scope| {
         // Each worker says when it is done, so that the wait ends at once rather than at
         // the next progress tick.
         let (finished_tx, finished) = mpsc::channel::<()>();
         let workers: Vec<_> = disks
             .iter()
-            .zip(&devices)
+            .zip(devices)
             .zip(&done)
             .map(|((disk, device), done)| {
                 let handle = writer.handle();
@@ -159,27 +204,33 @@ pub(crate) fn run(args: Args) -> Result<()> {
     });
     progress.update(total);
     progress.finish();
-    if let Some((path, e)) = result {
-        let _ = writer.abort();
-        let mut err = CliError::from(e);
-        if !path.as_os_str().is_empty() {
-            err.message = format!("{}: {}", path.display(), err.message);
-        }
-        return Err(err);
+    result
+}
+
+/// The error of a create that failed on a disk (`path`) or on the output (a write error
+/// of the sink): a command the archive went into is stopped (unless it has ended) and,
+/// when the output failed, how it ended is the message.
+fn failure(
+    target: &Target,
+    command: Option<&mut output::Running>,
+    path: Option<PathBuf>,
+    e: vma_writer::Error,
+) -> CliError {
+    let output_failed = matches!(e, vma_writer::Error::Sink { .. });
+    let status = command.and_then(output::Running::stop);
+    if let (true, Some(status)) = (output_failed, status) {
+        return match status.success() {
+            true => output::command_stopped_reading(target, status),
+            false => output::command_failed(target, status),
+        };
     }
-    let summary = writer.finish()?;
-    if args.verbose {
-        for d in &summary.devices {
-            eprintln!(
-                "image {}: size={} zeros={} saved={}",
-                d.name,
-                d.size,
-                d.zero_bytes,
-                d.size.saturating_sub(d.zero_bytes)
-            );
-        }
-    }
-    Ok(())
+    let mut err = CliError::from(e);
+    let what = match path.filter(|p| !output_failed && !p.as_os_str().is_empty()) {
+        Some(p) => p.display().to_string(),
+        None => target.describe(),
+    };
+    err.message = format!("{what}: {}", err.message);
+    err
 }
 
 /// The name a config file is stored under: its base name, as the reference stores it.

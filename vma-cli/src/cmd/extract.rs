@@ -51,17 +51,47 @@ pub(crate) fn run(args: Args) -> Result<()> {
 
 /// Proxmox's restore opens the map FIFO for writing right after starting `vma`, which
 /// blocks until `vma` opens it for reading. An extraction that fails before it reads the
-/// map (a damaged archive, a missing target directory) opens and closes it once, without
-/// blocking, so that the restore sees the failure instead of waiting forever.
+/// map (a damaged archive, a missing target directory) opens it without blocking and holds
+/// it until a writer has opened it too (at most [`RELEASE_WAIT`]), so that the restore
+/// sees the failure instead of waiting forever, however the two processes are scheduled.
 fn release_map_writer(map: &Path) {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    use std::io::Read;
     use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-    if fs::metadata(map).is_ok_and(|m| m.file_type().is_fifo()) {
-        let _ = fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(map);
+    if !fs::metadata(map).is_ok_and(|m| m.file_type().is_fifo()) {
+        return;
+    }
+    let Ok(mut fifo) = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(map)
+    else {
+        return;
+    };
+    let start = std::time::Instant::now();
+    let tick = Timespec {
+        tv_sec: 0,
+        tv_nsec: 10_000_000,
+    };
+    while start.elapsed() < RELEASE_WAIT {
+        // Data, or a writer that came and went (Linux reports no hang-up for a FIFO
+        // that never had a writer since it was opened).
+        let mut fds = [PollFd::new(&fifo, PollFlags::IN)];
+        if poll(&mut fds, Some(&tick)).is_ok_and(|n| n > 0) {
+            return;
+        }
+        let mut buf = [0u8; 512];
+        match fifo.read(&mut buf) {
+            // No writer yet: end of file.
+            Ok(0) => {}
+            // A writer is there (no data yet), or something else: done either way.
+            _ => return,
+        }
     }
 }
+
+/// How long a failed `extract -r` waits for the restore to open the map FIFO.
+const RELEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 fn open_and_extract(args: &Args) -> Result<()> {
     let stream = open_stream(&args.file, ReadOptions::default())?;
