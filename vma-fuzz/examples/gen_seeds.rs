@@ -301,6 +301,9 @@ fn main() {
     for (i, s) in nbd_sessions().iter().enumerate() {
         put(&corpus.join("nbd_session"), &format!("session{i}"), s);
     }
+    for (i, s) in vma_nbd::fuzz::client_session_seeds().iter().enumerate() {
+        put(&corpus.join("nbd_client_replies"), &format!("server{i}"), s);
+    }
     let roundtrip = corpus.join("roundtrip");
     put(&roundtrip, "zeros", &[0u8; 64]);
     put(&roundtrip, "ones", &[0xffu8; 256]);

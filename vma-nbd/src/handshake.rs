@@ -91,11 +91,13 @@ pub(crate) fn discard<R: Read>(r: &mut R, len: u64) -> io::Result<()> {
 
 fn send_reply<W: Write>(w: &mut W, option: u32, kind: u32, data: &[u8]) -> io::Result<()> {
     let len = u32::try_from(data.len()).map_err(|_| io::Error::other("option reply too long"))?;
-    let mut msg = Vec::with_capacity(20 + data.len());
-    msg.extend_from_slice(&OPTION_REPLY_MAGIC.to_be_bytes());
-    msg.extend_from_slice(&option.to_be_bytes());
-    msg.extend_from_slice(&kind.to_be_bytes());
-    msg.extend_from_slice(&len.to_be_bytes());
+    let header = OptionReplyHeader {
+        option,
+        kind,
+        length: len,
+    };
+    let mut msg = Vec::with_capacity(OPTION_REPLY_HEADER_LEN + data.len());
+    msg.extend_from_slice(&header.encode());
     msg.extend_from_slice(data);
     w.write_all(&msg)?;
     w.flush()

@@ -3,6 +3,8 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), warn(clippy::too_many_lines))]
 
+mod client;
+mod daemon;
 mod error;
 mod export;
 #[cfg(feature = "fuzzing")]
@@ -13,7 +15,11 @@ pub mod proto;
 mod server;
 mod transmission;
 
-pub use error::Error;
+pub use client::{
+    Client, ClientBuilder, ExportInfo, Pending, PendingRead, PendingStatus, ZeroMode,
+};
+pub use daemon::{create_image, StorageDaemon, StorageDaemonBuilder, QEMU_IMG, STORAGE_DAEMON};
+pub use error::{Error, Violation};
 pub use export::{BlockSize, BlockStatus, Errno, Export, MAX_PAYLOAD};
 pub use mem::MemExport;
 pub use server::{ListenAddr, Server, ServerBuilder, ServerHandle, ShutdownTrigger};

@@ -8,7 +8,7 @@
 //! than the (already bounded) input they are given, so they can be called on
 //! arbitrary bytes, e.g. from a fuzz target.
 
-use crate::Error;
+use crate::{Error, Violation};
 
 /// `NBDMAGIC`, the first 8 bytes the server sends.
 pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
@@ -324,6 +324,385 @@ pub fn check_string(s: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// Size of an option reply header on the wire (magic, option, type, length).
+pub const OPTION_REPLY_HEADER_LEN: usize = 20;
+/// Size of the server's greeting (`NBDMAGIC`, `IHAVEOPT`, handshake flags).
+pub const GREETING_LEN: usize = 18;
+/// Magic the server sends after [`NBDMAGIC`] in the oldstyle handshake.
+pub const OLDSTYLE_MAGIC: u64 = 0x0000_4202_8186_1253;
+/// Size of the reply to `OPT_EXPORT_NAME` without the 124 zero bytes.
+pub const EXPORT_NAME_REPLY_LEN: usize = 10;
+/// The zero bytes after the reply to `OPT_EXPORT_NAME` unless `FLAG_C_NO_ZEROES`.
+pub const EXPORT_NAME_ZEROES: usize = 124;
+/// Payload of an `OFFSET_HOLE` chunk: offset and length.
+pub const HOLE_CHUNK_LEN: u32 = 12;
+/// Size of one block status descriptor (length and flags).
+pub const BLOCK_DESCRIPTOR_LEN: usize = 8;
+/// Most descriptors a block status chunk should carry (the protocol's
+/// recommendation, and the most a client of this crate accepts).
+pub const MAX_BLOCK_DESCRIPTORS: u32 = 1 << 20;
+
+impl OptionHeader {
+    /// Encodes the header as a client sends it in front of the option data.
+    pub fn encode(&self) -> [u8; OPTION_HEADER_LEN] {
+        let mut b = [0u8; OPTION_HEADER_LEN];
+        b[0..8].copy_from_slice(&IHAVEOPT.to_be_bytes());
+        b[8..12].copy_from_slice(&self.option.to_be_bytes());
+        b[12..16].copy_from_slice(&self.length.to_be_bytes());
+        b
+    }
+}
+
+/// The header of an option reply (fixed newstyle handshake).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OptionReplyHeader {
+    /// The option this replies to (`OPT_*`).
+    pub option: u32,
+    /// Reply type (`REP_*`).
+    pub kind: u32,
+    /// Length of the reply data that follows.
+    pub length: u32,
+}
+
+impl OptionReplyHeader {
+    /// Encodes the header as the server sends it.
+    pub fn encode(&self) -> [u8; OPTION_REPLY_HEADER_LEN] {
+        let mut b = [0u8; OPTION_REPLY_HEADER_LEN];
+        b[0..8].copy_from_slice(&OPTION_REPLY_MAGIC.to_be_bytes());
+        b[8..12].copy_from_slice(&self.option.to_be_bytes());
+        b[12..16].copy_from_slice(&self.kind.to_be_bytes());
+        b[16..20].copy_from_slice(&self.length.to_be_bytes());
+        b
+    }
+
+    /// Parses an option reply header; fails if the magic is wrong.
+    pub fn parse(buf: &[u8; OPTION_REPLY_HEADER_LEN]) -> Result<Self, Violation> {
+        let mut c = Cursor::new(buf);
+        let magic = c.u64().unwrap_or(0);
+        if magic != OPTION_REPLY_MAGIC {
+            return Err(Violation::BadOptionReplyMagic(magic));
+        }
+        Ok(Self {
+            option: c.u32().unwrap_or(0),
+            kind: c.u32().unwrap_or(0),
+            length: c.u32().unwrap_or(0),
+        })
+    }
+
+    /// Whether the reply type is an error (bit 31 set).
+    pub fn is_error(&self) -> bool {
+        self.kind & 0x8000_0000 != 0
+    }
+}
+
+/// A simple reply header (without its magic, which tells it apart from a
+/// structured reply chunk).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SimpleReply {
+    /// Error value (0: success).
+    pub error: u32,
+    /// Handle of the request.
+    pub handle: u64,
+}
+
+impl SimpleReply {
+    /// Encodes the reply header with its magic.
+    pub fn encode(&self) -> [u8; SIMPLE_REPLY_LEN] {
+        let mut b = [0u8; SIMPLE_REPLY_LEN];
+        b[0..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+        b[4..8].copy_from_slice(&self.error.to_be_bytes());
+        b[8..16].copy_from_slice(&self.handle.to_be_bytes());
+        b
+    }
+
+    /// Parses the 12 bytes after the magic.
+    pub fn parse(buf: &[u8; SIMPLE_REPLY_LEN - 4]) -> Self {
+        let mut c = Cursor::new(buf);
+        Self {
+            error: c.u32().unwrap_or(0),
+            handle: c.u64().unwrap_or(0),
+        }
+    }
+}
+
+/// A structured reply chunk header (without its magic).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkHeader {
+    /// Reply flags (`REPLY_FLAG_*`).
+    pub flags: u16,
+    /// Chunk type (`REPLY_TYPE_*`).
+    pub kind: u16,
+    /// Handle of the request.
+    pub handle: u64,
+    /// Length of the payload that follows.
+    pub length: u32,
+}
+
+impl ChunkHeader {
+    /// Encodes the chunk header with its magic.
+    pub fn encode(&self) -> [u8; STRUCTURED_REPLY_LEN] {
+        let mut b = [0u8; STRUCTURED_REPLY_LEN];
+        b[0..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        b[4..6].copy_from_slice(&self.flags.to_be_bytes());
+        b[6..8].copy_from_slice(&self.kind.to_be_bytes());
+        b[8..16].copy_from_slice(&self.handle.to_be_bytes());
+        b[16..20].copy_from_slice(&self.length.to_be_bytes());
+        b
+    }
+
+    /// Parses the 16 bytes after the magic.
+    pub fn parse(buf: &[u8; STRUCTURED_REPLY_LEN - 4]) -> Self {
+        let mut c = Cursor::new(buf);
+        Self {
+            flags: c.u16().unwrap_or(0),
+            kind: c.u16().unwrap_or(0),
+            handle: c.u64().unwrap_or(0),
+            length: c.u32().unwrap_or(0),
+        }
+    }
+
+    /// Whether this is the last chunk of its reply.
+    pub fn is_done(&self) -> bool {
+        self.flags & REPLY_FLAG_DONE != 0
+    }
+
+    /// Whether the chunk type is an error type (bit 15 set).
+    pub fn is_error(&self) -> bool {
+        self.kind & 0x8000 != 0
+    }
+}
+
+/// The data of an `OPT_INFO` / `OPT_GO` option, as a client sends it.
+pub fn encode_info_request(name: &str, requests: &[u16]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(6 + name.len() + 2 * requests.len());
+    v.extend_from_slice(&len32(name.len()).to_be_bytes());
+    v.extend_from_slice(name.as_bytes());
+    v.extend_from_slice(&u16::try_from(requests.len()).unwrap_or(0).to_be_bytes());
+    for r in requests.iter().take(usize::from(u16::MAX)) {
+        v.extend_from_slice(&r.to_be_bytes());
+    }
+    v
+}
+
+/// The data of a meta context option, as a client sends it.
+pub fn encode_meta_context_request(export_name: &str, queries: &[&str]) -> Vec<u8> {
+    let mut v = len32(export_name.len()).to_be_bytes().to_vec();
+    v.extend_from_slice(export_name.as_bytes());
+    v.extend_from_slice(&len32(queries.len()).to_be_bytes());
+    for q in queries {
+        v.extend_from_slice(&len32(q.len()).to_be_bytes());
+        v.extend_from_slice(q.as_bytes());
+    }
+    v
+}
+
+/// A length that the caller has already bounded (protocol strings are at
+/// most [`MAX_STRING_LEN`] bytes).
+fn len32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// An `INFO_EXPORT` item: size and transmission flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InfoExport {
+    /// Export size in bytes.
+    pub size: u64,
+    /// Transmission flags (`FLAG_*`).
+    pub flags: u16,
+}
+
+/// Block size constraints as an `INFO_BLOCK_SIZE` item states them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InfoBlockSize {
+    /// Minimum block size.
+    pub min: u32,
+    /// Preferred block size.
+    pub preferred: u32,
+    /// Maximum payload size.
+    pub max: u32,
+}
+
+/// One information item of a `REP_INFO` reply that a client of this crate
+/// understands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Info {
+    /// `INFO_EXPORT`.
+    Export(InfoExport),
+    /// `INFO_BLOCK_SIZE`.
+    BlockSize(InfoBlockSize),
+    /// Any other type (to be ignored, as the protocol requires).
+    Other(u16),
+}
+
+/// Parses the data of a `REP_INFO` reply; the known types must have their
+/// exact lengths.
+pub fn parse_info(data: &[u8]) -> Result<Info, Violation> {
+    let mut c = Cursor::new(data);
+    let Some(kind) = c.u16() else {
+        return Err(Violation::BadInfo {
+            info: None,
+            len: data.len(),
+        });
+    };
+    let bad = Violation::BadInfo {
+        info: Some(kind),
+        len: data.len(),
+    };
+    let info = match kind {
+        INFO_EXPORT => Info::Export(InfoExport {
+            size: c.u64().ok_or(bad.clone())?,
+            flags: c.u16().ok_or(bad.clone())?,
+        }),
+        INFO_BLOCK_SIZE => {
+            let (Some(min), Some(preferred), Some(max)) = (c.u32(), c.u32(), c.u32()) else {
+                return Err(bad);
+            };
+            Info::BlockSize(InfoBlockSize {
+                min,
+                preferred,
+                max,
+            })
+        }
+        other => return Ok(Info::Other(other)),
+    };
+    if c.remaining() != 0 {
+        return Err(bad);
+    }
+    Ok(info)
+}
+
+/// Parses the reply to `OPT_EXPORT_NAME` (size and flags; the zero bytes,
+/// if any, are not part of `buf`).
+pub fn parse_export_name_reply(buf: &[u8; EXPORT_NAME_REPLY_LEN]) -> InfoExport {
+    let mut c = Cursor::new(buf);
+    InfoExport {
+        size: c.u64().unwrap_or(0),
+        flags: c.u16().unwrap_or(0),
+    }
+}
+
+/// A `REP_META_CONTEXT` reply: the context id and name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetaContext {
+    /// Id the server uses for the context in block status replies.
+    pub id: u32,
+    /// Name of the context.
+    pub name: String,
+}
+
+/// Parses the data of a `REP_META_CONTEXT` reply.
+pub fn parse_meta_context(data: &[u8]) -> Result<MetaContext, Violation> {
+    let bad = || Violation::BadMetaContext { len: data.len() };
+    let mut c = Cursor::new(data);
+    let id = c.u32().ok_or_else(bad)?;
+    let raw = c.bytes(c.remaining()).unwrap_or_default();
+    if raw.len() > MAX_STRING_LEN {
+        return Err(bad());
+    }
+    let name = std::str::from_utf8(raw).map_err(|_| bad())?;
+    Ok(MetaContext {
+        id,
+        name: name.to_owned(),
+    })
+}
+
+/// The fixed part of an error chunk (`REPLY_TYPE_ERROR`, `REPLY_TYPE_ERROR_OFFSET`
+/// and unknown types with bit 15 set): the error value and message length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ErrorChunkHead {
+    /// Error value (nonzero).
+    pub error: u32,
+    /// Length of the message that follows.
+    pub message_len: u16,
+}
+
+/// Size of [`ErrorChunkHead`] on the wire.
+pub const ERROR_CHUNK_HEAD_LEN: usize = 6;
+
+impl ErrorChunkHead {
+    /// Parses the 6 bytes at the start of an error chunk's payload.
+    pub fn parse(buf: &[u8; ERROR_CHUNK_HEAD_LEN]) -> Self {
+        let mut c = Cursor::new(buf);
+        Self {
+            error: c.u32().unwrap_or(0),
+            message_len: c.u16().unwrap_or(0),
+        }
+    }
+}
+
+/// One block status descriptor: length and status flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockDescriptor {
+    /// Length of the extent (nonzero in a valid reply).
+    pub length: u32,
+    /// Status flags (`STATE_*` for `base:allocation`).
+    pub flags: u32,
+}
+
+impl BlockDescriptor {
+    /// Parses one descriptor.
+    pub fn parse(buf: &[u8; BLOCK_DESCRIPTOR_LEN]) -> Self {
+        let mut c = Cursor::new(buf);
+        Self {
+            length: c.u32().unwrap_or(0),
+            flags: c.u32().unwrap_or(0),
+        }
+    }
+}
+
+/// An NBD command, for messages and errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Command {
+    /// `CMD_READ`.
+    Read,
+    /// `CMD_WRITE`.
+    Write,
+    /// `CMD_DISC`.
+    Disconnect,
+    /// `CMD_FLUSH`.
+    Flush,
+    /// `CMD_TRIM`.
+    Trim,
+    /// `CMD_CACHE`.
+    Cache,
+    /// `CMD_WRITE_ZEROES`.
+    WriteZeroes,
+    /// `CMD_BLOCK_STATUS`.
+    BlockStatus,
+}
+
+impl Command {
+    /// The command type on the wire.
+    pub fn code(self) -> u16 {
+        match self {
+            Command::Read => CMD_READ,
+            Command::Write => CMD_WRITE,
+            Command::Disconnect => CMD_DISC,
+            Command::Flush => CMD_FLUSH,
+            Command::Trim => CMD_TRIM,
+            Command::Cache => CMD_CACHE,
+            Command::WriteZeroes => CMD_WRITE_ZEROES,
+            Command::BlockStatus => CMD_BLOCK_STATUS,
+        }
+    }
+}
+
+impl std::fmt::Display for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Command::Read => "NBD_CMD_READ",
+            Command::Write => "NBD_CMD_WRITE",
+            Command::Disconnect => "NBD_CMD_DISC",
+            Command::Flush => "NBD_CMD_FLUSH",
+            Command::Trim => "NBD_CMD_TRIM",
+            Command::Cache => "NBD_CMD_CACHE",
+            Command::WriteZeroes => "NBD_CMD_WRITE_ZEROES",
+            Command::BlockStatus => "NBD_CMD_BLOCK_STATUS",
+        })
+    }
+}
+
 /// Bounds-checked big-endian reader over a byte slice.
 struct Cursor<'a> {
     data: &'a [u8],
@@ -473,5 +852,86 @@ mod tests {
         let mut huge = 0u32.to_be_bytes().to_vec();
         huge.extend_from_slice(&u32::MAX.to_be_bytes());
         assert!(parse_meta_context_request(&huge).is_err());
+    }
+
+    #[test]
+    fn reply_headers_roundtrip() {
+        let o = OptionReplyHeader {
+            option: OPT_GO,
+            kind: REP_ERR_UNKNOWN,
+            length: 9,
+        };
+        let b = o.encode();
+        assert_eq!(OptionReplyHeader::parse(&b).unwrap(), o);
+        assert!(o.is_error());
+        let mut bad = b;
+        bad[0] ^= 1;
+        assert!(matches!(
+            OptionReplyHeader::parse(&bad),
+            Err(Violation::BadOptionReplyMagic(_))
+        ));
+        let r = SimpleReply {
+            error: 5,
+            handle: 77,
+        };
+        let b = r.encode();
+        assert_eq!(
+            u32::from_be_bytes(b[..4].try_into().unwrap()),
+            SIMPLE_REPLY_MAGIC
+        );
+        assert_eq!(SimpleReply::parse(b[4..].try_into().unwrap()), r);
+        let c = ChunkHeader {
+            flags: REPLY_FLAG_DONE,
+            kind: REPLY_TYPE_ERROR,
+            handle: 1 << 60,
+            length: 6,
+        };
+        let b = c.encode();
+        assert_eq!(ChunkHeader::parse(b[4..].try_into().unwrap()), c);
+        assert!(c.is_done() && c.is_error());
+        let h = OptionHeader {
+            option: OPT_GO,
+            length: 3,
+        };
+        assert_eq!(OptionHeader::parse(&h.encode()).unwrap(), h);
+    }
+
+    #[test]
+    fn info_items() {
+        let mut e = INFO_EXPORT.to_be_bytes().to_vec();
+        e.extend_from_slice(&(1u64 << 33).to_be_bytes());
+        e.extend_from_slice(&FLAG_HAS_FLAGS.to_be_bytes());
+        assert_eq!(
+            parse_info(&e).unwrap(),
+            Info::Export(InfoExport {
+                size: 1 << 33,
+                flags: FLAG_HAS_FLAGS
+            })
+        );
+        for cut in 0..e.len() {
+            assert!(parse_info(&e[..cut]).is_err(), "cut {cut}");
+        }
+        e.push(0);
+        assert!(parse_info(&e).is_err());
+        let mut b = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+        for v in [1u32, 4096, 1 << 25] {
+            b.extend_from_slice(&v.to_be_bytes());
+        }
+        assert!(matches!(parse_info(&b).unwrap(), Info::BlockSize(_)));
+        assert_eq!(parse_info(&[0, 9, 1, 2, 3]).unwrap(), Info::Other(9));
+        let mut m = 7u32.to_be_bytes().to_vec();
+        m.extend_from_slice(b"base:allocation");
+        let ctx = parse_meta_context(&m).unwrap();
+        assert_eq!((ctx.id, ctx.name.as_str()), (7, "base:allocation"));
+        assert!(parse_meta_context(&m[..3]).is_err());
+        assert!(parse_meta_context(&[0, 0, 0, 1, 0xff]).is_err());
+        let data = encode_meta_context_request("disk", &["base:allocation"]);
+        let r = parse_meta_context_request(&data).unwrap();
+        assert_eq!(r.queries, vec!["base:allocation"]);
+        let r = parse_info_request(&encode_info_request("disk", &[INFO_BLOCK_SIZE])).unwrap();
+        assert_eq!(
+            (r.name.as_str(), r.requests),
+            ("disk", vec![INFO_BLOCK_SIZE])
+        );
     }
 }

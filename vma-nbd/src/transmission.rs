@@ -341,17 +341,17 @@ struct Conn<'a, W> {
 }
 
 fn simple_header(buf: &mut [u8], error: u32, handle: u64) {
-    buf[0..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
-    buf[4..8].copy_from_slice(&error.to_be_bytes());
-    buf[8..16].copy_from_slice(&handle.to_be_bytes());
+    buf[..SIMPLE_REPLY_LEN].copy_from_slice(&SimpleReply { error, handle }.encode());
 }
 
-fn chunk_header(buf: &mut [u8], flags: u16, kind: u16, handle: u64, len: u32) {
-    buf[0..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
-    buf[4..6].copy_from_slice(&flags.to_be_bytes());
-    buf[6..8].copy_from_slice(&kind.to_be_bytes());
-    buf[8..16].copy_from_slice(&handle.to_be_bytes());
-    buf[16..20].copy_from_slice(&len.to_be_bytes());
+fn chunk_header(buf: &mut [u8], flags: u16, kind: u16, handle: u64, length: u32) {
+    let h = ChunkHeader {
+        flags,
+        kind,
+        handle,
+        length,
+    };
+    buf[..STRUCTURED_REPLY_LEN].copy_from_slice(&h.encode());
 }
 
 fn chunk(kind: u16, handle: u64, payload: &[u8]) -> Vec<u8> {
