@@ -469,6 +469,19 @@ type Lie = (
     fn(&Violation) -> bool,
 );
 
+/// `lie!(name, request, violation pattern, |request header| reply)`.
+macro_rules! lie {
+    ($name:expr, $request:expr, $violation:pat, |$r:pat_param| $reply:block) => {{
+        let lie: Lie = (
+            $name,
+            $request,
+            Box::new(|$r: &RequestHeader| $reply),
+            |v| matches!(v, $violation),
+        );
+        lie
+    }};
+}
+
 fn check_lies(lies: Vec<Lie>) {
     for (name, request, reply, expected) in lies {
         let err = lie(Fake::default(), request, reply);
@@ -483,48 +496,41 @@ fn check_lies(lies: Vec<Lie>) {
 #[test]
 fn lying_read_replies_give_typed_errors() {
     check_lies(vec![
-        (
-            "wrong handle",
-            read_4k,
-            Box::new(|r| data_chunk(REPLY_FLAG_DONE, r.handle + 1, r.offset, &[1; 4096])),
-            |v| matches!(v, Violation::UnknownHandle(_)),
-        ),
-        (
+        lie!("wrong handle", read_4k, Violation::UnknownHandle(_), |r| {
+            data_chunk(REPLY_FLAG_DONE, r.handle + 1, r.offset, &[1; 4096])
+        }),
+        lie!(
             "oversized length",
             read_4k,
-            Box::new(|r| {
+            Violation::ChunkOutOfBounds { .. },
+            |r| {
                 let mut v = chunk(0, REPLY_TYPE_OFFSET_DATA, r.handle, &[]);
                 v[16..20].copy_from_slice(&0xffff_fff0u32.to_be_bytes());
                 v.extend_from_slice(&r.offset.to_be_bytes());
                 v
-            }),
-            |v| matches!(v, Violation::ChunkOutOfBounds { .. }),
+            }
         ),
-        (
+        lie!(
             "chunk past the request",
             read_4k,
-            Box::new(|r| data_chunk(REPLY_FLAG_DONE, r.handle, r.offset + 4000, &[1; 200])),
-            |v| {
-                matches!(
-                    v,
-                    Violation::ChunkOutOfBounds {
-                        offset: 8096,
-                        len: 200,
-                        ..
-                    }
-                )
+            Violation::ChunkOutOfBounds {
+                offset: 8096,
+                len: 200,
+                ..
             },
+            |r| { data_chunk(REPLY_FLAG_DONE, r.handle, r.offset + 4000, &[1; 200]) }
         ),
-        (
+        lie!(
             "chunk before the request",
             read_4k,
-            Box::new(|r| data_chunk(REPLY_FLAG_DONE, r.handle, r.offset - 1, &[1; 10])),
-            |v| matches!(v, Violation::ChunkOutOfBounds { .. }),
+            Violation::ChunkOutOfBounds { .. },
+            |r| { data_chunk(REPLY_FLAG_DONE, r.handle, r.offset - 1, &[1; 10]) }
         ),
-        (
+        lie!(
             "overlapping chunks",
             read_4k,
-            Box::new(|r| {
+            Violation::ChunkOverlap { .. },
+            |r| {
                 let mut v = data_chunk(0, r.handle, r.offset, &[1; 3000]);
                 v.extend(data_chunk(
                     REPLY_FLAG_DONE,
@@ -533,36 +539,30 @@ fn lying_read_replies_give_typed_errors() {
                     &[2; 1097],
                 ));
                 v
-            }),
-            |v| matches!(v, Violation::ChunkOverlap { .. }),
+            }
         ),
-        (
+        lie!(
             "short read",
             read_4k,
-            Box::new(|r| {
+            Violation::ShortRead {
+                covered: 4000,
+                len: 4096
+            },
+            |r| {
                 let mut v = data_chunk(0, r.handle, r.offset, &[1; 4000]);
                 v.extend(chunk(REPLY_FLAG_DONE, REPLY_TYPE_NONE, r.handle, &[]));
                 v
-            }),
-            |v| {
-                matches!(
-                    v,
-                    Violation::ShortRead {
-                        covered: 4000,
-                        len: 4096
-                    }
-                )
-            },
+            }
         ),
-        (
+        lie!(
             "hole past the request",
             read_4k,
-            Box::new(|r| {
+            Violation::ChunkOutOfBounds { .. },
+            |r| {
                 let mut p = r.offset.to_be_bytes().to_vec();
                 p.extend_from_slice(&4097u32.to_be_bytes());
                 chunk(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_HOLE, r.handle, &p)
-            }),
-            |v| matches!(v, Violation::ChunkOutOfBounds { .. }),
+            }
         ),
     ]);
 }
@@ -571,37 +571,34 @@ fn lying_read_replies_give_typed_errors() {
 #[test]
 fn lying_reply_framing_gives_typed_errors() {
     check_lies(vec![
-        (
+        lie!(
             "bad magic",
             read_4k,
-            Box::new(|_| vec![0x12, 0x34, 0x56, 0x78, 0, 0, 0, 0]),
-            |v| matches!(v, Violation::BadReplyMagic(0x1234_5678)),
+            Violation::BadReplyMagic(0x1234_5678),
+            |_| { vec![0x12, 0x34, 0x56, 0x78, 0, 0, 0, 0] }
         ),
-        (
+        lie!(
             "simple reply to a structured read",
             read_4k,
-            Box::new(|r| {
+            Violation::UnexpectedSimpleReply(Command::Read),
+            |r| {
                 SimpleReply {
                     error: 0,
                     handle: r.handle,
                 }
                 .encode()
                 .to_vec()
-            }),
-            |v| matches!(v, Violation::UnexpectedSimpleReply(Command::Read)),
+            }
         ),
-        (
+        lie!(
             "unknown chunk type",
             read_4k,
-            Box::new(|r| chunk(REPLY_FLAG_DONE, 77, r.handle, &[])),
-            |v| matches!(v, Violation::UnexpectedChunk { kind: 77, .. }),
+            Violation::UnexpectedChunk { kind: 77, .. },
+            |r| { chunk(REPLY_FLAG_DONE, 77, r.handle, &[]) }
         ),
-        (
-            "NONE without DONE",
-            read_4k,
-            Box::new(|r| chunk(0, REPLY_TYPE_NONE, r.handle, &[])),
-            |v| matches!(v, Violation::NoneNotDone),
-        ),
+        lie!("NONE without DONE", read_4k, Violation::NoneNotDone, |r| {
+            chunk(0, REPLY_TYPE_NONE, r.handle, &[])
+        }),
     ]);
 }
 
@@ -609,56 +606,46 @@ fn lying_reply_framing_gives_typed_errors() {
 #[test]
 fn lying_error_chunks_give_typed_errors() {
     check_lies(vec![
-        (
+        lie!(
             "error message longer than its chunk",
             read_4k,
-            Box::new(|r| {
+            Violation::BadErrorMessage {
+                message_len: 100,
+                ..
+            },
+            |r| {
                 let mut p = error_payload(5, "boom");
                 p[4..6].copy_from_slice(&100u16.to_be_bytes());
                 chunk(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, r.handle, &p)
-            }),
-            |v| {
-                matches!(
-                    v,
-                    Violation::BadErrorMessage {
-                        message_len: 100,
-                        ..
-                    }
-                )
-            },
+            }
         ),
-        (
+        lie!(
             "huge error chunk",
             read_4k,
-            Box::new(|r| {
+            Violation::BadChunkLength { .. },
+            |r| {
                 let mut v = chunk(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, r.handle, &[]);
                 v[16..20].copy_from_slice(&(1u32 << 30).to_be_bytes());
                 v
-            }),
-            |v| matches!(v, Violation::BadChunkLength { .. }),
+            }
         ),
-        (
-            "error value 0",
-            read_4k,
-            Box::new(|r| {
-                chunk(
-                    REPLY_FLAG_DONE,
-                    REPLY_TYPE_ERROR,
-                    r.handle,
-                    &error_payload(0, ""),
-                )
-            }),
-            |v| matches!(v, Violation::ZeroError),
-        ),
-        (
+        lie!("error value 0", read_4k, Violation::ZeroError, |r| {
+            chunk(
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_ERROR,
+                r.handle,
+                &error_payload(0, ""),
+            )
+        }),
+        lie!(
             "error offset outside the request",
             read_4k,
-            Box::new(|r| {
+            Violation::ChunkOutOfBounds { .. },
+            |r| {
                 let mut p = error_payload(5, "x");
                 p.extend_from_slice(&(r.offset + 4096).to_be_bytes());
                 chunk(REPLY_FLAG_DONE, REPLY_TYPE_ERROR_OFFSET, r.handle, &p)
-            }),
-            |v| matches!(v, Violation::ChunkOutOfBounds { .. }),
+            }
         ),
     ]);
 }
@@ -667,70 +654,60 @@ fn lying_error_chunks_give_typed_errors() {
 #[test]
 fn lying_block_status_replies_give_typed_errors() {
     check_lies(vec![
-        (
+        lie!(
             "block status extent of length 0",
             status_1m,
-            Box::new(|r| {
+            Violation::EmptyExtent,
+            |r| {
                 let p = status_payload(FAKE_CONTEXT, &[(4096, 0), (0, 0)]);
                 chunk(REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, r.handle, &p)
-            }),
-            |v| matches!(v, Violation::EmptyExtent),
+            }
         ),
-        (
+        lie!(
             "block status extents past the request",
             status_1m,
-            Box::new(|r| {
+            Violation::ExtentsPastRequest(_),
+            |r| {
                 let p = status_payload(FAKE_CONTEXT, &[(MIB as u32, 0), (4096, 3)]);
                 chunk(REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, r.handle, &p)
-            }),
-            |v| matches!(v, Violation::ExtentsPastRequest(_)),
+            }
         ),
-        (
+        lie!(
             "block status for another context",
             status_1m,
-            Box::new(|r| {
+            Violation::WrongContext {
+                expected: FAKE_CONTEXT,
+                ..
+            },
+            |r| {
                 let p = status_payload(FAKE_CONTEXT + 1, &[(4096, 0)]);
                 chunk(REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, r.handle, &p)
-            }),
-            |v| {
-                matches!(
-                    v,
-                    Violation::WrongContext {
-                        expected: FAKE_CONTEXT,
-                        ..
-                    }
-                )
-            },
+            }
         ),
-        (
+        lie!(
             "huge block status chunk",
             status_1m,
-            Box::new(|r| {
+            Violation::BadChunkLength { .. },
+            |r| {
                 let mut v = chunk(REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, r.handle, &[]);
                 v[16..20].copy_from_slice(&(u32::MAX - 3).to_be_bytes());
                 v
-            }),
-            |v| matches!(v, Violation::BadChunkLength { .. }),
+            }
         ),
-        (
+        lie!(
             "block status without status",
             status_1m,
-            Box::new(|r| chunk(REPLY_FLAG_DONE, REPLY_TYPE_NONE, r.handle, &[])),
-            |v| matches!(v, Violation::MissingBlockStatus),
+            Violation::MissingBlockStatus,
+            |r| { chunk(REPLY_FLAG_DONE, REPLY_TYPE_NONE, r.handle, &[]) }
         ),
-        (
+        lie!(
             "read data in a block status reply",
             status_1m,
-            Box::new(|r| data_chunk(REPLY_FLAG_DONE, r.handle, 0, &[1; 16])),
-            |v| {
-                matches!(
-                    v,
-                    Violation::UnexpectedChunk {
-                        command: Command::BlockStatus,
-                        ..
-                    }
-                )
+            Violation::UnexpectedChunk {
+                command: Command::BlockStatus,
+                ..
             },
+            |r| { data_chunk(REPLY_FLAG_DONE, r.handle, 0, &[1; 16]) }
         ),
     ]);
 }
@@ -1128,6 +1105,17 @@ fn writable(image: &Path, format: &str) -> StorageDaemon {
         .unwrap_or_else(|e| panic!("{format}: {e}"))
 }
 
+/// `qemu-img compare`s the guest-visible content of `image` with `model`.
+fn assert_guest_content(image: &Path, format: &str, model: &[u8]) {
+    let reference = image.with_extension("reference.raw");
+    std::fs::write(&reference, model).unwrap();
+    let (image, reference) = (path_str(image), path_str(&reference));
+    run_ok(
+        "qemu-img",
+        &["compare", "-f", format, "-F", "raw", image, reference],
+    );
+}
+
 fn qemu_client(d: &StorageDaemon) -> Client {
     d.connect_with(Client::builder().timeout(TIMEOUT)).unwrap()
 }
@@ -1190,20 +1178,7 @@ fn every_format_round_trips_through_the_daemon() {
         let socket_dir = d.socket_path().parent().unwrap().to_path_buf();
         d.shutdown().unwrap();
         assert!(!socket_dir.exists(), "{format}: socket directory left");
-        let reference = dir.path().join(format!("ref-{format}.raw"));
-        std::fs::write(&reference, &model).unwrap();
-        run_ok(
-            "qemu-img",
-            &[
-                "compare",
-                "-f",
-                format,
-                "-F",
-                "raw",
-                path_str(&image),
-                path_str(&reference),
-            ],
-        );
+        assert_guest_content(&image, format, &model);
     }
 }
 
@@ -1459,20 +1434,7 @@ fn qemu_nbd_as_the_peer() {
     assert!(child.wait().unwrap().success());
     let mut model = vec![0u8; 4 * MIB];
     model[12_345..12_345 + MIB + 3].copy_from_slice(&data);
-    let reference = dir.path().join("ref.raw");
-    std::fs::write(&reference, &model).unwrap();
-    run_ok(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            path_str(&image),
-            path_str(&reference),
-        ],
-    );
+    assert_guest_content(&image, "qcow2", &model);
 }
 
 #[test]
