@@ -143,6 +143,13 @@ impl Fixture {
         self.dir.path()
     }
 
+    /// Creates the directory `out` in [`dir`](Self::dir) for an archive to go to.
+    pub fn out_dir(&self) -> std::io::Result<PathBuf> {
+        let dir = self.dir().join("out");
+        std::fs::create_dir(&dir)?;
+        Ok(dir)
+    }
+
     /// Writes as the guest would (HMP `qemu-io` on the device's backend).
     pub fn guest_write(&self, qmp: &mut Qmp, w: GuestWrite) -> Result<Duration> {
         let disk = self

@@ -3,7 +3,7 @@
 //! These tests never skip: without QEMU they fail, saying how to install it
 //! (scripts/install-deps). Every VM is killed when its fixture drops.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::Ordering;
 use std::thread;
@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use vma_examples::fixture::{check_archive, job_offset, wait_for_jobs, Fixture};
 use vma_live::{run_backup, BackupOptions, Error, ErrorKind, Qmp};
+use vma_testkit::dir_entries;
 
 /// Fixture layout scale (MiB): a 16 MiB qcow2 and a 10 MiB + 12345 raw.
 const SCALE: u64 = 16;
@@ -24,15 +25,6 @@ fn fixture() -> Fixture {
 
 fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_vma-live-backup")
-}
-
-fn entries(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
 }
 
 /// The VM answers, runs no job, and holds none of our NBD target nodes.
@@ -64,8 +56,7 @@ fn run_bin(args: &[&str]) -> Output {
 #[ignore = "boots QEMU (qemu-system-x86); scripts/test runs it with --include-ignored"]
 fn archive_holds_disks_as_of_backup_start_despite_guest_writes() {
     let mut fx = fixture();
-    let out_dir = fx.dir().join("out");
-    std::fs::create_dir(&out_dir).unwrap();
+    let out_dir = fx.out_dir().unwrap();
     let archive = out_dir.join("vm.vma");
     let conf = fx.dir().join("100.conf");
     std::fs::write(&conf, b"memory: 128\nvirtio0: local:vm-100-disk-0\n").unwrap();
@@ -98,7 +89,7 @@ fn archive_holds_disks_as_of_backup_start_despite_guest_writes() {
     assert_eq!(report.drives[0].drive.device_name, "drive-vd0");
     // The pushes ahead of the sequential copy.
     assert!(report.drives[0].non_sequential >= 2, "{report:?}");
-    assert_eq!(entries(&out_dir), ["vm.vma"]);
+    assert_eq!(dir_entries(&out_dir), ["vm.vma"]);
 
     let into = fx.dir().join("extracted");
     std::fs::create_dir(&into).unwrap();
@@ -229,9 +220,9 @@ fn full_filesystem_cancels_jobs_and_leaves_nothing() {
     assert!(stderr.contains("No space left"), "{stderr}");
     assert!(stderr.contains("the VM keeps running"), "{stderr}");
     assert!(
-        entries(&full.0).is_empty(),
+        dir_entries(&full.0).is_empty(),
         "left behind: {:?}",
-        entries(&full.0)
+        dir_entries(&full.0)
     );
 
     let mut ctl = fx.vm.control().unwrap();
@@ -247,8 +238,7 @@ fn full_filesystem_cancels_jobs_and_leaves_nothing() {
 #[ignore = "boots QEMU (qemu-system-x86); scripts/test runs it with --include-ignored"]
 fn qemu_killed_mid_backup_is_a_clean_error() {
     let mut fx = fixture();
-    let out_dir = fx.dir().join("out");
-    std::fs::create_dir(&out_dir).unwrap();
+    let out_dir = fx.out_dir().unwrap();
     let opts = BackupOptions::new(&fx.vm.qmp_path, out_dir.join("vm.vma")).throttle(DELAY);
     let mut ctl = fx.vm.control().unwrap();
     let backup = thread::spawn(move || run_backup(&opts));
@@ -260,15 +250,18 @@ fn qemu_killed_mid_backup_is_a_clean_error() {
     assert!(matches!(err, Error::QmpClosed), "{err}");
     assert_eq!(err.kind(), ErrorKind::Qemu);
     assert!(t.elapsed() < Duration::from_secs(10));
-    assert!(entries(&out_dir).is_empty(), "{:?}", entries(&out_dir));
+    assert!(
+        dir_entries(&out_dir).is_empty(),
+        "{:?}",
+        dir_entries(&out_dir)
+    );
 }
 
 #[test]
 #[ignore = "boots QEMU (qemu-system-x86); scripts/test runs it with --include-ignored"]
 fn interrupt_cancels_jobs_and_vm_keeps_running() {
     let fx = fixture();
-    let out_dir = fx.dir().join("out");
-    std::fs::create_dir(&out_dir).unwrap();
+    let out_dir = fx.out_dir().unwrap();
     let archive = out_dir.join("vm.vma");
     let mut ctl = fx.vm.control().unwrap();
 
@@ -280,7 +273,7 @@ fn interrupt_cancels_jobs_and_vm_keeps_running() {
     cancel.store(true, Ordering::SeqCst);
     let err = backup.join().unwrap().unwrap_err();
     assert!(matches!(err, Error::Interrupted), "{err}");
-    assert!(entries(&out_dir).is_empty());
+    assert!(dir_entries(&out_dir).is_empty());
     assert_vm_clean(&mut ctl);
 
     // The binary on SIGINT.
@@ -300,7 +293,7 @@ fn interrupt_cancels_jobs_and_vm_keeps_running() {
     assert!(st.success());
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(130), "{out:?}");
-    assert!(entries(&out_dir).is_empty());
+    assert!(dir_entries(&out_dir).is_empty());
     assert_vm_clean(&mut ctl);
 }
 

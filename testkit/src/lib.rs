@@ -247,3 +247,14 @@ pub fn require_tool(tool: &str) {
         "{tool} is not installed: run scripts/install-deps (the test suite needs it)"
     );
 }
+
+/// The names of the entries of `dir`, sorted: what a test that must leave nothing behind
+/// (or exactly one archive) compares.
+pub fn dir_entries(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display()))
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}

@@ -195,18 +195,18 @@ impl<R: Read> LzopReader<R> {
         } else {
             self.compressed.resize(src_len as usize, 0);
             read_exact(&mut self.inner, &mut self.compressed)?;
-            if c_adler.is_some_and(|s| s != adler32(&self.compressed)) {
-                return Err(LzopError::Checksum {
-                    block,
-                    kind: "compressed Adler-32",
-                });
-            }
-            if c_crc.is_some_and(|s| s != crc32fast::hash(&self.compressed)) {
-                return Err(LzopError::Checksum {
-                    block,
-                    kind: "compressed CRC-32",
-                });
-            }
+            check_sum(
+                c_adler,
+                || adler32(&self.compressed),
+                block,
+                "compressed Adler-32",
+            )?;
+            check_sum(
+                c_crc,
+                || crc32fast::hash(&self.compressed),
+                block,
+                "compressed CRC-32",
+            )?;
             let n = lzo::decompress_into(&self.compressed, &mut self.out)
                 .map_err(|e| bad(format!("LZO1X data is corrupt: {e}")))?;
             if n != dst_len {
@@ -215,18 +215,8 @@ impl<R: Read> LzopReader<R> {
                 )));
             }
         }
-        if d_adler.is_some_and(|s| s != adler32(&self.out)) {
-            return Err(LzopError::Checksum {
-                block,
-                kind: "Adler-32",
-            });
-        }
-        if d_crc.is_some_and(|s| s != crc32fast::hash(&self.out)) {
-            return Err(LzopError::Checksum {
-                block,
-                kind: "CRC-32",
-            });
-        }
+        check_sum(d_adler, || adler32(&self.out), block, "Adler-32")?;
+        check_sum(d_crc, || crc32fast::hash(&self.out), block, "CRC-32")?;
         self.pos = 0;
         self.block += 1;
         Ok(true)
@@ -252,6 +242,20 @@ impl<R: Read> Read for LzopReader<R> {
 }
 
 /// Adler-32 as lzop computes it (initial value 1).
+/// Compares a block's `stored` checksum, where the header carries one, with
+/// the one `compute` gives.
+fn check_sum(
+    stored: Option<u32>,
+    compute: impl FnOnce() -> u32,
+    block: u64,
+    kind: &'static str,
+) -> Result<(), LzopError> {
+    match stored {
+        Some(sum) if sum != compute() => Err(LzopError::Checksum { block, kind }),
+        _ => Ok(()),
+    }
+}
+
 fn adler32(data: &[u8]) -> u32 {
     let mut a = adler2::Adler32::new();
     a.write_slice(data);

@@ -306,3 +306,12 @@ pub enum FormatError {
 
 /// Result alias of this crate.
 pub type Result<T, E = FormatError> = std::result::Result<T, E>;
+
+/// The first `needed` bytes of `bytes`, or [`FormatError::TooShort`] naming `what`.
+pub(crate) fn prefix<'a>(bytes: &'a [u8], needed: usize, what: &'static str) -> Result<&'a [u8]> {
+    bytes.get(..needed).ok_or(FormatError::TooShort {
+        what,
+        needed,
+        got: bytes.len(),
+    })
+}

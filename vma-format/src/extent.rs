@@ -181,14 +181,7 @@ impl ExtentHeader {
     /// Decodes and checks an extent header: magic, reserved field, MD5, and `block_count`
     /// against the masks. The uuid is checked by [`check_uuid`](Self::check_uuid).
     pub fn decode(bytes: &[u8]) -> Result<ExtentHeader> {
-        if bytes.len() < VMA_EXTENT_HEADER_SIZE {
-            return Err(FormatError::TooShort {
-                what: "extent header",
-                needed: VMA_EXTENT_HEADER_SIZE,
-                got: bytes.len(),
-            });
-        }
-        let bytes = &bytes[..VMA_EXTENT_HEADER_SIZE];
+        let bytes = crate::error::prefix(bytes, VMA_EXTENT_HEADER_SIZE, "extent header")?;
         let magic: [u8; 4] = bytes[off::MAGIC..off::MAGIC + 4].try_into().unwrap();
         if magic != VMA_EXTENT_MAGIC {
             return Err(FormatError::ExtentBadMagic { found: magic });

@@ -94,13 +94,7 @@ impl ArchiveHeader {
     ///
     /// `prefix` must hold at least the first 60 bytes; the fixed header is 12288.
     pub fn header_size_from_prefix(prefix: &[u8]) -> Result<usize> {
-        if prefix.len() < off::RESERVED {
-            return Err(FormatError::TooShort {
-                what: "archive header",
-                needed: off::RESERVED,
-                got: prefix.len(),
-            });
-        }
+        let prefix = crate::error::prefix(prefix, off::RESERVED, "archive header")?;
         let magic: [u8; 4] = prefix[off::MAGIC..off::MAGIC + 4].try_into().unwrap();
         if magic != VMA_MAGIC {
             return Err(FormatError::BadMagic { found: magic });
@@ -137,14 +131,7 @@ impl ArchiveHeader {
     /// it are ignored.
     pub fn decode(bytes: &[u8]) -> Result<ArchiveHeader> {
         let header_size = Self::header_size_from_prefix(bytes)?;
-        if bytes.len() < header_size {
-            return Err(FormatError::TooShort {
-                what: "archive header",
-                needed: header_size,
-                got: bytes.len(),
-            });
-        }
-        let bytes = &bytes[..header_size];
+        let bytes = crate::error::prefix(bytes, header_size, "archive header")?;
 
         let stored: [u8; 16] = bytes[off::MD5SUM..off::MD5SUM + 16].try_into().unwrap();
         let computed = header_md5(bytes);

@@ -320,43 +320,9 @@ mod tests {
         let mut all = option_variants();
         all.extend(qemu_variants());
         all.extend(archive_and_local_variants());
-        for (e, _) in &all {
-            assert_listed(e);
-        }
+        // `Error::kind` matches exhaustively, so a new variant must be classified
+        // there; list one value of it here too.
         all
-    }
-
-    /// Fails to compile once a variant is added, until it is listed here and above.
-    fn assert_listed(e: &Error) {
-        match e {
-            Error::ReadConfig { .. }
-            | Error::ReservedConfigName
-            | Error::NoSuchDrive { .. }
-            | Error::DuplicateDrive { .. }
-            | Error::NoDrives
-            | Error::QmpConnect { .. }
-            | Error::QmpSend { .. }
-            | Error::QmpClosed
-            | Error::QmpNoGreeting
-            | Error::QmpTimeout { .. }
-            | Error::QmpGreeting { .. }
-            | Error::QmpNotJson { .. }
-            | Error::QmpReply { .. }
-            | Error::QmpCommand { .. }
-            | Error::QueryBlock { .. }
-            | Error::Unaligned { .. }
-            | Error::JobFailed { .. }
-            | Error::JobCancelled { .. }
-            | Error::CancelTimeout { .. }
-            | Error::ArchiveFailed { .. }
-            | Error::Writer(_)
-            | Error::Compress { .. }
-            | Error::NoDevice(_)
-            | Error::SocketDir(_)
-            | Error::SocketPath(_)
-            | Error::Nbd(_)
-            | Error::Interrupted => {}
-        }
     }
 
     /// Errors of the options and the drive selection.

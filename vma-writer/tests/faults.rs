@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use common::*;
+use vma_testkit::dir_entries;
 use vma_writer::{Builder, Error};
 
 /// A sink that accepts `limit` bytes, then fails every write.
@@ -249,15 +250,6 @@ fn assert_dir_empty(dir: &Path) {
     assert!(left.is_empty(), "files left behind: {left:?}");
 }
 
-fn entries(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
-}
-
 #[test]
 fn the_file_helper_leaves_nothing_behind_on_failure() {
     let dir = tempfile::tempdir().unwrap();
@@ -269,7 +261,7 @@ fn the_file_helper_leaves_nothing_behind_on_failure() {
     let dev = builder.add_device("drive-scsi0", img.len() as u64).unwrap();
     let w = builder.create_file(&path).unwrap();
     assert_eq!(w.path(), path);
-    let temp = entries(dir.path());
+    let temp = dir_entries(dir.path());
     assert_eq!(temp.len(), 1);
     assert!(
         temp[0].starts_with(".vzdump-qemu-100.vma.partial-"),
@@ -319,7 +311,7 @@ fn the_file_helper_renames_only_a_complete_archive_and_never_overwrites() {
     let w = builder.create_file(&path).unwrap();
     w.write_range(dev, 0, &img).unwrap();
     let summary = w.finish().unwrap();
-    assert_eq!(entries(dir.path()), vec!["a.vma".to_string()]);
+    assert_eq!(dir_entries(dir.path()), vec!["a.vma".to_string()]);
     let bytes = std::fs::read(&path).unwrap();
     assert_eq!(summary.archive_bytes, bytes.len() as u64);
     assert_same(&decode(&bytes).devices["drive-scsi0"], &img, "image");
@@ -343,7 +335,7 @@ fn the_file_helper_renames_only_a_complete_archive_and_never_overwrites() {
     assert!(matches!(e, Error::TargetExists { .. }), "{e}");
     assert_eq!(std::fs::read(&late).unwrap(), b"someone else's");
     assert_eq!(
-        entries(dir.path()),
+        dir_entries(dir.path()),
         vec!["a.vma".to_string(), "b.vma".to_string()]
     );
 }
@@ -358,7 +350,7 @@ fn a_failed_rename_leaves_nothing() {
     builder.fsync(false);
     let dev = builder.add_device("drive-scsi0", 4 << 20).unwrap();
     let w = builder.create_file(&path).unwrap();
-    for name in entries(dir.path()) {
+    for name in dir_entries(dir.path()) {
         std::fs::remove_file(dir.path().join(name)).unwrap();
     }
     w.write_range(dev, 0, &image(4 << 20, 3)).unwrap();

@@ -210,13 +210,7 @@ fn set_meta_context<R: Read, W: Write>(
     send_option(w, OPT_SET_META_CONTEXT, &data)?;
     let mut id = None;
     let a = answer(r, OPT_SET_META_CONTEXT, |kind, data| {
-        if kind != REP_META_CONTEXT {
-            return Err(Violation::UnexpectedOptionReply {
-                option: OPT_SET_META_CONTEXT,
-                kind,
-            }
-            .into());
-        }
+        expect_reply(OPT_SET_META_CONTEXT, kind, REP_META_CONTEXT)?;
         let ctx = parse_meta_context(data)?;
         if ctx.name != META_BASE_ALLOCATION || id.is_some() {
             return Err(Violation::UnexpectedMetaContext(ctx.name).into());
@@ -249,13 +243,7 @@ fn go<R: Read, W: Write>(
     let mut export = None;
     let mut block = None;
     let a = answer(r, OPT_GO, |kind, data| {
-        if kind != REP_INFO {
-            return Err(Violation::UnexpectedOptionReply {
-                option: OPT_GO,
-                kind,
-            }
-            .into());
-        }
+        expect_reply(OPT_GO, kind, REP_INFO)?;
         match parse_info(data)? {
             Info::Export(e) => export = Some(e),
             Info::BlockSize(b) => block = Some(block_size(b)?),
@@ -312,4 +300,13 @@ fn export_name<R: Read, W: Write>(
         structured,
         base_allocation,
     })
+}
+
+/// Checks that the server answered `option` with a reply of the kind `wanted`.
+fn expect_reply(option: u32, kind: u32, wanted: u32) -> Result<(), Error> {
+    if kind == wanted {
+        Ok(())
+    } else {
+        Err(Violation::UnexpectedOptionReply { option, kind }.into())
+    }
 }
