@@ -261,9 +261,11 @@ mod tests {
     use super::*;
     use std::os::unix::net::UnixListener;
 
-    /// A scripted QMP server: greets, then answers each command line by
-    /// line with whatever `script` returns (possibly several lines).
-    fn fake_qmp(script: fn(&Value) -> Vec<String>) -> (tempfile::TempDir, std::path::PathBuf) {
+    /// A QMP server on a fresh socket: greets, then runs `session` on the
+    /// connection's writer and buffered reader.
+    fn fake_server(
+        session: impl FnOnce(&mut UnixStream, &mut BufReader<UnixStream>) + Send + 'static,
+    ) -> (tempfile::TempDir, std::path::PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("qmp.sock");
         let listener = UnixListener::bind(&path).unwrap();
@@ -272,6 +274,15 @@ mod tests {
             let mut w = s.try_clone().unwrap();
             let mut r = BufReader::new(s);
             writeln!(w, r#"{{"QMP": {{"version": {{}}, "capabilities": []}}}}"#).unwrap();
+            session(&mut w, &mut r);
+        });
+        (dir, path)
+    }
+
+    /// A scripted QMP server: greets, then answers each command line by
+    /// line with whatever `script` returns (possibly several lines).
+    fn fake_qmp(script: fn(&Value) -> Vec<String>) -> (tempfile::TempDir, std::path::PathBuf) {
+        fake_server(move |w, r| {
             let mut line = String::new();
             while r.read_line(&mut line).unwrap_or(0) > 0 {
                 let cmd: Value = serde_json::from_str(&line).unwrap();
@@ -280,8 +291,7 @@ mod tests {
                 }
                 line.clear();
             }
-        });
-        (dir, path)
+        })
     }
 
     #[test]
@@ -332,14 +342,7 @@ mod tests {
 
     #[test]
     fn connection_cut_mid_message_is_closed() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("qmp.sock");
-        let listener = UnixListener::bind(&path).unwrap();
-        thread::spawn(move || {
-            let (s, _) = listener.accept().unwrap();
-            let mut w = s.try_clone().unwrap();
-            let mut r = BufReader::new(s);
-            writeln!(w, r#"{{"QMP": {{"version": {{}}, "capabilities": []}}}}"#).unwrap();
+        let (_d, path) = fake_server(|w, r| {
             let mut line = String::new();
             r.read_line(&mut line).unwrap();
             let id = serde_json::from_str::<Value>(&line).unwrap()["id"].clone();

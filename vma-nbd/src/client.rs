@@ -29,7 +29,7 @@ mod replies;
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::io::{BufWriter, Read, Write};
+use std::io::{self, BufWriter, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -181,16 +181,9 @@ impl ClientBuilder {
         };
         let s = UnixStream::connect(path).map_err(connect_err)?;
         s.set_write_timeout(self.timeout).map_err(connect_err)?;
-        let r = s.try_clone().map_err(connect_err)?;
-        let hangup = s.try_clone().map_err(connect_err)?;
-        self.open(
-            r,
-            s.try_clone().map_err(connect_err)?,
-            Transport::Unix(s),
-            Some(Box::new(move || {
-                let _ = hangup.shutdown(Shutdown::Both);
-            })),
-        )
+        let (r, w, hangup) =
+            halves(&s, UnixStream::try_clone, UnixStream::shutdown).map_err(connect_err)?;
+        self.open(r, w, Transport::Unix(s), Some(hangup))
     }
 
     /// Connects to a server over TCP.
@@ -202,16 +195,9 @@ impl ClientBuilder {
         let s = TcpStream::connect(&addr).map_err(connect_err)?;
         s.set_nodelay(true).map_err(connect_err)?;
         s.set_write_timeout(self.timeout).map_err(connect_err)?;
-        let r = s.try_clone().map_err(connect_err)?;
-        let hangup = s.try_clone().map_err(connect_err)?;
-        self.open(
-            r,
-            s.try_clone().map_err(connect_err)?,
-            Transport::Tcp(s),
-            Some(Box::new(move || {
-                let _ = hangup.shutdown(Shutdown::Both);
-            })),
-        )
+        let (r, w, hangup) =
+            halves(&s, TcpStream::try_clone, TcpStream::shutdown).map_err(connect_err)?;
+        self.open(r, w, Transport::Tcp(s), Some(hangup))
     }
 
     /// Runs a connection over an already connected stream given as its two
@@ -284,6 +270,20 @@ impl ClientBuilder {
 }
 
 /// What can interrupt the connection from outside the reader thread.
+/// A socket's reader and writer halves and a hangup that shuts it down (which
+/// wakes a reader thread blocked on it).
+fn halves<S: Send + Sync + 'static>(
+    s: &S,
+    clone: fn(&S) -> io::Result<S>,
+    shutdown: fn(&S, Shutdown) -> io::Result<()>,
+) -> io::Result<(S, S, replies::Hangup)> {
+    let hangup = clone(s)?;
+    let hangup: replies::Hangup = Box::new(move || {
+        let _ = shutdown(&hangup, Shutdown::Both);
+    });
+    Ok((clone(s)?, clone(s)?, hangup))
+}
+
 pub(crate) enum Transport {
     Unix(UnixStream),
     Tcp(TcpStream),
@@ -789,6 +789,14 @@ struct Parts {
 }
 
 impl Parts {
+    /// How a request in flight shows in `{:?}`: its type and how many NBD
+    /// requests it was split into.
+    fn debug(&self, name: &str, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct(name)
+            .field("requests", &self.handles.len())
+            .finish_non_exhaustive()
+    }
+
     /// Waits for the next part's reply.
     fn next(&mut self) -> Option<Result<Outcome, Error>> {
         let handle = self.handles.pop_front()?;
@@ -891,9 +899,7 @@ pub struct Pending {
 
 impl fmt::Debug for Pending {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Pending")
-            .field("requests", &self.parts.handles.len())
-            .finish_non_exhaustive()
+        self.parts.debug("Pending", f)
     }
 }
 
@@ -919,9 +925,7 @@ pub struct PendingStatus {
 
 impl fmt::Debug for PendingStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PendingStatus")
-            .field("requests", &self.parts.handles.len())
-            .finish_non_exhaustive()
+        self.parts.debug("PendingStatus", f)
     }
 }
 

@@ -13,32 +13,20 @@ fn qemu_io_write_then_read() {
     let e = mem(vec![0; 4 * MIB], false);
     let (_d, sock, _h) = start(vec![("drive-scsi0", e.clone())]);
     let uri = nbd_uri("drive-scsi0", &sock);
-    let out = run_ok(
-        "qemu-io",
+    qemu_io(
+        &["-f", "raw"],
+        &uri,
         &[
-            "-f",
-            "raw",
-            &uri,
-            "-c",
             "write -P 0xab 0 1M",
-            "-c",
             "write -P 0xcd 1M 512k",
-            "-c",
             "write -z 64k 64k",
-            "-c",
             "read -P 0xab 0 64k",
-            "-c",
             "read -P 0 64k 64k",
-            "-c",
             "read -P 0xab 128k 896k",
-            "-c",
             "read -P 0xcd 1M 512k",
-            "-c",
             "flush",
         ],
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(!stdout.contains("Pattern verification failed"), "{stdout}");
     let snap = e.snapshot();
     assert!(snap[..65536].iter().all(|&b| b == 0xab));
     assert!(snap[65536..131072].iter().all(|&b| b == 0));
@@ -55,23 +43,13 @@ fn qemu_io_pipelined_aio() {
     let e = mem(vec![0; 8 * MIB], false);
     let (_d, sock, _h) = start(vec![("d", e.clone())]);
     let uri = nbd_uri("d", &sock);
-    let mut args: Vec<String> = vec!["-f".into(), "raw".into(), uri];
-    for i in 0..8 {
-        args.push("-c".into());
-        args.push(format!("aio_write -P {} {}M 1M", 0x10 + i, i));
-    }
-    args.push("-c".into());
-    args.push("aio_flush".into());
-    for i in 0..8 {
-        args.push("-c".into());
-        args.push(format!("aio_read -P {} {}M 1M", 0x10 + i, i));
-    }
-    args.push("-c".into());
-    args.push("aio_flush".into());
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = run_ok("qemu-io", &args);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(!stdout.contains("Pattern verification failed"), "{stdout}");
+    let mut commands: Vec<String> = (0..8)
+        .map(|i| format!("aio_write -P {} {}M 1M", 0x10 + i, i))
+        .collect();
+    commands.push("aio_flush".into());
+    commands.extend((0..8).map(|i| format!("aio_read -P {} {}M 1M", 0x10 + i, i)));
+    commands.push("aio_flush".into());
+    qemu_io(&["-f", "raw"], &uri, &commands);
     let snap = e.snapshot();
     for i in 0..8 {
         assert!(snap[i * MIB..(i + 1) * MIB]
@@ -172,7 +150,12 @@ fn qemu_img_convert_to_qcow2_keeps_holes() {
     let data_ranges: Vec<(u64, u64)> = map
         .lines()
         .filter(|l| l.contains("\"data\": true"))
-        .map(|l| (json_u64(l, "start"), json_u64(l, "length")))
+        .map(|l| {
+            (
+                json_u64(l, "start").unwrap(),
+                json_u64(l, "length").unwrap(),
+            )
+        })
         .collect();
     assert!(!data_ranges.is_empty(), "{map}");
     for (start, len) in &data_ranges {
@@ -183,20 +166,6 @@ fn qemu_img_convert_to_qcow2_keeps_holes() {
             "middle hole allocated: {map}"
         );
     }
-}
-
-fn json_u64(line: &str, key: &str) -> u64 {
-    let pat = format!("\"{key}\": ");
-    let i = line
-        .find(&pat)
-        .unwrap_or_else(|| panic!("no {key} in {line}"))
-        + pat.len();
-    line[i..]
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect::<String>()
-        .parse()
-        .unwrap()
 }
 
 #[test]

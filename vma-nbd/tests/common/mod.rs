@@ -91,6 +91,32 @@ pub fn run_ok(cmd: &str, args: &[&str]) -> Output {
     out
 }
 
+/// Runs `qemu-io` with `options` (format, `-r`, ...) on `target` (an image or an
+/// NBD URI) and each of `commands` as a `-c`; fails unless it succeeds and every
+/// `read -P` pattern matched.
+pub fn qemu_io<S: AsRef<str>>(options: &[&str], target: &str, commands: &[S]) {
+    let mut args: Vec<&str> = options.to_vec();
+    args.push(target);
+    for c in commands {
+        args.extend(["-c", c.as_ref()]);
+    }
+    let out = run_ok("qemu-io", &args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains("verification failed"), "{stdout}");
+}
+
+/// The number after `"key": ` in a line of `qemu-img map --output=json`.
+pub fn json_u64(line: &str, key: &str) -> Option<u64> {
+    let pat = format!("\"{key}\": ");
+    let i = line.find(&pat)? + pat.len();
+    line[i..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect::<String>()
+        .parse()
+        .ok()
+}
+
 /// A raw NBD client for protocol tests.
 pub struct Client {
     pub s: UnixStream,
@@ -151,13 +177,10 @@ impl Client {
 
     pub fn opt_reply(&mut self) -> OptReply {
         let h = self.read_n(20);
-        assert_eq!(
-            u64::from_be_bytes(h[..8].try_into().unwrap()),
-            OPTION_REPLY_MAGIC
-        );
-        let option = u32::from_be_bytes(h[8..12].try_into().unwrap());
-        let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
-        let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
+        assert_eq!(be_u64(&h[..8]), OPTION_REPLY_MAGIC);
+        let option = be_u32(&h[8..12]);
+        let kind = be_u32(&h[12..16]);
+        let len = be_u32(&h[16..20]);
         let data = self.read_n(len as usize);
         OptReply { option, kind, data }
     }
@@ -222,27 +245,18 @@ impl Client {
     /// Reads a simple reply: (error, handle).
     pub fn simple_reply(&mut self) -> (u32, u64) {
         let r = self.read_n(16);
-        assert_eq!(
-            u32::from_be_bytes(r[..4].try_into().unwrap()),
-            SIMPLE_REPLY_MAGIC
-        );
-        (
-            u32::from_be_bytes(r[4..8].try_into().unwrap()),
-            u64::from_be_bytes(r[8..16].try_into().unwrap()),
-        )
+        assert_eq!(be_u32(&r[..4]), SIMPLE_REPLY_MAGIC);
+        (be_u32(&r[4..8]), be_u64(&r[8..16]))
     }
 
     pub fn chunk(&mut self) -> Chunk {
         let r = self.read_n(20);
-        assert_eq!(
-            u32::from_be_bytes(r[..4].try_into().unwrap()),
-            STRUCTURED_REPLY_MAGIC
-        );
-        let len = u32::from_be_bytes(r[16..20].try_into().unwrap());
+        assert_eq!(be_u32(&r[..4]), STRUCTURED_REPLY_MAGIC);
+        let len = be_u32(&r[16..20]);
         Chunk {
-            flags: u16::from_be_bytes(r[4..6].try_into().unwrap()),
-            kind: u16::from_be_bytes(r[6..8].try_into().unwrap()),
-            handle: u64::from_be_bytes(r[8..16].try_into().unwrap()),
+            flags: be_u16(&r[4..6]),
+            kind: be_u16(&r[6..8]),
+            handle: be_u64(&r[8..16]),
             payload: self.read_n(len as usize),
         }
     }
@@ -287,4 +301,16 @@ pub fn meta_data(name: &str, queries: &[&str]) -> Vec<u8> {
         v.extend_from_slice(q.as_bytes());
     }
     v
+}
+
+fn be_u16(b: &[u8]) -> u16 {
+    u16::from_be_bytes(b.try_into().unwrap())
+}
+
+fn be_u32(b: &[u8]) -> u32 {
+    u32::from_be_bytes(b.try_into().unwrap())
+}
+
+fn be_u64(b: &[u8]) -> u64 {
+    u64::from_be_bytes(b.try_into().unwrap())
 }
