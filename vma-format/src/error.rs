@@ -69,6 +69,15 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// `MD5 mismatch (stored …, computed …)`, in hex.
+fn md5_mismatch(stored: &[u8; 16], computed: &[u8; 16]) -> String {
+    format!(
+        "MD5 mismatch (stored {}, computed {})",
+        hex(stored),
+        hex(computed)
+    )
+}
+
 /// ` at byte N` for an offset, nothing without one.
 fn at_byte(offset: Option<usize>) -> String {
     offset.map_or_else(String::new, |o| format!(" at byte {o}"))
@@ -129,11 +138,7 @@ pub enum FormatError {
         fixed: usize,
     },
     /// The stored MD5 does not match the header bytes.
-    #[error(
-        "archive header at byte 32: MD5 mismatch (stored {}, computed {})",
-        hex(stored),
-        hex(computed)
-    )]
+    #[error("archive header at byte 32: {}", md5_mismatch(stored, computed))]
     HeaderChecksum {
         /// MD5 stored in the header.
         stored: [u8; 16],
@@ -275,11 +280,7 @@ pub enum FormatError {
     #[error("extent header: reserved field is {0:#06x}, must be 0")]
     ExtentReserved(u16),
     /// The stored MD5 of an extent header does not match.
-    #[error(
-        "extent header: MD5 mismatch (stored {}, computed {})",
-        hex(stored),
-        hex(computed)
-    )]
+    #[error("extent header: {}", md5_mismatch(stored, computed))]
     ExtentChecksum {
         /// MD5 stored.
         stored: [u8; 16],

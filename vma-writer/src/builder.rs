@@ -32,15 +32,12 @@ impl Device {
 /// The VM's RAM-state stream (the device `vmstate`), as [`Builder::add_vmstate`] hands it
 /// out; pass it to [`WriterHandle::append_vmstate`](crate::WriterHandle::append_vmstate).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct VmState {
-    pub(crate) id: DeviceId,
-    pub(crate) archive: u64,
-}
+pub struct VmState(pub(crate) Device);
 
 impl VmState {
     /// The stream's device id in the archive.
     pub fn id(&self) -> DeviceId {
-        self.id
+        self.0.id
     }
 }
 
@@ -193,10 +190,10 @@ impl Builder {
     /// [`append_vmstate`](crate::WriterHandle::append_vmstate).
     pub fn add_vmstate(&mut self, size: u64) -> Result<VmState> {
         let id = self.push_device(VMSTATE_DEVICE_NAME, size)?;
-        Ok(VmState {
+        Ok(VmState(Device {
             id,
             archive: self.archive,
-        })
+        }))
     }
 
     fn push_device(&mut self, name: &str, size: u64) -> Result<DeviceId> {

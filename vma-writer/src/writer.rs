@@ -186,23 +186,21 @@ impl Shared {
     }
 
     fn disk(&self, device: Device) -> Result<usize> {
-        self.health.check()?;
-        let index = usize::from(device.id.get()) - 1;
-        match self.devices.get(index) {
-            Some(meta) if device.archive == self.archive && !meta.vmstate => Ok(index),
-            _ => Err(Error::UnknownDevice {
-                id: device.id.get(),
-            }),
-        }
+        self.slot(device, false)
     }
 
     fn stream(&self, vmstate: VmState) -> Result<usize> {
+        self.slot(vmstate.0, true)
+    }
+
+    /// The index of a token's device, if it is of this archive and of the kind asked for.
+    fn slot(&self, device: Device, vmstate: bool) -> Result<usize> {
         self.health.check()?;
-        let index = usize::from(vmstate.id.get()) - 1;
+        let index = usize::from(device.id.get()) - 1;
         match self.devices.get(index) {
-            Some(meta) if vmstate.archive == self.archive && meta.vmstate => Ok(index),
+            Some(meta) if device.archive == self.archive && meta.vmstate == vmstate => Ok(index),
             _ => Err(Error::UnknownDevice {
-                id: vmstate.id.get(),
+                id: device.id.get(),
             }),
         }
     }
@@ -470,7 +468,7 @@ impl Shared {
         let mut guard = self.vmstate.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(stream) = guard.as_mut() else {
             return Err(Error::UnknownDevice {
-                id: vmstate.id.get(),
+                id: vmstate.id().get(),
             });
         };
         let fits = stream
@@ -713,23 +711,20 @@ impl WriterHandle {
 
     /// The disk declared under `name`.
     pub fn device(&self, name: &str) -> Option<Device> {
-        self.shared
-            .devices
-            .iter()
-            .find(|d| d.name == name && !d.vmstate)
-            .map(|d| Device {
-                id: d.id,
-                archive: self.shared.archive,
-            })
+        self.find(|d| d.name == name && !d.vmstate)
     }
 
     /// The RAM-state stream, if one was declared.
     pub fn vmstate(&self) -> Option<VmState> {
+        self.find(|d| d.vmstate).map(VmState)
+    }
+
+    fn find(&self, which: impl Fn(&DeviceMeta) -> bool) -> Option<Device> {
         self.shared
             .devices
             .iter()
-            .find(|d| d.vmstate)
-            .map(|d| VmState {
+            .find(|d| which(d))
+            .map(|d| Device {
                 id: d.id,
                 archive: self.shared.archive,
             })
