@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use common::*;
 use vma_testkit::dir_entries;
-use vma_writer::{Builder, Error};
+use vma_writer::{Builder, Device, Error, FileWriter};
 
 /// A sink that accepts `limit` bytes, then fails every write.
 #[derive(Debug)]
@@ -250,6 +250,13 @@ fn assert_dir_empty(dir: &Path) {
     assert!(left.is_empty(), "files left behind: {left:?}");
 }
 
+/// A file writer at `path` for one disk `drive-scsi0` of `size` bytes.
+fn one_disk_file(path: &Path, size: usize) -> (FileWriter, Device) {
+    let mut builder = Builder::new();
+    let dev = builder.add_device("drive-scsi0", size as u64).unwrap();
+    (builder.create_file(path).unwrap(), dev)
+}
+
 #[test]
 fn the_file_helper_leaves_nothing_behind_on_failure() {
     let dir = tempfile::tempdir().unwrap();
@@ -257,9 +264,7 @@ fn the_file_helper_leaves_nothing_behind_on_failure() {
     let img = image(3 << 20, 9);
 
     // Misuse errors, then missing clusters at finish.
-    let mut builder = Builder::new();
-    let dev = builder.add_device("drive-scsi0", img.len() as u64).unwrap();
-    let w = builder.create_file(&path).unwrap();
+    let (w, dev) = one_disk_file(&path, img.len());
     assert_eq!(w.path(), path);
     let temp = dir_entries(dir.path());
     assert_eq!(temp.len(), 1);
@@ -284,17 +289,13 @@ fn the_file_helper_leaves_nothing_behind_on_failure() {
     assert_dir_empty(dir.path());
 
     // Explicit abort.
-    let mut builder = Builder::new();
-    let dev = builder.add_device("drive-scsi0", img.len() as u64).unwrap();
-    let w = builder.create_file(&path).unwrap();
+    let (w, dev) = one_disk_file(&path, img.len());
     w.write_range(dev, 0, &img).unwrap();
     w.abort().unwrap();
     assert_dir_empty(dir.path());
 
     // Dropped without finishing (a backup job that errored out).
-    let mut builder = Builder::new();
-    let dev = builder.add_device("drive-scsi0", img.len() as u64).unwrap();
-    let w = builder.create_file(&path).unwrap();
+    let (w, dev) = one_disk_file(&path, img.len());
     w.write_range(dev, 0, &img).unwrap();
     drop(w);
     assert_dir_empty(dir.path());
