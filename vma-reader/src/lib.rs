@@ -8,10 +8,12 @@ mod extract;
 mod index;
 mod integrity;
 mod names;
+mod options;
 mod seekable;
 mod stream;
 mod validate;
 mod verify;
+mod walk;
 
 pub use error::{Error, ErrorKind, Result};
 pub use extract::{write_config_files, DamagedRange, ExtractReport, ExtractedFile, Extractor};

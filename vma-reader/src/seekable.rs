@@ -13,19 +13,19 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
-use vma_format::integrity::{DataChecksum, Seal, SealHasher, SealKind};
 use vma_format::{
-    cluster, ArchiveHeader, BlockMask, DeviceId, DeviceInfo, VMA_BLOCKS_PER_CLUSTER,
+    cluster, ArchiveHeader, BlockMask, DeviceId, DeviceInfo, ExtentHeader, VMA_BLOCKS_PER_CLUSTER,
     VMA_BLOCKS_PER_EXTENT, VMA_BLOCK_SIZE, VMA_CLUSTER_SIZE, VMA_EXTENT_HEADER_SIZE,
     VMA_MAX_DEVICES,
 };
 
 use crate::error::{Error, Result};
 use crate::index::{DeviceIndex, MAX_RELATIVE_OFFSET};
-use crate::integrity::{check_seal, IntegrityReport, SealStatus};
-use crate::stream::{decode_extent, read_header};
-use crate::validate::Validator;
+use crate::integrity::IntegrityReport;
+use crate::options::OnDamage;
+use crate::stream::read_header;
 use crate::verify::{verify, VerifyOptions, VerifyReport};
+use crate::walk::{DataCheck, Step, Walker};
 
 /// Bytes read at once while scanning headers of extents that store no data.
 const SCAN_WINDOW: usize = 64 * 1024;
@@ -100,10 +100,10 @@ impl SeekableArchive {
             .len();
         let (header, bytes) = read_header(&mut Positional::new(&file))?;
         let header_size = bytes.len() as u64;
-        let hasher = SealHasher::new(&bytes);
+        let walker = Walker::new(&header, &bytes, true, OnDamage::Report);
         drop(bytes);
         check_fits(&header, header_size, file_len)?;
-        let (mut index, integrity) = index_extents(&file, file_len, &header, header_size, hasher)?;
+        let (mut index, integrity) = index_extents(&file, file_len, &header, header_size, walker)?;
         for ix in index.iter_mut().flatten() {
             ix.shrink();
         }
@@ -221,68 +221,41 @@ fn index_extents(
     file_len: u64,
     header: &ArchiveHeader,
     header_size: u64,
-    mut hasher: SealHasher,
+    mut walker: Walker,
 ) -> Result<(Vec<Option<DeviceIndex>>, IntegrityReport)> {
     let mut index: Vec<Option<DeviceIndex>> = (0..VMA_MAX_DEVICES).map(|_| None).collect();
     for d in &header.devices {
         index[d.id.index()] = Some(DeviceIndex::default());
     }
-    let mut validator = Validator::new(header);
-    let mut integrity = IntegrityReport::default();
     let mut scanner = Scanner::new(file, file_len);
-    let mut pos = header_size;
-    let mut sealed = false;
-    while pos < file_len {
+    loop {
+        let pos = walker.position();
+        if !walker.more(file_len - pos)? {
+            break;
+        }
         let raw = scanner.header_at(pos)?;
-        let extent = decode_extent(raw, pos, header)?;
-        match Seal::from_extent(&extent) {
-            SealKind::NotASeal => {}
-            SealKind::Seal(seal) => {
-                integrity.seal = check_seal(pos, &seal, integrity.total_extents, Some(&hasher));
-                let end = pos + VMA_EXTENT_HEADER_SIZE as u64;
-                if end < file_len {
-                    return Err(Error::DataAfterSeal { offset: end });
-                }
-                validator.finish(pos)?;
-                sealed = true;
-                break;
-            }
-            SealKind::UnknownVersion(v) => {
-                integrity.seal = SealStatus::UnknownVersion(v);
+        let extent = match walker.extent(ExtentHeader::decode(raw))? {
+            Step::Seal => {
                 scanner.last_data = 0;
-                pos += VMA_EXTENT_HEADER_SIZE as u64;
                 continue;
             }
-            SealKind::Malformed => return Err(Error::MalformedSeal { offset: pos }),
-        }
-        let len = extent.extent_len() as u64;
-        if pos + len > file_len {
-            return Err(Error::TruncatedExtent {
-                offset: pos,
-                got: file_len - pos,
-                needed: len,
-            });
-        }
+            Step::Data(extent) => extent,
+        };
         let data_start = pos + VMA_EXTENT_HEADER_SIZE as u64 - header_size;
-        validator.check_extent(pos, &extent, |slot, range| {
-            if let Some(ix) = index[slot.device.index()].as_mut() {
-                ix.set(slot.cluster, slot.mask, data_start + range.start as u64);
-            }
-        })?;
-        match extent.data_checksum() {
-            DataChecksum::Absent => {}
-            DataChecksum::Crc32c(_) => integrity.checksummed_extents += 1,
-            DataChecksum::UnknownVersion(_) => integrity.unverifiable_extents += 1,
-        }
-        hasher.extent(raw);
-        integrity.total_extents += 1;
+        walker.data(
+            &extent,
+            file_len - pos,
+            raw,
+            DataCheck::Count,
+            |slot, range| {
+                if let Some(ix) = index[slot.device.index()].as_mut() {
+                    ix.set(slot.cluster, slot.mask, data_start + range.start as u64);
+                }
+            },
+        )?;
         scanner.last_data = extent.data_len();
-        pos += len;
     }
-    if !sealed {
-        validator.finish(file_len)?;
-    }
-    Ok((index, integrity))
+    Ok((index, walker.into_integrity()))
 }
 
 /// Reads extent headers, in windows when extents are small so that an archive of
@@ -307,15 +280,9 @@ impl<'f> Scanner<'f> {
     }
 
     fn header_at(&mut self, pos: u64) -> Result<&[u8]> {
+        // The walker saw that a whole header is there.
         let need = VMA_EXTENT_HEADER_SIZE as u64;
         let have = self.file_len - pos;
-        if have < need {
-            return Err(Error::TruncatedExtent {
-                offset: pos,
-                got: have,
-                needed: need,
-            });
-        }
         let inside = pos >= self.start && pos + need <= self.start + self.window.len() as u64;
         if !inside {
             // After an extent with data the next header is far away: read just it.

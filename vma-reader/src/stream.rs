@@ -7,7 +7,6 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 use std::thread;
 
-use vma_format::integrity::{self, DataChecksum, Seal, SealHasher, SealKind};
 use vma_format::{
     cluster, ArchiveHeader, BlockMask, DeviceId, ExtentHeader, VMA_EXTENT_HEADER_SIZE,
     VMA_FIXED_HEADER_SIZE, VMA_MAGIC, VMA_MAX_EXTENT_SIZE,
@@ -15,12 +14,11 @@ use vma_format::{
 use vma_iobuf::AlignedBuf;
 
 use crate::error::{Error, Result};
-use crate::integrity::{
-    check_seal, describe_clusters, ClusterAddress, DamagedExtent, ExtentChecksum, IntegrityReport,
-    SealStatus,
-};
-use crate::validate::{CheckedSlot, Validator};
-use crate::verify::{DeviceReport, VerifyReport};
+use crate::integrity::{ExtentChecksum, IntegrityReport};
+use crate::options::OnDamage;
+use crate::validate::CheckedSlot;
+use crate::verify::VerifyReport;
+use crate::walk::{DataCheck, Step, Walker};
 
 /// What a reader checks beyond the format itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,6 +87,11 @@ impl<R: Read> StreamReader<R> {
 
     pub(crate) fn set_stop_on_damage(&mut self, yes: bool) {
         self.core.options.stop_on_damage = yes;
+        self.core.walker.set_on_damage(if yes {
+            OnDamage::Fail
+        } else {
+            OnDamage::Report
+        });
     }
 
     /// The next extent, checked; `Ok(None)` once the archive ended complete.
@@ -160,35 +163,32 @@ impl<R> StreamReader<R> {
 
     /// Archive bytes consumed so far.
     pub fn position(&self) -> u64 {
-        self.core.pos
+        self.core.walker.position()
     }
 
     /// How far reading has come: archive bytes, clusters and the device bytes they cover.
     pub fn progress(&self) -> ReadProgress {
-        let mut p = ReadProgress {
-            archive_bytes: self.core.pos,
-            ..ReadProgress::default()
-        };
-        for d in self.core.validator.devices() {
-            p.clusters += d.stats.clusters;
-            p.device_bytes += d.stats.span_bytes;
+        let (clusters, device_bytes) = self.core.walker.clusters_read();
+        ReadProgress {
+            archive_bytes: self.core.walker.position(),
+            clusters,
+            device_bytes,
         }
-        p
     }
 
     /// Whether the archive was read to its end and found complete.
     pub fn is_finished(&self) -> bool {
-        self.core.state == State::Done
+        self.core.walker.is_done()
     }
 
     /// What the integrity extension said so far (complete once finished).
     pub fn integrity(&self) -> &IntegrityReport {
-        &self.core.integrity
+        self.core.walker.integrity()
     }
 
     /// Figures per device and integrity so far (complete once finished).
     pub fn report(&self) -> VerifyReport {
-        self.core.report()
+        self.core.walker.report()
     }
 
     /// Bytes of memory the reader holds, roughly: its extent buffers (a prefetching
@@ -198,12 +198,12 @@ impl<R> StreamReader<R> {
             Some(p) => p.buffer_bytes.load(Ordering::Relaxed),
             None => self.core.buf.capacity(),
         };
-        buffers + self.core.validator.memory()
+        buffers + self.core.walker.memory()
     }
 
     /// How many clusters of the vmstate device `id` arrived (they run 0, 1, 2, ...).
     pub(crate) fn vmstate_clusters(&self, id: DeviceId) -> u64 {
-        self.core.validator.vmstate_clusters(id)
+        self.core.walker.vmstate_clusters(id)
     }
 }
 
@@ -308,14 +308,6 @@ impl<'a> Cluster<'a> {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
-    Reading,
-    Sealed,
-    Done,
-    Failed,
-}
-
 /// The reader without its `Read`: everything that need not be generic.
 pub(crate) struct Core {
     header: ArchiveHeader,
@@ -326,16 +318,15 @@ pub(crate) struct Core {
     buf: AlignedBuf,
     extent: Option<ExtentHeader>,
     slots: Vec<(CheckedSlot, Range<usize>)>,
-    pos: u64,
-    validator: Validator,
-    integrity: IntegrityReport,
-    seal: Option<SealHasher>,
+    /// The grammar: counts, checks, the seal.
+    walker: Walker,
     /// Where the current extent starts in `buf` (a prefetching reader's buffers hold
     /// several small extents).
     at: usize,
     /// The reading thread of a prefetching reader.
     prefetch: Option<Prefetch>,
-    state: State,
+    /// After an error every call fails.
+    failed: bool,
     current: (u64, u64, ExtentChecksum),
 }
 
@@ -400,59 +391,36 @@ pub(crate) fn read_header(r: &mut dyn Read) -> Result<(ArchiveHeader, Vec<u8>)> 
     Ok((header, bytes))
 }
 
-/// Decodes an extent header read at `offset` and checks it belongs to the archive.
-pub(crate) fn decode_extent(
-    bytes: &[u8],
-    offset: u64,
-    header: &ArchiveHeader,
-) -> Result<ExtentHeader> {
-    let extent = ExtentHeader::decode(bytes).map_err(|source| Error::Extent { offset, source })?;
-    check_extent_uuid(extent, offset, header)
-}
-
-/// Checks that an extent header read at `offset` belongs to the archive.
-fn check_extent_uuid(
-    extent: ExtentHeader,
-    offset: u64,
-    header: &ArchiveHeader,
-) -> Result<ExtentHeader> {
-    if extent.uuid != header.uuid {
-        return Err(Error::ExtentUuid {
-            offset,
-            expected: header.uuid,
-            found: extent.uuid,
-        });
-    }
-    Ok(extent)
-}
-
 impl Core {
     fn open(r: &mut dyn Read, options: ReadOptions) -> Result<Core> {
         let (header, bytes) = read_header(r)?;
-        let seal = options.verify_seal.then(|| SealHasher::new(&bytes));
+        let on_damage = if options.stop_on_damage {
+            OnDamage::Fail
+        } else {
+            OnDamage::Report
+        };
+        let walker = Walker::new(&header, &bytes, options.verify_seal, on_damage);
         Ok(Core {
-            validator: Validator::new(&header),
+            walker,
             header,
             header_size: bytes.len() as u64,
             options,
             buf: AlignedBuf::default(),
             extent: None,
             slots: Vec::new(),
-            pos: bytes.len() as u64,
-            integrity: IntegrityReport::default(),
-            seal,
             at: 0,
             prefetch: None,
-            state: State::Reading,
+            failed: false,
             current: (0, 0, ExtentChecksum::Absent),
         })
     }
 
     fn next_extent(&mut self, r: &mut dyn Read) -> Result<Option<Extent<'_>>> {
-        match self.state {
-            State::Failed => return Err(Error::Failed),
-            State::Done => return Ok(None),
-            _ => {}
+        if self.failed {
+            return Err(Error::Failed);
+        }
+        if self.walker.is_done() {
+            return Ok(None);
         }
         match self.advance(r) {
             Ok(true) => {
@@ -468,12 +436,9 @@ impl Core {
                     checksum,
                 }))
             }
-            Ok(false) => {
-                self.state = State::Done;
-                Ok(None)
-            }
+            Ok(false) => Ok(None),
             Err(e) => {
-                self.state = State::Failed;
+                self.failed = true;
                 Err(e)
             }
         }
@@ -488,7 +453,7 @@ impl Core {
                 Ok(fills.pop().expect("one extent"))
             }
             Some(p) => p.next(&mut self.buf).ok_or(Error::Read {
-                offset: self.pos,
+                offset: self.walker.position(),
                 source: io::Error::other("the reading thread stopped"),
             }),
         }
@@ -496,180 +461,50 @@ impl Core {
 
     /// Reads the next data extent into the buffer; `false` at a complete end.
     fn advance(&mut self, r: &mut dyn Read) -> Result<bool> {
+        const H: usize = VMA_EXTENT_HEADER_SIZE;
         loop {
-            let offset = self.pos;
+            let offset = self.walker.position();
             let fill = self.fill(r)?;
             self.at = fill.start;
-            let got = fill.got;
             if let Some((0, source)) = fill.error {
                 return Err(Error::Read { offset, source });
             }
-            if got == 0 {
-                if self.state != State::Sealed {
-                    self.validator.finish(offset)?;
-                }
+            let got = fill.got as u64;
+            if !self.walker.more(got)? {
                 return Ok(false);
             }
-            if self.state == State::Sealed {
-                return Err(Error::DataAfterSeal { offset });
-            }
-            if got < VMA_EXTENT_HEADER_SIZE {
-                return Err(Error::TruncatedExtent {
-                    offset,
-                    got: got as u64,
-                    needed: VMA_EXTENT_HEADER_SIZE as u64,
-                });
-            }
-            let extent = match fill.header {
-                Some(extent) => check_extent_uuid(extent, offset, &self.header)?,
-                None => decode_extent(
-                    &self.buf[fill.start..][..VMA_EXTENT_HEADER_SIZE],
-                    offset,
-                    &self.header,
-                )?,
+            let decoded = match fill.header {
+                Some(extent) => Ok(extent),
+                None => ExtentHeader::decode(&self.buf[self.at..][..H]),
             };
-            match Seal::from_extent(&extent) {
-                SealKind::NotASeal => {}
-                SealKind::Seal(seal) => {
-                    let status = check_seal(
-                        offset,
-                        &seal,
-                        self.integrity.total_extents,
-                        self.seal.as_ref(),
-                    );
-                    if let (SealStatus::Mismatch { reason, .. }, true) =
-                        (&status, self.options.stop_on_damage)
-                    {
-                        return Err(Error::SealMismatch {
-                            offset,
-                            reason: reason.clone(),
-                        });
-                    }
-                    self.integrity.seal = status;
-                    // A complete archive has every cluster before its seal.
-                    self.validator.finish(offset)?;
-                    self.pos += VMA_EXTENT_HEADER_SIZE as u64;
-                    self.state = State::Sealed;
-                    continue;
-                }
-                SealKind::UnknownVersion(v) => {
-                    // A seal this crate cannot read: reported, skipped like an empty extent.
-                    self.integrity.seal = SealStatus::UnknownVersion(v);
-                    self.pos += VMA_EXTENT_HEADER_SIZE as u64;
-                    continue;
-                }
-                SealKind::Malformed => return Err(Error::MalformedSeal { offset }),
-            }
-            let len = extent.extent_len();
+            let extent = match self.walker.extent(decoded)? {
+                Step::Seal => continue,
+                Step::Data(extent) => extent,
+            };
             if let Some((at, source)) = fill.error {
                 return Err(Error::Read {
                     offset: offset + at as u64,
                     source,
                 });
             }
-            if got < len {
-                return Err(Error::TruncatedExtent {
-                    offset,
-                    got: got as u64,
-                    needed: len as u64,
-                });
-            }
+            let at = self.at;
+            let len = extent.extent_len();
+            let check = if self.options.verify_checksums {
+                // Whole once the walker has seen that the extent is not truncated.
+                DataCheck::Verify(self.buf.get(at + H..at + len).unwrap_or_default())
+            } else {
+                DataCheck::Skip
+            };
             self.slots.clear();
             let slots = &mut self.slots;
-            self.validator
-                .check_extent(offset, &extent, |s, range| slots.push((*s, range)))?;
-            let index = self.integrity.total_extents;
-            let checksum = self.check_data(offset, index, &extent, len)?;
-            if let Some(seal) = &mut self.seal {
-                seal.extent(&self.buf[self.at..][..VMA_EXTENT_HEADER_SIZE]);
-            }
-            self.integrity.total_extents += 1;
-            self.pos += len as u64;
+            let (index, checksum) =
+                self.walker
+                    .data(&extent, got, &self.buf[at..at + H], check, |s, range| {
+                        slots.push((*s, range))
+                    })?;
             self.current = (offset, index, checksum);
             self.extent = Some(extent);
             return Ok(true);
-        }
-    }
-
-    fn check_data(
-        &mut self,
-        offset: u64,
-        index: u64,
-        extent: &ExtentHeader,
-        len: usize,
-    ) -> Result<ExtentChecksum> {
-        match extent.data_checksum() {
-            DataChecksum::Absent => Ok(ExtentChecksum::Absent),
-            DataChecksum::UnknownVersion(v) => {
-                self.integrity.unverifiable_extents += 1;
-                Ok(ExtentChecksum::UnknownVersion(v))
-            }
-            DataChecksum::Crc32c(_) if !self.options.verify_checksums => {
-                Ok(ExtentChecksum::NotChecked)
-            }
-            DataChecksum::Crc32c(stored) => {
-                self.integrity.checksummed_extents += 1;
-                let computed = integrity::data_crc32c(
-                    &self.buf[self.at + VMA_EXTENT_HEADER_SIZE..self.at + len],
-                );
-                if computed == stored {
-                    return Ok(ExtentChecksum::Verified);
-                }
-                let clusters: Vec<ClusterAddress> = self
-                    .slots
-                    .iter()
-                    .map(|(s, _)| ClusterAddress {
-                        device: s.device,
-                        cluster: s.cluster,
-                    })
-                    .collect();
-                if self.options.stop_on_damage {
-                    return Err(Error::DataChecksum {
-                        index,
-                        offset,
-                        stored,
-                        computed,
-                        clusters: describe_clusters(&clusters, |id| self.device_name(id)),
-                    });
-                }
-                self.integrity.damaged.push(DamagedExtent {
-                    index,
-                    offset,
-                    stored,
-                    computed,
-                    clusters,
-                });
-                Ok(ExtentChecksum::Mismatch { stored, computed })
-            }
-        }
-    }
-
-    fn device_name(&self, id: DeviceId) -> String {
-        self.validator
-            .device(id)
-            .map_or_else(|| format!("device {id}"), |d| d.name.clone())
-    }
-
-    fn report(&self) -> VerifyReport {
-        VerifyReport {
-            devices: self
-                .validator
-                .devices()
-                .map(|d| DeviceReport {
-                    id: d.id,
-                    name: d.name.clone(),
-                    size: d.size,
-                    clusters: d.stats.clusters,
-                    stored_bytes: d.stats.stored_bytes,
-                    zero_clusters: d.stats.zero_clusters,
-                    zero_bytes: d.size.saturating_sub(d.stats.stored_bytes),
-                    sparse_bytes: d.stats.sparse_bytes,
-                    partial_sparse_bytes: d.stats.partial_sparse_bytes,
-                })
-                .collect(),
-            integrity: self.integrity.clone(),
-            archive_bytes: self.pos,
-            complete: self.state == State::Done,
         }
     }
 }
