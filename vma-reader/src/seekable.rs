@@ -148,8 +148,8 @@ impl SeekableArchive {
 
     /// What the extent headers say about integrity: `checksummed_extents` counts extents
     /// that carry a CRC32C (not yet checked: [`verify_data`](Self::verify_data) reads the
-    /// data), and the seal is checked against the headers ([`SealStatus::Sealed`] when it
-    /// holds).
+    /// data), and the seal is checked against the headers
+    /// ([`SealStatus::Sealed`](crate::SealStatus::Sealed) when it holds).
     pub fn integrity(&self) -> &IntegrityReport {
         &self.shared.integrity
     }
