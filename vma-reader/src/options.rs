@@ -13,3 +13,14 @@ pub enum OnDamage {
     /// ranges in the [`ExtractReport`](crate::ExtractReport)).
     Report,
 }
+
+impl OnDamage {
+    /// The policy a `stop_on_damage` flag asks for.
+    pub(crate) fn stop_if(stop: bool) -> OnDamage {
+        if stop {
+            OnDamage::Fail
+        } else {
+            OnDamage::Report
+        }
+    }
+}

@@ -86,12 +86,8 @@ impl<R: Read> StreamReader<R> {
     }
 
     pub(crate) fn set_stop_on_damage(&mut self, yes: bool) {
-        self.core.options.stop_on_damage = yes;
-        self.core.walker.set_on_damage(if yes {
-            OnDamage::Fail
-        } else {
-            OnDamage::Report
-        });
+        // The walker holds the policy; `options` is only read at open.
+        self.core.walker.set_on_damage(OnDamage::stop_if(yes));
     }
 
     /// The next extent, checked; `Ok(None)` once the archive ended complete.
@@ -394,11 +390,7 @@ pub(crate) fn read_header(r: &mut dyn Read) -> Result<(ArchiveHeader, Vec<u8>)> 
 impl Core {
     fn open(r: &mut dyn Read, options: ReadOptions) -> Result<Core> {
         let (header, bytes) = read_header(r)?;
-        let on_damage = if options.stop_on_damage {
-            OnDamage::Fail
-        } else {
-            OnDamage::Report
-        };
+        let on_damage = OnDamage::stop_if(options.stop_on_damage);
         let walker = Walker::new(&header, &bytes, options.verify_seal, on_damage);
         Ok(Core {
             walker,
