@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Seek, SeekFrom, Write};
 use std::ops::Range;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
@@ -13,7 +13,7 @@ use vma_format::{cluster, DeviceId, DeviceInfo, VMA_BLOCK_SIZE};
 use crate::error::{Error, Result};
 use crate::integrity::ExtentChecksum;
 use crate::names::{config_file_name, device_file_name, device_temp_file_name, MAX_FILE_NAME_LEN};
-use crate::stream::{Cluster, ReadOptions, ReadProgress, StreamReader};
+use crate::stream::{ArchiveStream, Cluster, IntoArchiveStream, ReadOptions, ReadProgress};
 use crate::verify::VerifyReport;
 
 /// Extracts an archive read in one pass from any [`Read`].
@@ -197,31 +197,22 @@ impl<'a> Extractor<'a> {
         self
     }
 
-    /// Reads the archive and extracts it.
-    pub fn extract<R: Read>(self, reader: R) -> Result<ExtractReport> {
-        self.extract_dyn(&mut { reader })
-    }
-
-    /// Extracts from a stream whose header was already read (to print it, say, or to
-    /// prepare targets from it). The stream's own [`ReadOptions::verify_seal`] decides
-    /// whether the seal is checked; damage is handled as this extractor says.
-    pub fn extract_stream<R: Read>(self, mut stream: StreamReader<R>) -> Result<ExtractReport> {
-        stream.set_stop_on_damage(!self.continue_on_damage);
-        let mut stream = StreamReader::from_parts(&mut stream.inner as &mut dyn Read, stream.core);
-        self.extract_from(&mut stream)
-    }
-
-    fn extract_dyn(self, reader: &mut dyn Read) -> Result<ExtractReport> {
+    /// Reads the archive and extracts it: from any [`Read`], from an [`ArchiveStream`]
+    /// whose header was read already (to print it, say, or to prepare targets from it;
+    /// its own [`ReadOptions::verify_seal`] decides whether the seal is checked, damage
+    /// is handled as this extractor says), or from a
+    /// [`SeekableArchive`](crate::SeekableArchive)'s file (`&archive`).
+    pub fn extract(self, input: impl IntoArchiveStream) -> Result<ExtractReport> {
         let options = ReadOptions {
             verify_checksums: true,
             verify_seal: self.verify_seal,
             stop_on_damage: !self.continue_on_damage,
         };
-        let mut stream = StreamReader::with_options(reader, options)?;
+        let mut stream = input.into_stream(options)?;
         self.extract_from(&mut stream)
     }
 
-    fn extract_from(mut self, stream: &mut StreamReader<&mut dyn Read>) -> Result<ExtractReport> {
+    fn extract_from(mut self, stream: &mut dyn ArchiveStream) -> Result<ExtractReport> {
         let header = stream.header().clone();
         let meta = fs::metadata(&self.dir).map_err(|e| Error::write(&self.dir, e))?;
         if !meta.is_dir() {
@@ -259,9 +250,15 @@ impl<'a> Extractor<'a> {
         }
 
         // vmstate need not be stored to its end; an existing target gets zeros there.
+        let report = stream.report();
         for sink in sinks.iter_mut().flatten() {
             if sink.vmstate && sink.zero_fill {
-                let arrived = stream.vmstate_clusters(sink.id);
+                // vmstate clusters run 0, 1, 2, ...: the count is the next one.
+                let arrived = report
+                    .devices
+                    .iter()
+                    .find(|d| d.id == sink.id)
+                    .map_or(0, |d| d.clusters);
                 if let Ok(next) = u32::try_from(arrived) {
                     let from = cluster::cluster_offset(next);
                     if from < sink.size {
@@ -304,7 +301,7 @@ impl<'a> Extractor<'a> {
             .collect();
         Ok(ExtractReport {
             files,
-            verify: stream.report(),
+            verify: report,
             damaged,
         })
     }

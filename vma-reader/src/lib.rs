@@ -9,6 +9,7 @@ mod index;
 mod integrity;
 mod names;
 mod options;
+mod prefetch;
 mod seekable;
 mod stream;
 mod validate;
@@ -22,8 +23,9 @@ pub use names::{
     config_file_name, device_file_name, device_temp_file_name, safe_file_name, MAX_FILE_NAME_LEN,
     VMSTATE_FILE_NAME,
 };
+pub use prefetch::{PrefetchingReader, PREFETCH_BUFFERS};
 pub use seekable::{DeviceReader, DeviceRef, SeekableArchive};
 pub use stream::{
-    Cluster, Extent, PrefetchingReader, ReadOptions, ReadProgress, StreamReader, PREFETCH_BUFFERS,
+    ArchiveStream, Cluster, Extent, IntoArchiveStream, ReadOptions, ReadProgress, StreamReader,
 };
 pub use verify::{verify, DeviceReport, VerifyOptions, VerifyReport};

@@ -24,7 +24,7 @@ use crate::index::{DeviceIndex, MAX_RELATIVE_OFFSET};
 use crate::integrity::IntegrityReport;
 use crate::options::OnDamage;
 use crate::stream::read_header;
-use crate::verify::{verify, VerifyOptions, VerifyReport};
+use crate::stream::{sealed, IntoArchiveStream, ReadOptions, StreamReader};
 use crate::walk::{DataCheck, Step, Walker};
 
 /// Bytes read at once while scanning headers of extents that store no data.
@@ -37,7 +37,7 @@ const SCAN_WINDOW: usize = 64 * 1024;
 /// devices, clusters past the end, duplicates, missing clusters, truncation) and builds
 /// an index from each cluster to its stored data. See the crate docs for the index's
 /// memory. The seal is checked too (it hashes headers only); the data's CRC32Cs need the
-/// data: [`verify_data`](Self::verify_data).
+/// data: [`verify`](crate::verify)`(&archive, ...)` reads them.
 ///
 /// The archive must not change while open: reads of a truncated file fail with an I/O
 /// error, and a rewritten file yields whatever its bytes now are.
@@ -147,8 +147,8 @@ impl SeekableArchive {
     }
 
     /// What the extent headers say about integrity: `checksummed_extents` counts extents
-    /// that carry a CRC32C (not yet checked: [`verify_data`](Self::verify_data) reads the
-    /// data), and the seal is checked against the headers ([`SealStatus::Sealed`] when it
+    /// that carry a CRC32C (not yet checked: [`verify`](crate::verify)`(&archive, ...)`
+    /// reads the data), and the seal is checked against the headers ([`SealStatus::Sealed`] when it
     /// holds).
     pub fn integrity(&self) -> &IntegrityReport {
         &self.shared.integrity
@@ -157,12 +157,6 @@ impl SeekableArchive {
     /// Bytes of memory the index holds.
     pub fn index_memory(&self) -> usize {
         self.shared.memory
-    }
-
-    /// Reads the whole archive sequentially, checking every extent's CRC32C and the
-    /// seal, as [`verify`] does.
-    pub fn verify_data(&self, options: VerifyOptions<'_>) -> Result<VerifyReport> {
-        verify(Positional::new(&self.shared.file), options)
     }
 
     /// A reader of one device.
@@ -184,6 +178,19 @@ impl SeekableArchive {
             size: info.size,
             pos: 0,
         })
+    }
+}
+
+impl sealed::Input for &SeekableArchive {}
+
+/// The archive file read again from its start, by positional reads (the file's own
+/// offset is left alone): [`verify`](crate::verify)`(&archive, ...)` checks the data's
+/// CRC32Cs, which opening does not read.
+impl<'a> IntoArchiveStream for &'a SeekableArchive {
+    type Stream = StreamReader<Box<dyn Read + 'a>>;
+
+    fn into_stream(self, options: ReadOptions) -> Result<Self::Stream> {
+        StreamReader::with_options(Box::new(Positional::new(&self.shared.file)), options)
     }
 }
 

@@ -248,11 +248,6 @@ impl Validator {
         self.devices[id.index()].as_ref()
     }
 
-    /// For vmstate: how many clusters arrived (they run 0, 1, 2, ...).
-    pub(crate) fn vmstate_clusters(&self, id: DeviceId) -> u64 {
-        self.device(id).map_or(0, |d| d.next_vmstate)
-    }
-
     /// Bytes of memory the seen-sets hold, roughly.
     pub(crate) fn memory(&self) -> usize {
         self.devices().map(|d| d.seen.memory()).sum()

@@ -1,12 +1,10 @@
 //! Verification: every check, nothing written.
 
-use std::io::Read;
-
 use vma_format::DeviceId;
 
 use crate::error::Result;
 use crate::integrity::IntegrityReport;
-use crate::stream::{ReadOptions, ReadProgress, StreamReader};
+use crate::stream::{ArchiveStream, IntoArchiveStream, ReadOptions, ReadProgress};
 
 /// What verification found for one device.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,25 +61,36 @@ pub struct VerifyOptions<'a> {
     pub progress: Option<&'a mut dyn FnMut(&ReadProgress)>,
 }
 
-/// Reads a whole archive and runs every check, writing nothing.
+/// Reads a whole archive and runs every check, writing nothing: from any [`Read`]
+/// (`&bytes[..]`, a file, a pipe, a decompressor), from an [`ArchiveStream`] whose header
+/// was read already (a [`StreamReader`](crate::StreamReader) or a
+/// [`PrefetchingReader`](crate::PrefetchingReader), read on with its own options but the
+/// damage policy of these), or from a [`SeekableArchive`](crate::SeekableArchive)'s file
+/// (`&archive`, read again from its start, the data's CRC32Cs checked).
 ///
 /// Structural damage (checksums of headers, truncation, duplicate, missing or misplaced
 /// clusters) is an `Err`. Data CRC32C and seal mismatches are listed in the report
 /// ([`VerifyReport::is_ok`] is false), unless `stop_on_damage` makes them errors too.
-/// The seal is always checked.
-pub fn verify<R: Read>(reader: R, options: VerifyOptions<'_>) -> Result<VerifyReport> {
-    verify_dyn(&mut { reader }, options)
-}
-
-fn verify_dyn(reader: &mut dyn Read, options: VerifyOptions<'_>) -> Result<VerifyReport> {
+/// The seal is always checked (for a stream: if its options say so).
+pub fn verify(input: impl IntoArchiveStream, options: VerifyOptions<'_>) -> Result<VerifyReport> {
     let read = ReadOptions {
         verify_checksums: true,
         verify_seal: true,
         stop_on_damage: options.stop_on_damage,
     };
-    let mut stream = StreamReader::with_options(reader, read)?;
+    let mut stream = input.into_stream(read)?;
     match options.progress {
-        Some(p) => stream.verify_all(p),
-        None => stream.verify_all(|_| {}),
+        Some(p) => verify_dyn(&mut stream, p),
+        None => verify_dyn(&mut stream, &mut |_| {}),
     }
+}
+
+fn verify_dyn(
+    stream: &mut dyn ArchiveStream,
+    progress: &mut dyn FnMut(&ReadProgress),
+) -> Result<VerifyReport> {
+    while stream.next_extent()?.is_some() {
+        progress(&stream.progress());
+    }
+    Ok(stream.report())
 }

@@ -72,7 +72,7 @@ fn a_checksummed_sealed_archive_verifies_sealed() {
         "checked from the headers alone"
     );
     assert_eq!(vma.integrity().checksummed_extents, total);
-    let full = vma.verify_data(VerifyOptions::default()).unwrap();
+    let full = verify(&vma, VerifyOptions::default()).unwrap();
     assert_eq!(full.integrity.seal, SealStatus::Sealed);
     assert!(full.integrity.is_fully_verified());
 
@@ -124,7 +124,7 @@ fn a_flipped_data_bit_names_the_extent_and_its_clusters() {
 
     let (_f, vma) = open(&bytes);
     let vma = vma.expect("headers are fine");
-    let full = vma.verify_data(VerifyOptions::default()).unwrap();
+    let full = verify(&vma, VerifyOptions::default()).unwrap();
     assert_eq!(full.integrity.damaged, report.integrity.damaged);
 }
 

@@ -85,7 +85,7 @@ fn every_vector_reads_exactly_through_the_seekable_reader() {
             checked += 1;
         }
         assert_eq!(checked, v.files.len(), "{}", v.file);
-        let report = vma.verify_data(VerifyOptions::default()).unwrap();
+        let report = verify(&vma, VerifyOptions::default()).unwrap();
         assert!(report.is_ok());
     }
 }

@@ -165,7 +165,7 @@ fn extract(
     let report = extractor
         .continue_on_damage(args.continue_on_damage)
         .progress(|p| progress.update(p))
-        .extract_stream(stream);
+        .extract(stream);
     progress.finish();
     let report = report?;
 
