@@ -13,7 +13,8 @@ use vma_format::{cluster, DeviceId, DeviceInfo, VMA_BLOCK_SIZE};
 use crate::error::{Error, Result};
 use crate::integrity::ExtentChecksum;
 use crate::names::{config_file_name, device_file_name, device_temp_file_name, MAX_FILE_NAME_LEN};
-use crate::stream::{ArchiveStream, Cluster, IntoArchiveStream, ReadOptions, ReadProgress};
+use crate::options::{OnDamage, ProgressFn, ReadOptions};
+use crate::stream::{ArchiveStream, Cluster, IntoArchiveStream, ReadProgress};
 use crate::verify::VerifyReport;
 
 /// Extracts an archive read in one pass from any [`Read`].
@@ -48,15 +49,12 @@ pub struct Extractor<'a> {
     /// (`None`: as [`assume_zeroed`](Extractor::assume_zeroed) says).
     targets: Vec<(String, PathBuf, Option<bool>)>,
     assume_zeroed: bool,
-    continue_on_damage: bool,
+    on_damage: OnDamage,
     verify_seal: bool,
     overwrite: bool,
     sync: bool,
     progress: Option<ProgressFn<'a>>,
 }
-
-/// The progress callback of an [`Extractor`].
-type ProgressFn<'a> = Box<dyn FnMut(&ReadProgress) + 'a>;
 
 /// One file extraction wrote.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,7 +90,7 @@ pub struct ExtractReport {
     /// What reading found (per-device figures, integrity).
     pub verify: VerifyReport,
     /// Device ranges whose data failed its CRC32C, merged and in order (only non-empty
-    /// with [`Extractor::continue_on_damage`]).
+    /// with [`OnDamage::Report`]).
     pub damaged: Vec<DamagedRange>,
 }
 
@@ -106,7 +104,7 @@ impl<'a> Extractor<'a> {
             configs: true,
             targets: Vec::new(),
             assume_zeroed: false,
-            continue_on_damage: false,
+            on_damage: OnDamage::Fail,
             verify_seal: true,
             overwrite: false,
             sync: false,
@@ -163,10 +161,11 @@ impl<'a> Extractor<'a> {
         self
     }
 
-    /// On a CRC32C or seal mismatch, finish the extraction anyway and list the damaged
-    /// ranges in the report, instead of failing (default false).
-    pub fn continue_on_damage(mut self, yes: bool) -> Self {
-        self.continue_on_damage = yes;
+    /// What to do with a CRC32C or seal mismatch (default [`OnDamage::Fail`]: fail, and
+    /// remove what was written). [`OnDamage::Report`]: finish the extraction anyway and
+    /// list the damaged ranges in the report.
+    pub fn on_damage(mut self, on_damage: OnDamage) -> Self {
+        self.on_damage = on_damage;
         self
     }
 
@@ -203,11 +202,9 @@ impl<'a> Extractor<'a> {
     /// is handled as this extractor says), or from a
     /// [`SeekableArchive`](crate::SeekableArchive)'s file (`&archive`).
     pub fn extract(self, input: impl IntoArchiveStream) -> Result<ExtractReport> {
-        let options = ReadOptions {
-            verify_checksums: true,
-            verify_seal: self.verify_seal,
-            stop_on_damage: !self.continue_on_damage,
-        };
+        let options = ReadOptions::new()
+            .verify_seal(self.verify_seal)
+            .on_damage(self.on_damage);
         let mut stream = input.into_stream(options)?;
         self.extract_from(&mut stream)
     }

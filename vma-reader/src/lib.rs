@@ -23,9 +23,8 @@ pub use names::{
     config_file_name, device_file_name, device_temp_file_name, safe_file_name, MAX_FILE_NAME_LEN,
     VMSTATE_FILE_NAME,
 };
+pub use options::{OnDamage, ReadOptions, VerifyOptions};
 pub use prefetch::{PrefetchingReader, PREFETCH_BUFFERS};
 pub use seekable::{DeviceReader, DeviceRef, SeekableArchive};
-pub use stream::{
-    ArchiveStream, Cluster, Extent, IntoArchiveStream, ReadOptions, ReadProgress, StreamReader,
-};
-pub use verify::{verify, DeviceReport, VerifyOptions, VerifyReport};
+pub use stream::{ArchiveStream, Cluster, Extent, IntoArchiveStream, ReadProgress, StreamReader};
+pub use verify::{verify, DeviceReport, VerifyReport};

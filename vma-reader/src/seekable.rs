@@ -23,8 +23,9 @@ use crate::error::{Error, Result};
 use crate::index::{DeviceIndex, MAX_RELATIVE_OFFSET};
 use crate::integrity::IntegrityReport;
 use crate::options::OnDamage;
+use crate::options::ReadOptions;
 use crate::stream::read_header;
-use crate::stream::{sealed, IntoArchiveStream, ReadOptions, StreamReader};
+use crate::stream::{sealed, IntoArchiveStream, StreamReader};
 use crate::walk::{DataCheck, Step, Walker};
 
 /// Bytes read at once while scanning headers of extents that store no data.

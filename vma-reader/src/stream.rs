@@ -13,43 +13,11 @@ use vma_iobuf::AlignedBuf;
 
 use crate::error::{Error, Result};
 use crate::integrity::{ExtentChecksum, IntegrityReport};
-use crate::options::OnDamage;
+use crate::options::{OnDamage, ReadOptions};
 use crate::prefetch::{Prefetch, PrefetchingReader};
 use crate::validate::CheckedSlot;
 use crate::verify::VerifyReport;
 use crate::walk::{DataCheck, Step, Walker};
-
-/// What a reader checks beyond the format itself.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReadOptions {
-    /// Check each extent's CRC32C where it carries one (cheap; default on).
-    pub verify_checksums: bool,
-    /// Hash the headers to check a seal against (cheap: 512 bytes an extent; default on).
-    pub verify_seal: bool,
-    /// Fail at the first CRC32C or seal mismatch instead of recording it in the
-    /// [`IntegrityReport`] (default off).
-    pub stop_on_damage: bool,
-}
-
-impl ReadOptions {
-    pub(crate) fn on_damage(&self) -> OnDamage {
-        if self.stop_on_damage {
-            OnDamage::Fail
-        } else {
-            OnDamage::Report
-        }
-    }
-}
-
-impl Default for ReadOptions {
-    fn default() -> Self {
-        ReadOptions {
-            verify_checksums: true,
-            verify_seal: true,
-            stop_on_damage: false,
-        }
-    }
-}
 
 /// Reads an archive in one pass from any [`Read`]: a file, a pipe, a decompressor.
 ///
@@ -254,7 +222,7 @@ impl<R: Read> IntoArchiveStream for StreamReader<R> {
     type Stream = StreamReader<R>;
 
     fn into_stream(mut self, options: ReadOptions) -> Result<StreamReader<R>> {
-        self.core.set_on_damage(options.on_damage());
+        self.core.set_on_damage(options.damage_policy());
         Ok(self)
     }
 }
@@ -265,7 +233,7 @@ impl IntoArchiveStream for PrefetchingReader {
     type Stream = PrefetchingReader;
 
     fn into_stream(mut self, options: ReadOptions) -> Result<PrefetchingReader> {
-        self.core_mut().set_on_damage(options.on_damage());
+        self.core_mut().set_on_damage(options.damage_policy());
         Ok(self)
     }
 }
@@ -463,12 +431,12 @@ pub(crate) fn read_header(r: &mut dyn Read) -> Result<(ArchiveHeader, Vec<u8>)> 
 impl Core {
     pub(crate) fn open(r: &mut dyn Read, options: ReadOptions) -> Result<Core> {
         let (header, bytes) = read_header(r)?;
-        let on_damage = if options.stop_on_damage {
-            OnDamage::Fail
-        } else {
-            OnDamage::Report
-        };
-        let walker = Walker::new(&header, &bytes, options.verify_seal, on_damage);
+        let walker = Walker::new(
+            &header,
+            &bytes,
+            options.verifies_seal(),
+            options.damage_policy(),
+        );
         Ok(Core {
             walker,
             header,
@@ -522,7 +490,7 @@ impl Core {
     }
 
     pub(crate) fn set_on_damage(&mut self, on_damage: OnDamage) {
-        self.options.stop_on_damage = on_damage == OnDamage::Fail;
+        self.options = self.options.clone().on_damage(on_damage);
         self.walker.set_on_damage(on_damage);
     }
 
@@ -600,7 +568,7 @@ impl Core {
             }
             let at = self.at;
             let len = extent.extent_len();
-            let check = if self.options.verify_checksums {
+            let check = if self.options.verifies_checksums() {
                 // Whole once the walker has seen that the extent is not truncated.
                 DataCheck::Verify(self.buf.get(at + H..at + len).unwrap_or_default())
             } else {

@@ -4,7 +4,8 @@ use vma_format::DeviceId;
 
 use crate::error::Result;
 use crate::integrity::IntegrityReport;
-use crate::stream::{ArchiveStream, IntoArchiveStream, ReadOptions, ReadProgress};
+use crate::options::{ReadOptions, VerifyOptions};
+use crate::stream::{ArchiveStream, IntoArchiveStream, ReadProgress};
 
 /// What verification found for one device.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,15 +53,6 @@ impl VerifyReport {
     }
 }
 
-/// Options of [`verify`].
-#[derive(Default)]
-pub struct VerifyOptions<'a> {
-    /// Fail at the first CRC32C or seal mismatch rather than listing them in the report.
-    pub stop_on_damage: bool,
-    /// Called after each extent with how far reading has come.
-    pub progress: Option<&'a mut dyn FnMut(&ReadProgress)>,
-}
-
 /// Reads a whole archive and runs every check, writing nothing: from any [`Read`]
 /// (`&bytes[..]`, a file, a pipe, a decompressor), from an [`ArchiveStream`] whose header
 /// was read already (a [`StreamReader`](crate::StreamReader) or a
@@ -70,17 +62,16 @@ pub struct VerifyOptions<'a> {
 ///
 /// Structural damage (checksums of headers, truncation, duplicate, missing or misplaced
 /// clusters) is an `Err`. Data CRC32C and seal mismatches are listed in the report
-/// ([`VerifyReport::is_ok`] is false), unless `stop_on_damage` makes them errors too.
+/// ([`VerifyReport::is_ok`] is false), unless [`OnDamage::Fail`](crate::OnDamage::Fail) makes them errors too.
 /// The seal is always checked (for a stream: if its options say so).
-pub fn verify(input: impl IntoArchiveStream, options: VerifyOptions<'_>) -> Result<VerifyReport> {
-    let read = ReadOptions {
-        verify_checksums: true,
-        verify_seal: true,
-        stop_on_damage: options.stop_on_damage,
-    };
+pub fn verify(
+    input: impl IntoArchiveStream,
+    mut options: VerifyOptions<'_>,
+) -> Result<VerifyReport> {
+    let read = ReadOptions::new().on_damage(options.damage_policy());
     let mut stream = input.into_stream(read)?;
-    match options.progress {
-        Some(p) => verify_dyn(&mut stream, p),
+    match options.take_progress() {
+        Some(mut p) => verify_dyn(&mut stream, &mut p),
         None => verify_dyn(&mut stream, &mut |_| {}),
     }
 }

@@ -6,7 +6,7 @@ use common::{extents, mixed_image, patch_extent, Builder, Scratch};
 use vma_format::integrity::{Seal, CHECKSUM_SLOT, CHECKSUM_TAG, SEAL_TAG};
 use vma_format::{BlockMask, VMA_EXTENT_HEADER_SIZE};
 use vma_reader::{
-    verify, ClusterAddress, Error, ErrorKind, ExtentChecksum, Extractor, SealStatus,
+    verify, ClusterAddress, Error, ErrorKind, ExtentChecksum, Extractor, OnDamage, SealStatus,
     SeekableArchive, StreamReader, VerifyOptions,
 };
 
@@ -106,14 +106,7 @@ fn a_flipped_data_bit_names_the_extent_and_its_clusters() {
     // The headers are intact, so is the seal: the CRC32C is what catches data damage.
     assert_eq!(report.integrity.seal, SealStatus::Sealed);
 
-    let err = verify(
-        &bytes[..],
-        VerifyOptions {
-            stop_on_damage: true,
-            ..Default::default()
-        },
-    )
-    .unwrap_err();
+    let err = verify(&bytes[..], VerifyOptions::new().on_damage(OnDamage::Fail)).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Damaged);
     let msg = err.to_string();
     assert!(
@@ -139,7 +132,7 @@ fn extraction_refuses_damage_unless_told_to_continue() {
 
     let s = Scratch::new();
     let report = Extractor::new(s.out())
-        .continue_on_damage(true)
+        .on_damage(OnDamage::Report)
         .extract(&bytes[..])
         .unwrap();
     assert_eq!(report.damaged.len(), 1);
@@ -199,7 +192,7 @@ fn a_damaged_range_at_the_device_end_stops_at_the_end() {
     damage(&mut bytes, n - 1);
     let s = Scratch::new();
     let report = Extractor::new(s.out())
-        .continue_on_damage(true)
+        .on_damage(OnDamage::Report)
         .extract(&bytes[..])
         .unwrap();
     let last = report.damaged.last().unwrap();

@@ -4,7 +4,7 @@ use std::fs;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
-use vma_reader::{Extractor, ReadOptions};
+use vma_reader::{Extractor, OnDamage, ReadOptions};
 
 use super::list::print_listing;
 use super::open_stream;
@@ -163,7 +163,11 @@ fn extract(
 
     let mut progress = ReadingProgress::new(args.verbose, header, "extract");
     let report = extractor
-        .continue_on_damage(args.continue_on_damage)
+        .on_damage(if args.continue_on_damage {
+            OnDamage::Report
+        } else {
+            OnDamage::Fail
+        })
         .progress(|p| progress.update(p))
         .extract(stream);
     progress.finish();

@@ -57,10 +57,7 @@ pub(crate) fn run(args: Args) -> Result<()> {
     let mut progress = ReadingProgress::new(args.verbose, stream.header(), "verify");
     let report = vma_reader::verify(
         stream,
-        VerifyOptions {
-            progress: Some(&mut |p| progress.update(p)),
-            ..VerifyOptions::default()
-        },
+        VerifyOptions::new().progress(|p| progress.update(p)),
     );
     progress.finish();
     let report = report?;
