@@ -17,7 +17,7 @@ use crate::options::{OnDamage, ProgressFn, ReadOptions};
 use crate::stream::{ArchiveStream, Cluster, IntoArchiveStream, ReadProgress};
 use crate::verify::VerifyReport;
 
-/// Extracts an archive read in one pass from any [`Read`].
+/// Extracts an archive read in one pass from any [`Read`](std::io::Read).
 ///
 /// Every device (or only those chosen with [`devices`](Self::devices)) becomes a sparse
 /// file `disk-<name>.raw` in the target folder (`vmstate.bin` for the RAM state), every
@@ -45,10 +45,10 @@ pub struct Extractor<'a> {
     dir: PathBuf,
     devices: Option<Vec<String>>,
     configs: bool,
-    /// Existing targets: device name, path, and whether it already reads as zero
-    /// (`None`: as [`assume_zeroed`](Extractor::assume_zeroed) says).
-    targets: Vec<(String, PathBuf, Option<bool>)>,
-    assume_zeroed: bool,
+    /// Existing targets: device name, path, and its zeroing (`None`: as
+    /// [`zeroing`](Extractor::zeroing) says).
+    targets: Vec<(String, PathBuf, Option<Zeroing>)>,
+    zeroing: Zeroing,
     on_damage: OnDamage,
     verify_seal: bool,
     overwrite: bool,
@@ -56,8 +56,19 @@ pub struct Extractor<'a> {
     progress: Option<ProgressFn<'a>>,
 }
 
+/// Whether an existing target needs zeros written where the archive stores no data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Zeroing {
+    /// Write zeros there: the target may hold anything (the default).
+    WriteZeros,
+    /// The target reads as zero already (a new or discarded volume): leave those blocks
+    /// alone, and skip stored blocks that are all zero too.
+    AssumeZeroed,
+}
+
 /// One file extraction wrote.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ExtractedFile {
     /// The device it holds, or `None` for a config entry.
     pub device: Option<DeviceId>,
@@ -73,6 +84,7 @@ pub struct ExtractedFile {
 
 /// A byte range of a device whose data failed its integrity check.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct DamagedRange {
     /// The device.
     pub device: DeviceId,
@@ -84,6 +96,7 @@ pub struct DamagedRange {
 
 /// What extraction did.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ExtractReport {
     /// The files written, devices first (in id order), then configs.
     pub files: Vec<ExtractedFile>,
@@ -103,7 +116,7 @@ impl<'a> Extractor<'a> {
             devices: None,
             configs: true,
             targets: Vec::new(),
-            assume_zeroed: false,
+            zeroing: Zeroing::WriteZeros,
             on_damage: OnDamage::Fail,
             verify_seal: true,
             overwrite: false,
@@ -132,7 +145,7 @@ impl<'a> Extractor<'a> {
 
     /// Writes a device into an existing file or block device, in place, instead of a new
     /// file in the folder. Blocks not stored in the archive are written as zeros unless
-    /// [`assume_zeroed`](Self::assume_zeroed) says the target reads as zero already. A
+    /// [`zeroing`](Self::zeroing) says the target reads as zero already. A
     /// regular file shorter than the device is extended; a block device must be at least
     /// as large as the device.
     pub fn target(mut self, device: impl Into<String>, path: impl Into<PathBuf>) -> Self {
@@ -141,23 +154,22 @@ impl<'a> Extractor<'a> {
     }
 
     /// Like [`target`](Self::target), saying for this target alone whether zeros must be
-    /// written where the archive stores none (`write_zero`), as each line of Proxmox's
-    /// restore map does.
+    /// written where the archive stores none, as each line of Proxmox's restore map does.
     pub fn target_zeroing(
         mut self,
         device: impl Into<String>,
         path: impl Into<PathBuf>,
-        write_zero: bool,
+        zeroing: Zeroing,
     ) -> Self {
         self.targets
-            .push((device.into(), path.into(), Some(!write_zero)));
+            .push((device.into(), path.into(), Some(zeroing)));
         self
     }
 
-    /// Promises that existing targets read as zero, so that blocks not stored need not be
-    /// written (default false).
-    pub fn assume_zeroed(mut self, yes: bool) -> Self {
-        self.assume_zeroed = yes;
+    /// Whether existing targets need zeros written where the archive stores none
+    /// (default [`Zeroing::WriteZeros`]), for targets given without their own.
+    pub fn zeroing(mut self, zeroing: Zeroing) -> Self {
+        self.zeroing = zeroing;
         self
     }
 
@@ -196,7 +208,7 @@ impl<'a> Extractor<'a> {
         self
     }
 
-    /// Reads the archive and extracts it: from any [`Read`], from an [`ArchiveStream`]
+    /// Reads the archive and extracts it: from any [`Read`](std::io::Read), from an [`ArchiveStream`]
     /// whose header was read already (to print it, say, or to prepare targets from it;
     /// its own [`ReadOptions::verify_seal`] decides whether the seal is checked, damage
     /// is handled as this extractor says), or from a
@@ -221,7 +233,11 @@ impl<'a> Extractor<'a> {
 
         let mut outputs = Outputs::default();
         let mut sinks = self.open_devices(&header.devices, &header.configs, &mut outputs)?;
-        let configs = self.write_configs(&header.configs, &mut outputs)?;
+        let configs = if self.configs {
+            self.write_configs(&header.configs, &mut outputs)?
+        } else {
+            Vec::new()
+        };
 
         let mut damaged: BTreeMap<DeviceId, Vec<Range<u64>>> = BTreeMap::new();
         while let Some(extent) = stream.next_extent()? {
@@ -410,12 +426,13 @@ impl<'a> Extractor<'a> {
                             file.set_len(d.size).map_err(|e| Error::write(&path, e))?;
                         }
                     }
-                    let zeroed = self
+                    let zeroing = self
                         .targets
                         .iter()
                         .find(|(n, _, _)| *n == d.name)
                         .and_then(|(_, _, z)| *z)
-                        .unwrap_or(self.assume_zeroed);
+                        .unwrap_or(self.zeroing);
+                    let zeroed = zeroing == Zeroing::AssumeZeroed;
                     DeviceSink::new(d, file, path.clone(), path, true, zeroed)
                 }
                 Plan::New(name) => {
@@ -437,6 +454,36 @@ impl<'a> Extractor<'a> {
         Ok(sinks)
     }
 
+    /// Writes every config entry into the folder under its final name at once, each
+    /// complete before it appears (written under a temporary name, then renamed), as
+    /// Proxmox's restore needs them before it reads the listing and writes its map. Every
+    /// name is checked before the first file is written; an existing file is
+    /// [`Error::OutputExists`] unless [`overwrite`](Self::overwrite). Files are synced if
+    /// [`sync`](Self::sync) says so.
+    ///
+    /// Use [`configs`](Self::configs)`(false)` for the extraction that follows.
+    pub fn write_config_files(
+        &self,
+        configs: &[vma_format::ConfigEntry],
+    ) -> Result<Vec<ExtractedFile>> {
+        let mut names = HashSet::new();
+        for c in configs {
+            let name = config_file_name(&c.name)?;
+            if !names.insert(name) {
+                return Err(Error::NameCollision {
+                    name: name.to_owned(),
+                });
+            }
+        }
+        let mut files = Vec::new();
+        for c in configs {
+            let mut outputs = Outputs::default();
+            files.extend(self.write_configs(std::slice::from_ref(c), &mut outputs)?);
+            outputs.commit(self.sync, &self.dir)?;
+        }
+        Ok(files)
+    }
+
     fn claim_name(&self, names: &mut HashSet<String>, file: &str) -> Result<()> {
         if !names.insert(file.to_owned()) {
             return Err(Error::NameCollision {
@@ -452,9 +499,6 @@ impl<'a> Extractor<'a> {
         outputs: &mut Outputs,
     ) -> Result<Vec<ExtractedFile>> {
         let mut files = Vec::new();
-        if !self.configs {
-            return Ok(files);
-        }
         for c in configs {
             let name = config_file_name(&c.name)?;
             let final_path = self.dir.join(name);
@@ -475,36 +519,6 @@ impl<'a> Extractor<'a> {
         }
         Ok(files)
     }
-}
-
-/// Writes every config entry into `dir` under its final name at once, each complete
-/// before it appears (written under a temporary name, then renamed), as Proxmox's restore
-/// needs them before it reads the listing and writes its map. Every name is checked
-/// before the first file is written; an existing file is [`Error::OutputExists`].
-///
-/// Use [`Extractor::configs`]`(false)` for the extraction that follows.
-pub fn write_config_files(
-    dir: &Path,
-    configs: &[vma_format::ConfigEntry],
-    sync: bool,
-) -> Result<Vec<ExtractedFile>> {
-    let mut names = HashSet::new();
-    for c in configs {
-        let name = config_file_name(&c.name)?;
-        if !names.insert(name) {
-            return Err(Error::NameCollision {
-                name: name.to_owned(),
-            });
-        }
-    }
-    let mut files = Vec::new();
-    for c in configs {
-        let mut outputs = Outputs::default();
-        let extractor = Extractor::new(dir).sync(sync);
-        files.extend(extractor.write_configs(std::slice::from_ref(c), &mut outputs)?);
-        outputs.commit(sync, dir)?;
-    }
-    Ok(files)
 }
 
 enum Plan {

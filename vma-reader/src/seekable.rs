@@ -149,8 +149,8 @@ impl SeekableArchive {
 
     /// What the extent headers say about integrity: `checksummed_extents` counts extents
     /// that carry a CRC32C (not yet checked: [`verify`](crate::verify)`(&archive, ...)`
-    /// reads the data), and the seal is checked against the headers ([`SealStatus::Sealed`] when it
-    /// holds).
+    /// reads the data), and the seal is checked against the headers
+    /// ([`SealStatus::Sealed`](crate::SealStatus::Sealed) when it holds).
     pub fn integrity(&self) -> &IntegrityReport {
         &self.shared.integrity
     }
@@ -334,6 +334,18 @@ impl Read for Positional<'_> {
     }
 }
 
+/// A run of a device's bytes that share one state, from
+/// [`DeviceReader::allocation`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Allocation {
+    /// Bytes in the run (a multiple of 4 KiB except at the device end or the length
+    /// asked for).
+    pub len: u64,
+    /// Whether the archive stores them (else they read as zero).
+    pub stored: bool,
+}
+
 /// One device of a [`SeekableArchive`] as a byte array: [`Read`] + [`Seek`], and
 /// positional [`read_at`](Self::read_at) that several threads may call at once.
 /// Blocks the archive does not store read as zeros. Cloning is cheap (a reference count
@@ -381,9 +393,9 @@ impl DeviceReader {
     }
 
     /// From `offset`, how many bytes (at most `max_len`) share one state, stored or
-    /// zero, in 4 KiB blocks: `(length, stored)`, or `None` at or past the device end.
-    /// What an NBD server needs to answer block-status queries with holes.
-    pub fn allocation(&self, offset: u64, max_len: u64) -> Option<(u64, bool)> {
+    /// zero, in 4 KiB blocks, or `None` at or past the device end. What an NBD server
+    /// needs to answer block-status queries with holes.
+    pub fn allocation(&self, offset: u64, max_len: u64) -> Option<Allocation> {
         if offset >= self.size || max_len == 0 {
             return None;
         }
@@ -407,7 +419,10 @@ impl DeviceReader {
             }
             end += block;
         }
-        Some((end.min(limit) - offset, state))
+        Some(Allocation {
+            len: end.min(limit) - offset,
+            stored: state,
+        })
     }
 
     /// Reads up to `buf.len()` bytes at `offset`; fewer only at the device end, 0 at or

@@ -35,6 +35,7 @@ pub struct DeviceReport {
 
 /// What reading an archive found.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct VerifyReport {
     /// Per device, in id order.
     pub devices: Vec<DeviceReport>,
@@ -53,7 +54,7 @@ impl VerifyReport {
     }
 }
 
-/// Reads a whole archive and runs every check, writing nothing: from any [`Read`]
+/// Reads a whole archive and runs every check, writing nothing: from any [`Read`](std::io::Read)
 /// (`&bytes[..]`, a file, a pipe, a decompressor), from an [`ArchiveStream`] whose header
 /// was read already (a [`StreamReader`](crate::StreamReader) or a
 /// [`PrefetchingReader`](crate::PrefetchingReader), read on with its own options but the

@@ -127,6 +127,7 @@ pub(crate) fn describe_integrity(r: &IntegrityReport, headers_only: bool) -> Str
         SealStatus::NotVerified => "sealed (seal hash not checked)".to_string(),
         SealStatus::UnknownVersion(v) => format!("sealed with an unknown seal version {v}"),
         SealStatus::Mismatch { reason, .. } => format!("SEAL MISMATCH: {reason}"),
+        other => other.to_string(),
     };
     format!("{checksums}; {seal}")
 }
