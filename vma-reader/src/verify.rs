@@ -71,18 +71,19 @@ pub fn verify(
 ) -> Result<VerifyReport> {
     let read = ReadOptions::new().on_damage(options.damage_policy());
     let mut stream = input.into_stream(read)?;
-    match options.take_progress() {
-        Some(mut p) => verify_dyn(&mut stream, &mut p),
-        None => verify_dyn(&mut stream, &mut |_| {}),
-    }
+    let mut progress = options.take_progress();
+    verify_dyn(&mut stream, progress.as_deref_mut())
 }
 
 fn verify_dyn(
     stream: &mut dyn ArchiveStream,
-    progress: &mut dyn FnMut(&ReadProgress),
+    mut progress: Option<&mut (dyn FnMut(&ReadProgress) + '_)>,
 ) -> Result<VerifyReport> {
     while stream.next_extent()?.is_some() {
-        progress(&stream.progress());
+        // Progress is summed over the devices: only when someone asks.
+        if let Some(p) = progress.as_mut() {
+            p(&stream.progress());
+        }
     }
     Ok(stream.report())
 }
