@@ -99,7 +99,8 @@ pub fn check_seekable(data: &[u8]) {
             let mut at = pos;
             let end = pos + n as u64;
             while at < end {
-                let (len, stored) = dev.allocation(at, end - at).expect("allocation inside");
+                let run = dev.allocation(at, end - at).expect("allocation inside");
+                let (len, stored) = (run.len, run.stored);
                 assert!(len > 0 && len <= end - at);
                 if !stored {
                     let s = (at - pos) as usize;
@@ -127,7 +128,8 @@ pub fn check_seekable(data: &[u8]) {
         let mut at = 0u64;
         for _ in 0..ALLOCATION_STEPS {
             match dev.allocation(at, u64::MAX) {
-                Some((len, _)) => {
+                Some(run) => {
+                    let len = run.len;
                     assert!(len > 0 && len <= size - at);
                     at += len;
                 }

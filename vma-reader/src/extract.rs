@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Seek, SeekFrom, Write};
 use std::ops::Range;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
@@ -13,10 +13,11 @@ use vma_format::{cluster, DeviceId, DeviceInfo, VMA_BLOCK_SIZE};
 use crate::error::{Error, Result};
 use crate::integrity::ExtentChecksum;
 use crate::names::{config_file_name, device_file_name, device_temp_file_name, MAX_FILE_NAME_LEN};
-use crate::stream::{Cluster, ReadOptions, ReadProgress, StreamReader};
+use crate::options::{OnDamage, ProgressFn, ReadOptions};
+use crate::stream::{ArchiveStream, Cluster, IntoArchiveStream, ReadProgress};
 use crate::verify::VerifyReport;
 
-/// Extracts an archive read in one pass from any [`Read`].
+/// Extracts an archive read in one pass from any [`Read`](std::io::Read).
 ///
 /// Every device (or only those chosen with [`devices`](Self::devices)) becomes a sparse
 /// file `disk-<name>.raw` in the target folder (`vmstate.bin` for the RAM state), every
@@ -44,22 +45,30 @@ pub struct Extractor<'a> {
     dir: PathBuf,
     devices: Option<Vec<String>>,
     configs: bool,
-    /// Existing targets: device name, path, and whether it already reads as zero
-    /// (`None`: as [`assume_zeroed`](Extractor::assume_zeroed) says).
-    targets: Vec<(String, PathBuf, Option<bool>)>,
-    assume_zeroed: bool,
-    continue_on_damage: bool,
+    /// Existing targets: device name, path, and its zeroing (`None`: as
+    /// [`zeroing`](Extractor::zeroing) says).
+    targets: Vec<(String, PathBuf, Option<Zeroing>)>,
+    zeroing: Zeroing,
+    on_damage: OnDamage,
     verify_seal: bool,
     overwrite: bool,
     sync: bool,
     progress: Option<ProgressFn<'a>>,
 }
 
-/// The progress callback of an [`Extractor`].
-type ProgressFn<'a> = Box<dyn FnMut(&ReadProgress) + 'a>;
+/// Whether an existing target needs zeros written where the archive stores no data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Zeroing {
+    /// Write zeros there: the target may hold anything (the default).
+    WriteZeros,
+    /// The target reads as zero already (a new or discarded volume): leave those blocks
+    /// alone, and skip stored blocks that are all zero too.
+    AssumeZeroed,
+}
 
 /// One file extraction wrote.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ExtractedFile {
     /// The device it holds, or `None` for a config entry.
     pub device: Option<DeviceId>,
@@ -75,6 +84,7 @@ pub struct ExtractedFile {
 
 /// A byte range of a device whose data failed its integrity check.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct DamagedRange {
     /// The device.
     pub device: DeviceId,
@@ -86,13 +96,14 @@ pub struct DamagedRange {
 
 /// What extraction did.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ExtractReport {
     /// The files written, devices first (in id order), then configs.
     pub files: Vec<ExtractedFile>,
     /// What reading found (per-device figures, integrity).
     pub verify: VerifyReport,
     /// Device ranges whose data failed its CRC32C, merged and in order (only non-empty
-    /// with [`Extractor::continue_on_damage`]).
+    /// with [`OnDamage::Report`]).
     pub damaged: Vec<DamagedRange>,
 }
 
@@ -105,8 +116,8 @@ impl<'a> Extractor<'a> {
             devices: None,
             configs: true,
             targets: Vec::new(),
-            assume_zeroed: false,
-            continue_on_damage: false,
+            zeroing: Zeroing::WriteZeros,
+            on_damage: OnDamage::Fail,
             verify_seal: true,
             overwrite: false,
             sync: false,
@@ -134,7 +145,7 @@ impl<'a> Extractor<'a> {
 
     /// Writes a device into an existing file or block device, in place, instead of a new
     /// file in the folder. Blocks not stored in the archive are written as zeros unless
-    /// [`assume_zeroed`](Self::assume_zeroed) says the target reads as zero already. A
+    /// [`zeroing`](Self::zeroing) says the target reads as zero already. A
     /// regular file shorter than the device is extended; a block device must be at least
     /// as large as the device.
     pub fn target(mut self, device: impl Into<String>, path: impl Into<PathBuf>) -> Self {
@@ -143,30 +154,30 @@ impl<'a> Extractor<'a> {
     }
 
     /// Like [`target`](Self::target), saying for this target alone whether zeros must be
-    /// written where the archive stores none (`write_zero`), as each line of Proxmox's
-    /// restore map does.
+    /// written where the archive stores none, as each line of Proxmox's restore map does.
     pub fn target_zeroing(
         mut self,
         device: impl Into<String>,
         path: impl Into<PathBuf>,
-        write_zero: bool,
+        zeroing: Zeroing,
     ) -> Self {
         self.targets
-            .push((device.into(), path.into(), Some(!write_zero)));
+            .push((device.into(), path.into(), Some(zeroing)));
         self
     }
 
-    /// Promises that existing targets read as zero, so that blocks not stored need not be
-    /// written (default false).
-    pub fn assume_zeroed(mut self, yes: bool) -> Self {
-        self.assume_zeroed = yes;
+    /// Whether existing targets need zeros written where the archive stores none
+    /// (default [`Zeroing::WriteZeros`]), for targets given without their own.
+    pub fn zeroing(mut self, zeroing: Zeroing) -> Self {
+        self.zeroing = zeroing;
         self
     }
 
-    /// On a CRC32C or seal mismatch, finish the extraction anyway and list the damaged
-    /// ranges in the report, instead of failing (default false).
-    pub fn continue_on_damage(mut self, yes: bool) -> Self {
-        self.continue_on_damage = yes;
+    /// What to do with a CRC32C or seal mismatch (default [`OnDamage::Fail`]: fail, and
+    /// remove what was written). [`OnDamage::Report`]: finish the extraction anyway and
+    /// list the damaged ranges in the report.
+    pub fn on_damage(mut self, on_damage: OnDamage) -> Self {
+        self.on_damage = on_damage;
         self
     }
 
@@ -197,31 +208,20 @@ impl<'a> Extractor<'a> {
         self
     }
 
-    /// Reads the archive and extracts it.
-    pub fn extract<R: Read>(self, reader: R) -> Result<ExtractReport> {
-        self.extract_dyn(&mut { reader })
-    }
-
-    /// Extracts from a stream whose header was already read (to print it, say, or to
-    /// prepare targets from it). The stream's own [`ReadOptions::verify_seal`] decides
-    /// whether the seal is checked; damage is handled as this extractor says.
-    pub fn extract_stream<R: Read>(self, mut stream: StreamReader<R>) -> Result<ExtractReport> {
-        stream.set_stop_on_damage(!self.continue_on_damage);
-        let mut stream = StreamReader::from_parts(&mut stream.inner as &mut dyn Read, stream.core);
+    /// Reads the archive and extracts it: from any [`Read`](std::io::Read), from an [`ArchiveStream`]
+    /// whose header was read already (to print it, say, or to prepare targets from it;
+    /// its own [`ReadOptions::verify_seal`] decides whether the seal is checked, damage
+    /// is handled as this extractor says), or from a
+    /// [`SeekableArchive`](crate::SeekableArchive)'s file (`&archive`).
+    pub fn extract(self, input: impl IntoArchiveStream) -> Result<ExtractReport> {
+        let options = ReadOptions::new()
+            .verify_seal(self.verify_seal)
+            .on_damage(self.on_damage);
+        let mut stream = input.into_stream(options)?;
         self.extract_from(&mut stream)
     }
 
-    fn extract_dyn(self, reader: &mut dyn Read) -> Result<ExtractReport> {
-        let options = ReadOptions {
-            verify_checksums: true,
-            verify_seal: self.verify_seal,
-            stop_on_damage: !self.continue_on_damage,
-        };
-        let mut stream = StreamReader::with_options(reader, options)?;
-        self.extract_from(&mut stream)
-    }
-
-    fn extract_from(mut self, stream: &mut StreamReader<&mut dyn Read>) -> Result<ExtractReport> {
+    fn extract_from(mut self, stream: &mut dyn ArchiveStream) -> Result<ExtractReport> {
         let header = stream.header().clone();
         let meta = fs::metadata(&self.dir).map_err(|e| Error::write(&self.dir, e))?;
         if !meta.is_dir() {
@@ -233,7 +233,11 @@ impl<'a> Extractor<'a> {
 
         let mut outputs = Outputs::default();
         let mut sinks = self.open_devices(&header.devices, &header.configs, &mut outputs)?;
-        let configs = self.write_configs(&header.configs, &mut outputs)?;
+        let configs = if self.configs {
+            self.write_configs(&header.configs, &mut outputs)?
+        } else {
+            Vec::new()
+        };
 
         let mut damaged: BTreeMap<DeviceId, Vec<Range<u64>>> = BTreeMap::new();
         while let Some(extent) = stream.next_extent()? {
@@ -259,9 +263,15 @@ impl<'a> Extractor<'a> {
         }
 
         // vmstate need not be stored to its end; an existing target gets zeros there.
+        let report = stream.report();
         for sink in sinks.iter_mut().flatten() {
             if sink.vmstate && sink.zero_fill {
-                let arrived = stream.vmstate_clusters(sink.id);
+                // vmstate clusters run 0, 1, 2, ...: the count is the next one.
+                let arrived = report
+                    .devices
+                    .iter()
+                    .find(|d| d.id == sink.id)
+                    .map_or(0, |d| d.clusters);
                 if let Ok(next) = u32::try_from(arrived) {
                     let from = cluster::cluster_offset(next);
                     if from < sink.size {
@@ -304,7 +314,7 @@ impl<'a> Extractor<'a> {
             .collect();
         Ok(ExtractReport {
             files,
-            verify: stream.report(),
+            verify: report,
             damaged,
         })
     }
@@ -416,12 +426,13 @@ impl<'a> Extractor<'a> {
                             file.set_len(d.size).map_err(|e| Error::write(&path, e))?;
                         }
                     }
-                    let zeroed = self
+                    let zeroing = self
                         .targets
                         .iter()
                         .find(|(n, _, _)| *n == d.name)
                         .and_then(|(_, _, z)| *z)
-                        .unwrap_or(self.assume_zeroed);
+                        .unwrap_or(self.zeroing);
+                    let zeroed = zeroing == Zeroing::AssumeZeroed;
                     DeviceSink::new(d, file, path.clone(), path, true, zeroed)
                 }
                 Plan::New(name) => {
@@ -443,6 +454,36 @@ impl<'a> Extractor<'a> {
         Ok(sinks)
     }
 
+    /// Writes every config entry into the folder under its final name at once, each
+    /// complete before it appears (written under a temporary name, then renamed), as
+    /// Proxmox's restore needs them before it reads the listing and writes its map. Every
+    /// name is checked before the first file is written; an existing file is
+    /// [`Error::OutputExists`] unless [`overwrite`](Self::overwrite). Files are synced if
+    /// [`sync`](Self::sync) says so.
+    ///
+    /// Use [`configs`](Self::configs)`(false)` for the extraction that follows.
+    pub fn write_config_files(
+        &self,
+        configs: &[vma_format::ConfigEntry],
+    ) -> Result<Vec<ExtractedFile>> {
+        let mut names = HashSet::new();
+        for c in configs {
+            let name = config_file_name(&c.name)?;
+            if !names.insert(name) {
+                return Err(Error::NameCollision {
+                    name: name.to_owned(),
+                });
+            }
+        }
+        let mut files = Vec::new();
+        for c in configs {
+            let mut outputs = Outputs::default();
+            files.extend(self.write_configs(std::slice::from_ref(c), &mut outputs)?);
+            outputs.commit(self.sync, &self.dir)?;
+        }
+        Ok(files)
+    }
+
     fn claim_name(&self, names: &mut HashSet<String>, file: &str) -> Result<()> {
         if !names.insert(file.to_owned()) {
             return Err(Error::NameCollision {
@@ -458,9 +499,6 @@ impl<'a> Extractor<'a> {
         outputs: &mut Outputs,
     ) -> Result<Vec<ExtractedFile>> {
         let mut files = Vec::new();
-        if !self.configs {
-            return Ok(files);
-        }
         for c in configs {
             let name = config_file_name(&c.name)?;
             let final_path = self.dir.join(name);
@@ -481,36 +519,6 @@ impl<'a> Extractor<'a> {
         }
         Ok(files)
     }
-}
-
-/// Writes every config entry into `dir` under its final name at once, each complete
-/// before it appears (written under a temporary name, then renamed), as Proxmox's restore
-/// needs them before it reads the listing and writes its map. Every name is checked
-/// before the first file is written; an existing file is [`Error::OutputExists`].
-///
-/// Use [`Extractor::configs`]`(false)` for the extraction that follows.
-pub fn write_config_files(
-    dir: &Path,
-    configs: &[vma_format::ConfigEntry],
-    sync: bool,
-) -> Result<Vec<ExtractedFile>> {
-    let mut names = HashSet::new();
-    for c in configs {
-        let name = config_file_name(&c.name)?;
-        if !names.insert(name) {
-            return Err(Error::NameCollision {
-                name: name.to_owned(),
-            });
-        }
-    }
-    let mut files = Vec::new();
-    for c in configs {
-        let mut outputs = Outputs::default();
-        let extractor = Extractor::new(dir).sync(sync);
-        files.extend(extractor.write_configs(std::slice::from_ref(c), &mut outputs)?);
-        outputs.commit(sync, dir)?;
-    }
-    Ok(files)
 }
 
 enum Plan {

@@ -8,6 +8,7 @@ use vma_format::DeviceId;
 
 /// The integrity check of one extent's data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ExtentChecksum {
     /// The extent carries no checksum (archives from Proxmox's writer never do).
     Absent,
@@ -28,6 +29,7 @@ pub enum ExtentChecksum {
 
 /// Whether the archive is sealed, and whether the seal holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum SealStatus {
     /// No seal: an archive from Proxmox's writer, or one whose seal was cut off.
     Unsealed,
@@ -79,6 +81,7 @@ pub struct ClusterAddress {
 
 /// An extent whose data failed its CRC32C.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct DamagedExtent {
     /// Extent index, 0 for the first extent after the header.
     pub index: u64,
@@ -94,6 +97,7 @@ pub struct DamagedExtent {
 
 /// The integrity of a whole archive.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct IntegrityReport {
     /// The seal.
     pub seal: SealStatus,

@@ -9,6 +9,7 @@ mod index;
 mod integrity;
 mod names;
 mod options;
+mod prefetch;
 mod seekable;
 mod stream;
 mod validate;
@@ -16,14 +17,14 @@ mod verify;
 mod walk;
 
 pub use error::{Error, ErrorKind, Result};
-pub use extract::{write_config_files, DamagedRange, ExtractReport, ExtractedFile, Extractor};
+pub use extract::{DamagedRange, ExtractReport, ExtractedFile, Extractor, Zeroing};
 pub use integrity::{ClusterAddress, DamagedExtent, ExtentChecksum, IntegrityReport, SealStatus};
 pub use names::{
     config_file_name, device_file_name, device_temp_file_name, safe_file_name, MAX_FILE_NAME_LEN,
     VMSTATE_FILE_NAME,
 };
-pub use seekable::{DeviceReader, DeviceRef, SeekableArchive};
-pub use stream::{
-    Cluster, Extent, PrefetchingReader, ReadOptions, ReadProgress, StreamReader, PREFETCH_BUFFERS,
-};
-pub use verify::{verify, DeviceReport, VerifyOptions, VerifyReport};
+pub use options::{OnDamage, ReadOptions, VerifyOptions};
+pub use prefetch::{PrefetchingReader, PREFETCH_BUFFERS};
+pub use seekable::{Allocation, DeviceReader, DeviceRef, SeekableArchive};
+pub use stream::{ArchiveStream, Cluster, Extent, IntoArchiveStream, ReadProgress, StreamReader};
+pub use verify::{verify, DeviceReport, VerifyReport};

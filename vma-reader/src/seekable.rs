@@ -23,8 +23,9 @@ use crate::error::{Error, Result};
 use crate::index::{DeviceIndex, MAX_RELATIVE_OFFSET};
 use crate::integrity::IntegrityReport;
 use crate::options::OnDamage;
+use crate::options::ReadOptions;
 use crate::stream::read_header;
-use crate::verify::{verify, VerifyOptions, VerifyReport};
+use crate::stream::{sealed, IntoArchiveStream, StreamReader};
 use crate::walk::{DataCheck, Step, Walker};
 
 /// Bytes read at once while scanning headers of extents that store no data.
@@ -37,7 +38,7 @@ const SCAN_WINDOW: usize = 64 * 1024;
 /// devices, clusters past the end, duplicates, missing clusters, truncation) and builds
 /// an index from each cluster to its stored data. See the crate docs for the index's
 /// memory. The seal is checked too (it hashes headers only); the data's CRC32Cs need the
-/// data: [`verify_data`](Self::verify_data).
+/// data: [`verify`](crate::verify)`(&archive, ...)` reads them.
 ///
 /// The archive must not change while open: reads of a truncated file fail with an I/O
 /// error, and a rewritten file yields whatever its bytes now are.
@@ -147,8 +148,8 @@ impl SeekableArchive {
     }
 
     /// What the extent headers say about integrity: `checksummed_extents` counts extents
-    /// that carry a CRC32C (not yet checked: [`verify_data`](Self::verify_data) reads the
-    /// data), and the seal is checked against the headers
+    /// that carry a CRC32C (not yet checked: [`verify`](crate::verify)`(&archive, ...)`
+    /// reads the data), and the seal is checked against the headers
     /// ([`SealStatus::Sealed`](crate::SealStatus::Sealed) when it holds).
     pub fn integrity(&self) -> &IntegrityReport {
         &self.shared.integrity
@@ -157,12 +158,6 @@ impl SeekableArchive {
     /// Bytes of memory the index holds.
     pub fn index_memory(&self) -> usize {
         self.shared.memory
-    }
-
-    /// Reads the whole archive sequentially, checking every extent's CRC32C and the
-    /// seal, as [`verify`] does.
-    pub fn verify_data(&self, options: VerifyOptions<'_>) -> Result<VerifyReport> {
-        verify(Positional::new(&self.shared.file), options)
     }
 
     /// A reader of one device.
@@ -184,6 +179,19 @@ impl SeekableArchive {
             size: info.size,
             pos: 0,
         })
+    }
+}
+
+impl sealed::Input for &SeekableArchive {}
+
+/// The archive file read again from its start, by positional reads (the file's own
+/// offset is left alone): [`verify`](crate::verify)`(&archive, ...)` checks the data's
+/// CRC32Cs, which opening does not read.
+impl<'a> IntoArchiveStream for &'a SeekableArchive {
+    type Stream = StreamReader<Box<dyn Read + 'a>>;
+
+    fn into_stream(self, options: ReadOptions) -> Result<Self::Stream> {
+        StreamReader::with_options(Box::new(Positional::new(&self.shared.file)), options)
     }
 }
 
@@ -326,6 +334,18 @@ impl Read for Positional<'_> {
     }
 }
 
+/// A run of a device's bytes that share one state, from
+/// [`DeviceReader::allocation`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Allocation {
+    /// Bytes in the run (a multiple of 4 KiB except at the device end or the length
+    /// asked for).
+    pub len: u64,
+    /// Whether the archive stores them (else they read as zero).
+    pub stored: bool,
+}
+
 /// One device of a [`SeekableArchive`] as a byte array: [`Read`] + [`Seek`], and
 /// positional [`read_at`](Self::read_at) that several threads may call at once.
 /// Blocks the archive does not store read as zeros. Cloning is cheap (a reference count
@@ -373,9 +393,9 @@ impl DeviceReader {
     }
 
     /// From `offset`, how many bytes (at most `max_len`) share one state, stored or
-    /// zero, in 4 KiB blocks: `(length, stored)`, or `None` at or past the device end.
-    /// What an NBD server needs to answer block-status queries with holes.
-    pub fn allocation(&self, offset: u64, max_len: u64) -> Option<(u64, bool)> {
+    /// zero, in 4 KiB blocks, or `None` at or past the device end. What an NBD server
+    /// needs to answer block-status queries with holes.
+    pub fn allocation(&self, offset: u64, max_len: u64) -> Option<Allocation> {
         if offset >= self.size || max_len == 0 {
             return None;
         }
@@ -399,7 +419,10 @@ impl DeviceReader {
             }
             end += block;
         }
-        Some((end.min(limit) - offset, state))
+        Some(Allocation {
+            len: end.min(limit) - offset,
+            stored: state,
+        })
     }
 
     /// Reads up to `buf.len()` bytes at `offset`; fewer only at the device end, 0 at or

@@ -1,11 +1,9 @@
-//! The one-pass streaming reader: header, then extent by extent into one reused buffer.
+//! The one-pass streaming reader: header, then extent by extent into one reused buffer;
+//! the [`ArchiveStream`] trait of it and of the [`PrefetchingReader`]; what verification
+//! and extraction read from ([`IntoArchiveStream`]).
 
 use std::io::{self, Read};
 use std::ops::Range;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::sync::Arc;
-use std::thread;
 
 use vma_format::{
     cluster, ArchiveHeader, BlockMask, DeviceId, ExtentHeader, VMA_EXTENT_HEADER_SIZE,
@@ -15,32 +13,11 @@ use vma_iobuf::AlignedBuf;
 
 use crate::error::{Error, Result};
 use crate::integrity::{ExtentChecksum, IntegrityReport};
-use crate::options::OnDamage;
+use crate::options::{OnDamage, ReadOptions};
+use crate::prefetch::{Prefetch, PrefetchingReader};
 use crate::validate::CheckedSlot;
 use crate::verify::VerifyReport;
 use crate::walk::{DataCheck, Step, Walker};
-
-/// What a reader checks beyond the format itself.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReadOptions {
-    /// Check each extent's CRC32C where it carries one (cheap; default on).
-    pub verify_checksums: bool,
-    /// Hash the headers to check a seal against (cheap: 512 bytes an extent; default on).
-    pub verify_seal: bool,
-    /// Fail at the first CRC32C or seal mismatch instead of recording it in the
-    /// [`IntegrityReport`] (default off).
-    pub stop_on_damage: bool,
-}
-
-impl Default for ReadOptions {
-    fn default() -> Self {
-        ReadOptions {
-            verify_checksums: true,
-            verify_seal: true,
-            stop_on_damage: false,
-        }
-    }
-}
 
 /// Reads an archive in one pass from any [`Read`]: a file, a pipe, a decompressor.
 ///
@@ -52,12 +29,12 @@ impl Default for ReadOptions {
 ///
 /// After an error every further call fails with [`Error::Failed`].
 ///
-/// [`prefetching`](StreamReader::prefetching) moves the reading (and whatever decompression
-/// the `Read` does) to a thread of its own, which reads the next extents into spare
-/// buffers while the caller checks and uses the current one.
+/// [`PrefetchingReader`] does the same with the reading (and whatever decompression the
+/// `Read` does) on a thread of its own, which reads the next extents into spare buffers
+/// while the caller checks and uses the current one. Both are [`ArchiveStream`]s.
 pub struct StreamReader<R> {
-    pub(crate) inner: R,
-    pub(crate) core: Core,
+    inner: R,
+    core: Core,
 }
 
 impl<R: Read> StreamReader<R> {
@@ -75,32 +52,20 @@ impl<R: Read> StreamReader<R> {
         })
     }
 
-    /// Gives back the inner reader. (A [`prefetching`](StreamReader::prefetching) reader's
-    /// is [`io::Empty`]: its input belongs to the reading thread.)
+    /// Gives back the inner reader.
     pub fn into_inner(self) -> R {
         self.inner
     }
 
-    pub(crate) fn from_parts(inner: R, core: Core) -> StreamReader<R> {
-        StreamReader { inner, core }
-    }
-
-    pub(crate) fn set_stop_on_damage(&mut self, yes: bool) {
-        // The walker holds the policy; `options` is only read at open.
-        self.core.walker.set_on_damage(OnDamage::stop_if(yes));
-    }
-
     /// The next extent, checked; `Ok(None)` once the archive ended complete.
     pub fn next_extent(&mut self) -> Result<Option<Extent<'_>>> {
-        self.core.next_extent(&mut self.inner)
+        self.core.next_extent(Input::Direct(&mut self.inner))
     }
 
-    /// Reads to the end, checking everything, and returns the report.
-    pub fn verify_all(&mut self, mut progress: impl FnMut(&ReadProgress)) -> Result<VerifyReport> {
-        while self.next_extent()?.is_some() {
-            progress(&self.progress());
-        }
-        Ok(self.report())
+    /// Bytes of memory the reader holds, roughly: its extent buffer and the set of
+    /// clusters seen.
+    pub fn memory(&self) -> usize {
+        self.core.buf.capacity() + self.core.walk_memory()
     }
 }
 
@@ -116,90 +81,160 @@ pub struct ReadProgress {
     pub device_bytes: u64,
 }
 
-/// A [`StreamReader`] whose input is read on a thread of its own.
-pub type PrefetchingReader = StreamReader<io::Empty>;
+/// The accessors every reader has, as inherent methods (so that no trait need be in
+/// scope) delegating to its [`Core`].
+macro_rules! core_accessors {
+    () => {
+        /// The archive header.
+        pub fn header(&self) -> &vma_format::ArchiveHeader {
+            self.core().header()
+        }
 
-impl StreamReader<io::Empty> {
-    /// Reads and checks the archive header, then starts a thread that reads extent after
-    /// extent from `reader` into up to [`PREFETCH_BUFFERS`] extent buffers, each handed
-    /// over whole: on two cores reading (a `read` system call's copy, or a decompressor)
-    /// and checking (CRC32C, the caller's writes) overlap, and no byte is copied twice.
-    ///
-    /// The thread stops at the end of the input, after the first read error or damaged
-    /// header (which the reader then reports exactly as a direct one would), or when the
-    /// reader is dropped; a thread blocked in `read` on a pipe stops when that returns.
-    pub fn prefetching<R: Read + Send + 'static>(
-        mut reader: R,
-        options: ReadOptions,
-    ) -> Result<PrefetchingReader> {
-        let mut core = Core::open(&mut reader, options)?;
-        core.prefetch = Some(
-            Prefetch::spawn(Box::new(reader)).map_err(|source| Error::Read {
-                offset: core.header_size,
-                source,
-            })?,
-        );
-        Ok(StreamReader {
-            inner: io::empty(),
-            core,
-        })
+        /// Size of the header in bytes; the first extent starts here.
+        pub fn header_size(&self) -> u64 {
+            self.core().header_size()
+        }
+
+        /// Archive bytes consumed so far.
+        pub fn position(&self) -> u64 {
+            self.core().position()
+        }
+
+        /// How far reading has come: archive bytes, clusters and the device bytes they
+        /// cover.
+        pub fn progress(&self) -> $crate::ReadProgress {
+            self.core().progress()
+        }
+
+        /// Whether the archive was read to its end and found complete.
+        pub fn is_finished(&self) -> bool {
+            self.core().is_finished()
+        }
+
+        /// What the integrity extension said so far (complete once finished).
+        pub fn integrity(&self) -> &$crate::IntegrityReport {
+            self.core().integrity()
+        }
+
+        /// Figures per device and integrity so far (complete once finished).
+        pub fn report(&self) -> $crate::VerifyReport {
+            self.core().report()
+        }
+    };
+}
+pub(crate) use core_accessors;
+
+impl<R> StreamReader<R> {
+    core_accessors!();
+
+    fn core(&self) -> &Core {
+        &self.core
     }
 }
 
-impl<R> StreamReader<R> {
+pub(crate) mod sealed {
+    /// Only this crate's readers are [`ArchiveStream`](super::ArchiveStream)s, so that
+    /// the trait may grow.
+    pub trait Stream {}
+    /// Only this crate's types are
+    /// [`IntoArchiveStream`](super::IntoArchiveStream), so that the trait may grow.
+    pub trait Input {}
+}
+
+/// An archive being read in one pass, its header read: a [`StreamReader`] or a
+/// [`PrefetchingReader`]. What [`verify`](crate::verify) and
+/// [`Extractor::extract`](crate::Extractor::extract) read from, and what code that reads
+/// either kind of reader can be written against.
+pub trait ArchiveStream: sealed::Stream {
     /// The archive header.
-    pub fn header(&self) -> &ArchiveHeader {
-        &self.core.header
-    }
-
-    /// Size of the header in bytes; the first extent starts here.
-    pub fn header_size(&self) -> u64 {
-        self.core.header_size
-    }
-
+    fn header(&self) -> &ArchiveHeader;
+    /// The next extent, checked; `Ok(None)` once the archive ended complete.
+    fn next_extent(&mut self) -> Result<Option<Extent<'_>>>;
     /// Archive bytes consumed so far.
-    pub fn position(&self) -> u64 {
-        self.core.walker.position()
-    }
-
-    /// How far reading has come: archive bytes, clusters and the device bytes they cover.
-    pub fn progress(&self) -> ReadProgress {
-        let (clusters, device_bytes) = self.core.walker.clusters_read();
-        ReadProgress {
-            archive_bytes: self.core.walker.position(),
-            clusters,
-            device_bytes,
-        }
-    }
-
+    fn position(&self) -> u64;
+    /// How far reading has come.
+    fn progress(&self) -> ReadProgress;
     /// Whether the archive was read to its end and found complete.
-    pub fn is_finished(&self) -> bool {
-        self.core.walker.is_done()
-    }
-
+    fn is_finished(&self) -> bool;
     /// What the integrity extension said so far (complete once finished).
-    pub fn integrity(&self) -> &IntegrityReport {
-        self.core.walker.integrity()
-    }
-
+    fn integrity(&self) -> &IntegrityReport;
     /// Figures per device and integrity so far (complete once finished).
-    pub fn report(&self) -> VerifyReport {
-        self.core.walker.report()
-    }
+    fn report(&self) -> VerifyReport;
+    /// Bytes of memory the reader holds, roughly.
+    fn memory(&self) -> usize;
+}
 
-    /// Bytes of memory the reader holds, roughly: its extent buffers (a prefetching
-    /// reader's all of them, wherever they are) and the set of clusters seen.
-    pub fn memory(&self) -> usize {
-        let buffers = match &self.core.prefetch {
-            Some(p) => p.buffer_bytes.load(Ordering::Relaxed),
-            None => self.core.buf.capacity(),
-        };
-        buffers + self.core.walker.memory()
-    }
+impl<R: Read> sealed::Stream for StreamReader<R> {}
 
-    /// How many clusters of the vmstate device `id` arrived (they run 0, 1, 2, ...).
-    pub(crate) fn vmstate_clusters(&self, id: DeviceId) -> u64 {
-        self.core.walker.vmstate_clusters(id)
+impl<R: Read> ArchiveStream for StreamReader<R> {
+    fn header(&self) -> &ArchiveHeader {
+        self.core.header()
+    }
+    fn next_extent(&mut self) -> Result<Option<Extent<'_>>> {
+        StreamReader::next_extent(self)
+    }
+    fn position(&self) -> u64 {
+        self.core.position()
+    }
+    fn progress(&self) -> ReadProgress {
+        self.core.progress()
+    }
+    fn is_finished(&self) -> bool {
+        self.core.is_finished()
+    }
+    fn integrity(&self) -> &IntegrityReport {
+        self.core.integrity()
+    }
+    fn report(&self) -> VerifyReport {
+        self.core.report()
+    }
+    fn memory(&self) -> usize {
+        StreamReader::memory(self)
+    }
+}
+
+/// What [`verify`](crate::verify) and [`Extractor::extract`](crate::Extractor::extract)
+/// read from: any [`Read`] (its header not read yet), an [`ArchiveStream`] whose header
+/// was read already (to print it, say, or to prepare targets from it), or a
+/// [`SeekableArchive`](crate::SeekableArchive) (its file read again from the start).
+pub trait IntoArchiveStream: sealed::Input {
+    /// The stream it becomes.
+    type Stream: ArchiveStream;
+
+    /// A `Read` or an archive file: opens a stream with these options. A stream: keeps
+    /// its own options, but takes the damage policy of these.
+    fn into_stream(self, options: ReadOptions) -> Result<Self::Stream>;
+}
+
+impl<R: Read> sealed::Input for R {}
+
+impl<R: Read> IntoArchiveStream for R {
+    type Stream = StreamReader<R>;
+
+    fn into_stream(self, options: ReadOptions) -> Result<StreamReader<R>> {
+        StreamReader::with_options(self, options)
+    }
+}
+
+impl<R: Read> sealed::Input for StreamReader<R> {}
+
+impl<R: Read> IntoArchiveStream for StreamReader<R> {
+    type Stream = StreamReader<R>;
+
+    fn into_stream(mut self, options: ReadOptions) -> Result<StreamReader<R>> {
+        self.core.set_on_damage(options.damage_policy());
+        Ok(self)
+    }
+}
+
+impl sealed::Input for PrefetchingReader {}
+
+impl IntoArchiveStream for PrefetchingReader {
+    type Stream = PrefetchingReader;
+
+    fn into_stream(mut self, options: ReadOptions) -> Result<PrefetchingReader> {
+        self.core_mut().set_on_damage(options.damage_policy());
+        Ok(self)
     }
 }
 
@@ -304,6 +339,14 @@ impl<'a> Cluster<'a> {
     }
 }
 
+/// Where a [`Core`] gets its extents' bytes.
+pub(crate) enum Input<'a> {
+    /// Read here, one extent at a time.
+    Direct(&'a mut dyn Read),
+    /// Read by a thread, several small extents per buffer.
+    Prefetch(&'a mut Prefetch),
+}
+
 /// The reader without its `Read`: everything that need not be generic.
 pub(crate) struct Core {
     header: ArchiveHeader,
@@ -319,8 +362,6 @@ pub(crate) struct Core {
     /// Where the current extent starts in `buf` (a prefetching reader's buffers hold
     /// several small extents).
     at: usize,
-    /// The reading thread of a prefetching reader.
-    prefetch: Option<Prefetch>,
     /// After an error every call fails.
     failed: bool,
     current: (u64, u64, ExtentChecksum),
@@ -388,10 +429,14 @@ pub(crate) fn read_header(r: &mut dyn Read) -> Result<(ArchiveHeader, Vec<u8>)> 
 }
 
 impl Core {
-    fn open(r: &mut dyn Read, options: ReadOptions) -> Result<Core> {
+    pub(crate) fn open(r: &mut dyn Read, options: ReadOptions) -> Result<Core> {
         let (header, bytes) = read_header(r)?;
-        let on_damage = OnDamage::stop_if(options.stop_on_damage);
-        let walker = Walker::new(&header, &bytes, options.verify_seal, on_damage);
+        let walker = Walker::new(
+            &header,
+            &bytes,
+            options.verifies_seal(),
+            options.damage_policy(),
+        );
         Ok(Core {
             walker,
             header,
@@ -401,20 +446,62 @@ impl Core {
             extent: None,
             slots: Vec::new(),
             at: 0,
-            prefetch: None,
             failed: false,
             current: (0, 0, ExtentChecksum::Absent),
         })
     }
 
-    fn next_extent(&mut self, r: &mut dyn Read) -> Result<Option<Extent<'_>>> {
+    pub(crate) fn header(&self) -> &ArchiveHeader {
+        &self.header
+    }
+
+    pub(crate) fn header_size(&self) -> u64 {
+        self.header_size
+    }
+
+    pub(crate) fn position(&self) -> u64 {
+        self.walker.position()
+    }
+
+    pub(crate) fn progress(&self) -> ReadProgress {
+        let (clusters, device_bytes) = self.walker.clusters_read();
+        ReadProgress {
+            archive_bytes: self.walker.position(),
+            clusters,
+            device_bytes,
+        }
+    }
+
+    pub(crate) fn is_finished(&self) -> bool {
+        self.walker.is_done()
+    }
+
+    pub(crate) fn integrity(&self) -> &IntegrityReport {
+        self.walker.integrity()
+    }
+
+    pub(crate) fn report(&self) -> VerifyReport {
+        self.walker.report()
+    }
+
+    /// Bytes of memory held for the clusters seen (the buffers are the reader's).
+    pub(crate) fn walk_memory(&self) -> usize {
+        self.walker.memory()
+    }
+
+    pub(crate) fn set_on_damage(&mut self, on_damage: OnDamage) {
+        self.options = self.options.clone().on_damage(on_damage);
+        self.walker.set_on_damage(on_damage);
+    }
+
+    pub(crate) fn next_extent(&mut self, mut input: Input<'_>) -> Result<Option<Extent<'_>>> {
         if self.failed {
             return Err(Error::Failed);
         }
         if self.walker.is_done() {
             return Ok(None);
         }
-        match self.advance(r) {
+        match self.advance(&mut input) {
             Ok(true) => {
                 let (offset, index, checksum) = self.current;
                 let header = self.extent.as_ref().expect("set by advance");
@@ -436,15 +523,15 @@ impl Core {
         }
     }
 
-    /// Reads the next extent's bytes into `self.buf`, from `r` or from the prefetching
-    /// thread.
-    fn fill(&mut self, r: &mut dyn Read) -> Result<Fill> {
-        match &mut self.prefetch {
-            None => {
-                let (mut fills, _) = read_extents(r, &mut self.buf, &mut None, 1);
+    /// Reads the next extent's bytes into `self.buf`, from the input or from the
+    /// prefetching thread.
+    fn fill(&mut self, input: &mut Input<'_>) -> Result<Fill> {
+        match input {
+            Input::Direct(r) => {
+                let (mut fills, _) = read_extents(*r, &mut self.buf, &mut None, 1);
                 Ok(fills.pop().expect("one extent"))
             }
-            Some(p) => p.next(&mut self.buf).ok_or(Error::Read {
+            Input::Prefetch(p) => p.next(&mut self.buf).ok_or(Error::Read {
                 offset: self.walker.position(),
                 source: io::Error::other("the reading thread stopped"),
             }),
@@ -452,11 +539,11 @@ impl Core {
     }
 
     /// Reads the next data extent into the buffer; `false` at a complete end.
-    fn advance(&mut self, r: &mut dyn Read) -> Result<bool> {
+    fn advance(&mut self, input: &mut Input<'_>) -> Result<bool> {
         const H: usize = VMA_EXTENT_HEADER_SIZE;
         loop {
             let offset = self.walker.position();
-            let fill = self.fill(r)?;
+            let fill = self.fill(input)?;
             self.at = fill.start;
             if let Some((0, source)) = fill.error {
                 return Err(Error::Read { offset, source });
@@ -481,7 +568,7 @@ impl Core {
             }
             let at = self.at;
             let len = extent.extent_len();
-            let check = if self.options.verify_checksums {
+            let check = if self.options.verifies_checksums() {
                 // Whole once the walker has seen that the extent is not truncated.
                 DataCheck::Verify(self.buf.get(at + H..at + len).unwrap_or_default())
             } else {
@@ -501,23 +588,14 @@ impl Core {
     }
 }
 
-/// Buffers of a prefetching reader: one being filled, one ready, one in use. Each holds
-/// one extent of the largest size, or smaller ones up to 1 MiB in all.
-pub const PREFETCH_BUFFERS: usize = 3;
-
-/// Bytes of small extents a prefetching reader gathers in one buffer before handing it
-/// over: enough that a run of header-only extents costs few hand-overs, little enough
-/// that an archive of small extents touches (page-faults in) little of the buffers.
-const BATCH: usize = 1 << 20;
-
 /// One extent's bytes as read: where in the buffer it starts, how many bytes arrived,
 /// the header if it decoded, and the read error that stopped it (with the offset, within
 /// the extent, where it happened).
 pub(crate) struct Fill {
-    start: usize,
-    got: usize,
-    header: Option<ExtentHeader>,
-    error: Option<(usize, io::Error)>,
+    pub(crate) start: usize,
+    pub(crate) got: usize,
+    pub(crate) header: Option<ExtentHeader>,
+    pub(crate) error: Option<(usize, io::Error)>,
 }
 
 impl Fill {
@@ -548,7 +626,7 @@ fn reserve(buf: &mut AlignedBuf, len: usize, keep: usize) {
 /// here. The second value says whether the input is done (ended, failed, or held
 /// something that is not a whole extent): the last [`Fill`] tells which. The checks
 /// beyond decoding a header (so as to know its length) are the caller's.
-fn read_extents(
+pub(crate) fn read_extents(
     r: &mut dyn Read,
     buf: &mut AlignedBuf,
     carry: &mut Option<[u8; VMA_EXTENT_HEADER_SIZE]>,
@@ -617,73 +695,4 @@ fn read_extents(
         at += len;
     }
     (fills, false)
-}
-
-/// The reading thread of a prefetching reader, its two channels (filled buffers to the
-/// reader, used ones back) and the extents of the current buffer not yet handed out.
-pub(crate) struct Prefetch {
-    filled: Receiver<(AlignedBuf, Vec<Fill>)>,
-    used: SyncSender<AlignedBuf>,
-    pending: std::vec::IntoIter<Fill>,
-    /// Bytes allocated for the buffers, kept up to date by the thread.
-    buffer_bytes: Arc<AtomicUsize>,
-}
-
-impl Prefetch {
-    fn spawn(mut input: Box<dyn Read + Send>) -> io::Result<Prefetch> {
-        let (to_reader, filled) = sync_channel(1);
-        let (used, from_reader) = sync_channel::<AlignedBuf>(PREFETCH_BUFFERS);
-        let buffer_bytes = Arc::new(AtomicUsize::new(0));
-        let counted = Arc::clone(&buffer_bytes);
-        thread::Builder::new()
-            .name("vma-prefetch".into())
-            .spawn(move || {
-                let mut allocated = 0;
-                let mut carry = None;
-                loop {
-                    let mut buf = match from_reader.try_recv() {
-                        Ok(buf) => buf,
-                        Err(_) if allocated < PREFETCH_BUFFERS => {
-                            allocated += 1;
-                            AlignedBuf::default()
-                        }
-                        Err(_) => match from_reader.recv() {
-                            Ok(buf) => buf,
-                            Err(_) => return,
-                        },
-                    };
-                    let before = buf.capacity();
-                    let (fills, last) = read_extents(&mut *input, &mut buf, &mut carry, BATCH);
-                    // Buffers only grow.
-                    counted.fetch_add(buf.capacity() - before, Ordering::Relaxed);
-                    if to_reader.send((buf, fills)).is_err() || last {
-                        return;
-                    }
-                }
-            })?;
-        Ok(Prefetch {
-            filled,
-            used,
-            pending: Vec::new().into_iter(),
-            buffer_bytes,
-        })
-    }
-
-    /// The next extent: in `buf` already, or in the next buffer, which replaces `buf`
-    /// (handed back to the thread). `None` if the thread is gone without a last word (it
-    /// panicked).
-    fn next(&mut self, buf: &mut AlignedBuf) -> Option<Fill> {
-        loop {
-            if let Some(fill) = self.pending.next() {
-                return Some(fill);
-            }
-            let (next, fills) = self.filled.recv().ok()?;
-            let done = std::mem::replace(buf, next);
-            if done.capacity() > 0 {
-                // The thread may have stopped (its last buffer sent): then it is freed.
-                let _ = self.used.try_send(done);
-            }
-            self.pending = fills.into_iter();
-        }
-    }
 }

@@ -118,6 +118,9 @@ pub(crate) struct CheckedSlot {
 pub(crate) struct Validator {
     /// Indexed by device id; `None` for undeclared ids.
     devices: Vec<Option<DeviceState>>,
+    /// The declared ids, in order: what [`devices`](Self::devices) walks (progress asks
+    /// after every extent).
+    declared: Vec<usize>,
 }
 
 impl Validator {
@@ -135,7 +138,10 @@ impl Validator {
                 stats: DeviceStats::default(),
             });
         }
-        Validator { devices }
+        let declared = (0..devices.len())
+            .filter(|&i| devices[i].is_some())
+            .collect();
+        Validator { devices, declared }
     }
 
     /// Checks every used slot of an extent at archive offset `offset`, records its
@@ -240,17 +246,14 @@ impl Validator {
 
     /// The declared devices in id order.
     pub(crate) fn devices(&self) -> impl Iterator<Item = &DeviceState> {
-        self.devices.iter().flatten()
+        self.declared
+            .iter()
+            .filter_map(|&i| self.devices[i].as_ref())
     }
 
     /// A declared device.
     pub(crate) fn device(&self, id: DeviceId) -> Option<&DeviceState> {
         self.devices[id.index()].as_ref()
-    }
-
-    /// For vmstate: how many clusters arrived (they run 0, 1, 2, ...).
-    pub(crate) fn vmstate_clusters(&self, id: DeviceId) -> u64 {
-        self.device(id).map_or(0, |d| d.next_vmstate)
     }
 
     /// Bytes of memory the seen-sets hold, roughly.

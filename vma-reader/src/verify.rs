@@ -1,12 +1,11 @@
 //! Verification: every check, nothing written.
 
-use std::io::Read;
-
 use vma_format::DeviceId;
 
 use crate::error::Result;
 use crate::integrity::IntegrityReport;
-use crate::stream::{ReadOptions, ReadProgress, StreamReader};
+use crate::options::{ReadOptions, VerifyOptions};
+use crate::stream::{ArchiveStream, IntoArchiveStream, ReadProgress};
 
 /// What verification found for one device.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,6 +35,7 @@ pub struct DeviceReport {
 
 /// What reading an archive found.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct VerifyReport {
     /// Per device, in id order.
     pub devices: Vec<DeviceReport>,
@@ -54,34 +54,36 @@ impl VerifyReport {
     }
 }
 
-/// Options of [`verify`].
-#[derive(Default)]
-pub struct VerifyOptions<'a> {
-    /// Fail at the first CRC32C or seal mismatch rather than listing them in the report.
-    pub stop_on_damage: bool,
-    /// Called after each extent with how far reading has come.
-    pub progress: Option<&'a mut dyn FnMut(&ReadProgress)>,
-}
-
-/// Reads a whole archive and runs every check, writing nothing.
+/// Reads a whole archive and runs every check, writing nothing: from any [`Read`](std::io::Read)
+/// (`&bytes[..]`, a file, a pipe, a decompressor), from an [`ArchiveStream`] whose header
+/// was read already (a [`StreamReader`](crate::StreamReader) or a
+/// [`PrefetchingReader`](crate::PrefetchingReader), read on with its own options but the
+/// damage policy of these), or from a [`SeekableArchive`](crate::SeekableArchive)'s file
+/// (`&archive`, read again from its start, the data's CRC32Cs checked).
 ///
 /// Structural damage (checksums of headers, truncation, duplicate, missing or misplaced
 /// clusters) is an `Err`. Data CRC32C and seal mismatches are listed in the report
-/// ([`VerifyReport::is_ok`] is false), unless `stop_on_damage` makes them errors too.
-/// The seal is always checked.
-pub fn verify<R: Read>(reader: R, options: VerifyOptions<'_>) -> Result<VerifyReport> {
-    verify_dyn(&mut { reader }, options)
+/// ([`VerifyReport::is_ok`] is false), unless [`OnDamage::Fail`](crate::OnDamage::Fail) makes them errors too.
+/// The seal is always checked (for a stream: if its options say so).
+pub fn verify(
+    input: impl IntoArchiveStream,
+    mut options: VerifyOptions<'_>,
+) -> Result<VerifyReport> {
+    let read = ReadOptions::new().on_damage(options.damage_policy());
+    let mut stream = input.into_stream(read)?;
+    let mut progress = options.take_progress();
+    verify_dyn(&mut stream, progress.as_deref_mut())
 }
 
-fn verify_dyn(reader: &mut dyn Read, options: VerifyOptions<'_>) -> Result<VerifyReport> {
-    let read = ReadOptions {
-        verify_checksums: true,
-        verify_seal: true,
-        stop_on_damage: options.stop_on_damage,
-    };
-    let mut stream = StreamReader::with_options(reader, read)?;
-    match options.progress {
-        Some(p) => stream.verify_all(p),
-        None => stream.verify_all(|_| {}),
+fn verify_dyn(
+    stream: &mut dyn ArchiveStream,
+    mut progress: Option<&mut (dyn FnMut(&ReadProgress) + '_)>,
+) -> Result<VerifyReport> {
+    while stream.next_extent()?.is_some() {
+        // Progress is summed over the devices: only when someone asks.
+        if let Some(p) = progress.as_mut() {
+            p(&stream.progress());
+        }
     }
+    Ok(stream.report())
 }

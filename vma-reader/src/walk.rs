@@ -286,11 +286,6 @@ impl Walker {
         })
     }
 
-    /// For vmstate: how many clusters arrived (they run 0, 1, 2, ...).
-    pub(crate) fn vmstate_clusters(&self, id: DeviceId) -> u64 {
-        self.validator.vmstate_clusters(id)
-    }
-
     /// Bytes of memory the walk holds, roughly (the sets of clusters seen).
     pub(crate) fn memory(&self) -> usize {
         self.validator.memory()

@@ -7,7 +7,8 @@ use common::{extents, first_slot, mask, patch_extent, patch_header, Builder, Scr
 use md5::{Digest, Md5};
 use vma_format::{BlockInfo, DeviceId, FormatError, VMA_EXTENT_HEADER_SIZE};
 use vma_reader::{
-    verify, Error, ErrorKind, Extractor, ReadOptions, SeekableArchive, StreamReader, VerifyOptions,
+    verify, Error, ErrorKind, Extractor, PrefetchingReader, SeekableArchive, StreamReader,
+    VerifyOptions,
 };
 use vma_testkit::vectors;
 
@@ -22,10 +23,9 @@ fn assert_fails(bytes: &[u8], kind: ErrorKind, check: impl Fn(&Error) -> bool) -
     let streamed = verify(bytes, VerifyOptions::default()).expect_err("verify must fail");
     assert!(check(&streamed), "verify: unexpected error {streamed:?}");
     assert_eq!(streamed.kind(), kind, "{streamed}");
-    let prefetched =
-        StreamReader::prefetching(std::io::Cursor::new(bytes.to_vec()), ReadOptions::default())
-            .and_then(|mut r| r.verify_all(|_| {}))
-            .expect_err("prefetching verify must fail");
+    let prefetched = PrefetchingReader::new(std::io::Cursor::new(bytes.to_vec()))
+        .and_then(|r| verify(r, VerifyOptions::default()))
+        .expect_err("prefetching verify must fail");
     assert_eq!(
         prefetched.to_string(),
         streamed.to_string(),

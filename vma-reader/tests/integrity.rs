@@ -6,7 +6,7 @@ use common::{extents, mixed_image, patch_extent, Builder, Scratch};
 use vma_format::integrity::{Seal, CHECKSUM_SLOT, CHECKSUM_TAG, SEAL_TAG};
 use vma_format::{BlockMask, VMA_EXTENT_HEADER_SIZE};
 use vma_reader::{
-    verify, ClusterAddress, Error, ErrorKind, ExtentChecksum, Extractor, SealStatus,
+    verify, ClusterAddress, Error, ErrorKind, ExtentChecksum, Extractor, OnDamage, SealStatus,
     SeekableArchive, StreamReader, VerifyOptions,
 };
 
@@ -72,7 +72,7 @@ fn a_checksummed_sealed_archive_verifies_sealed() {
         "checked from the headers alone"
     );
     assert_eq!(vma.integrity().checksummed_extents, total);
-    let full = vma.verify_data(VerifyOptions::default()).unwrap();
+    let full = verify(&vma, VerifyOptions::default()).unwrap();
     assert_eq!(full.integrity.seal, SealStatus::Sealed);
     assert!(full.integrity.is_fully_verified());
 
@@ -106,14 +106,7 @@ fn a_flipped_data_bit_names_the_extent_and_its_clusters() {
     // The headers are intact, so is the seal: the CRC32C is what catches data damage.
     assert_eq!(report.integrity.seal, SealStatus::Sealed);
 
-    let err = verify(
-        &bytes[..],
-        VerifyOptions {
-            stop_on_damage: true,
-            ..Default::default()
-        },
-    )
-    .unwrap_err();
+    let err = verify(&bytes[..], VerifyOptions::new().on_damage(OnDamage::Fail)).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Damaged);
     let msg = err.to_string();
     assert!(
@@ -124,7 +117,7 @@ fn a_flipped_data_bit_names_the_extent_and_its_clusters() {
 
     let (_f, vma) = open(&bytes);
     let vma = vma.expect("headers are fine");
-    let full = vma.verify_data(VerifyOptions::default()).unwrap();
+    let full = verify(&vma, VerifyOptions::default()).unwrap();
     assert_eq!(full.integrity.damaged, report.integrity.damaged);
 }
 
@@ -139,7 +132,7 @@ fn extraction_refuses_damage_unless_told_to_continue() {
 
     let s = Scratch::new();
     let report = Extractor::new(s.out())
-        .continue_on_damage(true)
+        .on_damage(OnDamage::Report)
         .extract(&bytes[..])
         .unwrap();
     assert_eq!(report.damaged.len(), 1);
@@ -199,7 +192,7 @@ fn a_damaged_range_at_the_device_end_stops_at_the_end() {
     damage(&mut bytes, n - 1);
     let s = Scratch::new();
     let report = Extractor::new(s.out())
-        .continue_on_damage(true)
+        .on_damage(OnDamage::Report)
         .extract(&bytes[..])
         .unwrap();
     let last = report.damaged.last().unwrap();

@@ -9,11 +9,11 @@ use std::io::{self, Cursor, Read};
 use common::{extents, mixed_image, noise, Builder};
 use vma_format::integrity::data_crc32c;
 use vma_format::{VMA_CLUSTER_SIZE, VMA_EXTENT_HEADER_SIZE};
-use vma_reader::{ReadOptions, StreamReader, PREFETCH_BUFFERS};
+use vma_reader::{ArchiveStream, PrefetchingReader, ReadOptions, StreamReader, PREFETCH_BUFFERS};
 
 /// Everything a reader hands out, as text: each extent's place, size, checksum state and
 /// data CRC, then the report or the error (and that a further call fails).
-fn transcript<R: Read>(opened: vma_reader::Result<StreamReader<R>>) -> String {
+fn transcript<S: ArchiveStream>(opened: vma_reader::Result<S>) -> String {
     let mut r = match opened {
         Ok(r) => r,
         Err(e) => return format!("open: {e}"),
@@ -47,7 +47,10 @@ fn transcript<R: Read>(opened: vma_reader::Result<StreamReader<R>>) -> String {
 
 fn both<R: Read + Send + 'static>(make: impl Fn() -> R) -> (String, String) {
     let direct = transcript(StreamReader::with_options(make(), ReadOptions::default()));
-    let prefetched = transcript(StreamReader::prefetching(make(), ReadOptions::default()));
+    let prefetched = transcript(PrefetchingReader::with_options(
+        make(),
+        ReadOptions::default(),
+    ));
     (direct, prefetched)
 }
 
@@ -187,7 +190,8 @@ fn read_errors_are_reported_at_the_same_byte() {
 #[test]
 fn memory_is_bounded_by_the_buffers() {
     let most = |bytes: Vec<u8>| {
-        let mut r = StreamReader::prefetching(Cursor::new(bytes), ReadOptions::default()).unwrap();
+        let mut r =
+            PrefetchingReader::with_options(Cursor::new(bytes), ReadOptions::default()).unwrap();
         let mut most = 0;
         while r.next_extent().unwrap().is_some() {
             most = most.max(r.memory());
@@ -232,7 +236,7 @@ fn dropping_the_reader_releases_the_input() {
         }
     }
     let dropped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut r = StreamReader::prefetching(
+    let mut r = PrefetchingReader::with_options(
         Flag(dropped.clone(), Cursor::new(varied())),
         ReadOptions::default(),
     )
@@ -262,7 +266,7 @@ fn a_panicking_input_is_an_error() {
     }
     let bytes = varied();
     let mut r =
-        StreamReader::prefetching(Panics(Cursor::new(bytes), 50_000), ReadOptions::default())
+        PrefetchingReader::with_options(Panics(Cursor::new(bytes), 50_000), ReadOptions::default())
             .unwrap();
     let err = loop {
         match r.next_extent() {

@@ -7,7 +7,9 @@ use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 
 use common::{sha256_hex, Scratch};
-use vma_reader::{verify, Extractor, SealStatus, SeekableArchive, StreamReader, VerifyOptions};
+use vma_reader::{
+    verify, Extractor, SealStatus, SeekableArchive, StreamReader, VerifyOptions, Zeroing,
+};
 use vma_testkit::{sha256_file, vectors};
 
 fn assert_matches_expected(v: &vma_testkit::Vector, dir: &std::path::Path) {
@@ -85,7 +87,7 @@ fn every_vector_reads_exactly_through_the_seekable_reader() {
             checked += 1;
         }
         assert_eq!(checked, v.files.len(), "{}", v.file);
-        let report = vma.verify_data(VerifyOptions::default()).unwrap();
+        let report = verify(&vma, VerifyOptions::default()).unwrap();
         assert!(report.is_ok());
     }
 }
@@ -239,7 +241,11 @@ fn existing_targets_are_written_in_place() {
             .devices(Vec::<String>::new())
             .configs(false)
             .target("drive-scsi0", &target)
-            .assume_zeroed(assume_zeroed)
+            .zeroing(if assume_zeroed {
+                Zeroing::AssumeZeroed
+            } else {
+                Zeroing::WriteZeros
+            })
             .extract(&v.bytes()[..])
             .unwrap();
         assert_eq!(report.files.len(), 1);
@@ -267,7 +273,7 @@ fn existing_targets_are_written_in_place() {
         .devices(Vec::<String>::new())
         .configs(false)
         .target("drive-scsi0", &target)
-        .assume_zeroed(true)
+        .zeroing(Zeroing::AssumeZeroed)
         .extract(&v.bytes()[..])
         .unwrap();
     assert_eq!(sha256_file(&target), expected.sha256);

@@ -4,7 +4,7 @@ use std::fs;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
-use vma_reader::{Extractor, ReadOptions};
+use vma_reader::{Extractor, OnDamage, ReadOptions, Zeroing};
 
 use super::list::print_listing;
 use super::open_stream;
@@ -127,7 +127,7 @@ fn extract(
         // Proxmox's restore reads qemu-server.conf from the target directory the moment
         // it sees the listing's CTIME line, then writes the map: so the config files
         // first, under their final names, then the listing, then the map.
-        vma_reader::write_config_files(&args.targetdir, &header.configs, args.sync)?;
+        extractor.write_config_files(&header.configs)?;
         extractor = extractor.configs(false);
         print_listing(header)?;
         let (map_extractor, wanted) = apply_map(extractor, map_path, header, selected.as_deref())?;
@@ -163,9 +163,13 @@ fn extract(
 
     let mut progress = ReadingProgress::new(args.verbose, header, "extract");
     let report = extractor
-        .continue_on_damage(args.continue_on_damage)
+        .on_damage(if args.continue_on_damage {
+            OnDamage::Report
+        } else {
+            OnDamage::Fail
+        })
         .progress(|p| progress.update(p))
-        .extract_stream(stream);
+        .extract(stream);
     progress.finish();
     let report = report?;
 
@@ -242,7 +246,12 @@ fn apply_map<'a>(
                         device.name
                     )));
                 }
-                extractor = extractor.target_zeroing(&device.name, path, *write_zero);
+                let zeroing = if *write_zero {
+                    Zeroing::WriteZeros
+                } else {
+                    Zeroing::AssumeZeroed
+                };
+                extractor = extractor.target_zeroing(&device.name, path, zeroing);
                 wanted.push(device.name.clone());
             }
         }

@@ -80,6 +80,7 @@ pub(crate) fn integrity_json(r: &IntegrityReport) -> serde_json::Value {
         SealStatus::NotVerified => json!("sealed, not verified"),
         SealStatus::UnknownVersion(v) => json!(format!("unknown version {v}")),
         SealStatus::Mismatch { reason, .. } => json!(format!("mismatch: {reason}")),
+        other => json!(other.to_string()),
     };
     json!({
         "sealed": !matches!(r.seal, SealStatus::Unsealed),

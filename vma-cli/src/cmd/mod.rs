@@ -116,7 +116,7 @@ pub(crate) fn open_stream(
     options: vma_reader::ReadOptions,
 ) -> Result<vma_reader::PrefetchingReader> {
     let (input, _) = crate::input::open(file).map_err(|e| CliError::io(file.display(), e))?;
-    Ok(vma_reader::StreamReader::prefetching(input, options)?)
+    Ok(vma_reader::PrefetchingReader::with_options(input, options)?)
 }
 
 /// Opens a plain archive file for random access, explaining what to do with a

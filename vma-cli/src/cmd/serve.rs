@@ -60,10 +60,11 @@ impl Export for DeviceExport {
         let mut at = offset;
         let end = offset + len as u64;
         while at < end && extents.len() < 256 {
-            let Some((n, stored)) = self.0.allocation(at, end - at) else {
+            let Some(run) = self.0.allocation(at, end - at) else {
                 break;
             };
-            extents.push(if stored {
+            let n = run.len;
+            extents.push(if run.stored {
                 BlockStatus::data(n)
             } else {
                 BlockStatus::hole(n)

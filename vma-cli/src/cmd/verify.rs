@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use serde_json::json;
-use vma_reader::{IntegrityReport, ReadOptions, SealStatus, VerifyReport};
+use vma_reader::{IntegrityReport, ReadOptions, SealStatus, VerifyOptions, VerifyReport};
 
 use super::list::{integrity_json, print_json, print_listing};
 use super::{open_seekable, open_stream};
@@ -50,12 +50,15 @@ pub(crate) fn run(args: Args) -> Result<()> {
         return Ok(());
     }
 
-    let mut stream = open_stream(&args.file, ReadOptions::default())?;
+    let stream = open_stream(&args.file, ReadOptions::default())?;
     if args.verbose {
         print_listing(stream.header())?;
     }
     let mut progress = ReadingProgress::new(args.verbose, stream.header(), "verify");
-    let report = stream.verify_all(|p| progress.update(p));
+    let report = vma_reader::verify(
+        stream,
+        VerifyOptions::new().progress(|p| progress.update(p)),
+    );
     progress.finish();
     let report = report?;
     if args.verbose {
@@ -124,6 +127,7 @@ pub(crate) fn describe_integrity(r: &IntegrityReport, headers_only: bool) -> Str
         SealStatus::NotVerified => "sealed (seal hash not checked)".to_string(),
         SealStatus::UnknownVersion(v) => format!("sealed with an unknown seal version {v}"),
         SealStatus::Mismatch { reason, .. } => format!("SEAL MISMATCH: {reason}"),
+        other => other.to_string(),
     };
     format!("{checksums}; {seal}")
 }
