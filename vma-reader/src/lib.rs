@@ -9,6 +9,7 @@ mod index;
 mod integrity;
 mod names;
 mod seekable;
+mod sink;
 mod stream;
 mod validate;
 mod verify;
@@ -21,6 +22,7 @@ pub use names::{
     VMSTATE_FILE_NAME,
 };
 pub use seekable::{DeviceReader, DeviceRef, SeekableArchive};
+pub use sink::DeviceSink;
 pub use stream::{
     Cluster, Extent, PrefetchingReader, ReadOptions, ReadProgress, StreamReader, PREFETCH_BUFFERS,
 };
