@@ -545,7 +545,7 @@ fn create_from_every_format_and_a_backing_chain() {
         ]);
         assert_backs_up(&s, &image, format, format);
     }
-    // raw through the daemon's format name and directly give the same archive content.
+    // format=raw: read directly (not through the daemon), the same content.
     assert_backs_up(&s, &raw, "raw", "raw");
 
     // A chain: the overlay changes data, zeroes a data cluster, writes into a hole.
