@@ -907,3 +907,62 @@ fn a_device_size_off_the_512_byte_grid() {
         }
     }
 }
+
+/// Unmounts a tmpfs when dropped, whatever happened.
+struct Tmpfs(PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let status = Command::new("umount").arg(&self.0).status();
+        if !matches!(status, Ok(s) if s.success()) {
+            eprintln!("warning: umount {} failed", self.0.display());
+        }
+    }
+}
+
+/// A target on a full file system: QEMU's ENOSPC reaches the user, naming the image;
+/// `extract --format` leaves no image and no directory.
+#[test]
+#[ignore = "needs qemu-utils and root (mounts a 3 MiB tmpfs); scripts/test runs it as root"]
+fn a_full_disk_under_the_target() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "this test must run as root");
+    let s = Scratch::new();
+    let raw = s.path("dev.raw");
+    device_image(&raw, 8);
+    let a = archive(&s, &raw);
+    let full = s.path("full");
+    fs::create_dir(&full).unwrap();
+    let status = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=3m", "tmpfs"])
+        .arg(&full)
+        .status()
+        .unwrap();
+    assert!(status.success(), "mount tmpfs");
+    let _mounted = Tmpfs(full.clone());
+
+    let x = full.join("x");
+    let out = s.vma(&[
+        "extract",
+        "--format",
+        "qcow2",
+        a.to_str().unwrap(),
+        x.to_str().unwrap(),
+    ]);
+    assert_fails(&out, 4, &["tmp-disk-drive-scsi0.qcow2", "ENOSPC"]);
+    assert!(!x.exists(), "nothing left on the full disk");
+
+    let target = full.join("t.qcow2");
+    let t = target.to_str().unwrap();
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        t,
+        &fs::metadata(&raw).unwrap().len().to_string(),
+    ]);
+    let map = map_file(&s, &[format!("format=qcow2:0:drive-scsi0={t}")]);
+    let out = restore(&s, &map, &a, "restored");
+    assert_fails(&out, 4, &[t, "ENOSPC"]);
+}
