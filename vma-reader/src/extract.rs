@@ -259,6 +259,7 @@ impl<'a> Extractor<'a> {
         }
 
         let mut outputs = Outputs::default();
+        check_sink_devices(&self.sink_targets, &header.devices)?;
         let mut sinks = self.open_devices(&header.devices, &header.configs, &mut outputs)?;
         attach_sinks(
             std::mem::take(&mut self.sink_targets),
@@ -557,17 +558,23 @@ struct SinkTarget {
     zeroed: bool,
 }
 
+/// Every sink target must name a device of the archive (checked before any file exists).
+fn check_sink_devices(targets: &[SinkTarget], devices: &[DeviceInfo]) -> Result<()> {
+    match targets
+        .iter()
+        .find(|t| !devices.iter().any(|d| d.name == t.device))
+    {
+        Some(t) => Err(Error::NoSuchDevice(t.device.clone())),
+        None => Ok(()),
+    }
+}
+
 /// Puts every sink target in its device's place.
 fn attach_sinks(
     targets: Vec<SinkTarget>,
     devices: &[DeviceInfo],
     sinks: &mut [Option<DeviceSink>],
 ) -> Result<()> {
-    for t in &targets {
-        if !devices.iter().any(|d| d.name == t.device) {
-            return Err(Error::NoSuchDevice(t.device.clone()));
-        }
-    }
     for t in targets {
         let d = devices
             .iter()
