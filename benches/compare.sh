@@ -2,9 +2,13 @@
 # Side-by-side performance of the `vma` command against the physical baselines, in one run
 # on the same inputs. Prints a Markdown table of medians and ratios.
 #
-#   benches/compare.sh [SIZE_MIB] [RUNS]      (defaults: 2048 MiB, 3 runs)
+#   benches/compare.sh [SIZE_MIB] [RUNS] [SECTIONS]  (defaults: 2048 MiB, 3 runs, all)
 #
-# Needs: a release build (done here), zstd, /usr/bin/time, python3. Files go under
+# SECTIONS: `all`, `raw` (raw images and archives only) or `qemu` (the QEMU image formats
+# through qemu-storage-daemon, on the mixed image only).
+#
+# Needs: a release build (done here), zstd, /usr/bin/time, python3; for `qemu`, qemu-img
+# and qemu-storage-daemon. Files go under
 # $BENCH_DIR (default: a fresh folder in /var/tmp), removed at the end. The page cache is
 # warm for every measurement (each input was just written), so these are CPU and memory
 # costs, not disk speed: the baselines see the same cache.
@@ -13,11 +17,16 @@ cd "$(dirname "$0")/.."
 
 SIZE_MIB=${1:-2048}
 RUNS=${2:-3}
+SECTIONS=${3:-all}
+want() { [ "$SECTIONS" = all ] || [ "$SECTIONS" = "$1" ]; }
 cargo build --release --locked -q -p vma-cli -p vma-benches
 TARGET=${CARGO_TARGET_DIR:-$PWD/target}
 VMA=$TARGET/release/vma
 RANDREAD=$TARGET/release/vma-randread
 for t in zstd python3 /usr/bin/time; do command -v "$t" >/dev/null || { echo "missing $t (run scripts/install-deps)" >&2; exit 1; }; done
+if want qemu; then
+  for t in qemu-img qemu-storage-daemon; do command -v "$t" >/dev/null || { echo "missing $t (run scripts/install-deps)" >&2; exit 1; }; done
+fi
 
 DIR=${BENCH_DIR:-$(mktemp -d /var/tmp/vma-bench.XXXXXX)}
 mkdir -p "$DIR"
@@ -54,7 +63,7 @@ rss_rows=()
 timings() {
   local name secs
   while read -r name secs; do T[$name]=$secs; done < <(
-    python3 benches/timeit.py "$RUNS" --before "rm -rf '$DIR/out' '$DIR/out.vma' '$DIR/out.raw'; sync" "$@")
+    python3 benches/timeit.py "$RUNS" --before "rm -rf '$DIR/out' '$DIR/out.vma' '$DIR/out.raw' '$DIR/out.qcow2'; sync" "$@")
 }
 peak_rss() { # KiB
   /usr/bin/time -f %M "$@" 2>&1 >/dev/null | tail -n1
@@ -63,7 +72,9 @@ peak_rss() { # KiB
 rows=()
 row() { rows+=("| $1 | $2 | $3 | $(python3 -c "print('%.2f' % ($2/$3))") |"); }
 
-for img in mixed zero90 sparse; do
+images=(mixed zero90 sparse)
+want raw || images=()
+for img in "${images[@]}"; do
   IMG=$DIR/$img.raw
   A=$DIR/$img.vma
   P=$DIR/$img.plain.vma
@@ -109,7 +120,35 @@ done
 
 # Seekable random 4 KiB reads through the archive index against pread on the raw image.
 A=$DIR/mixed.vma
-rr=$("$RANDREAD" "$A" "$DIR/mixed.raw" 200000)
+rr=
+want raw && rr=$("$RANDREAD" "$A" "$DIR/mixed.raw" 200000)
+
+# --- QEMU image formats through qemu-storage-daemon, on the mixed image ------------------
+if want qemu; then
+  IMG=$DIR/mixed.raw
+  [ -f "$A" ] || "$VMA" create "$A" -d "format=raw:drive-scsi0=$IMG"
+  Q=$DIR/mixed.qcow2
+  qemu-img convert -f raw -O qcow2 "$IMG" "$Q"
+  SIZE=$(stat -c %s "$IMG")
+  TQ=$DIR/target.qcow2
+  printf 'format=qcow2:0:drive-scsi0=%s\ndone\n' "$TQ" > "$DIR/map"
+  sync
+  timings \
+    "qemu-img-from-qcow2" "qemu-img convert -f qcow2 -O raw '$Q' '$DIR/out.raw'" \
+    "create-from-qcow2" "'$VMA' create '$DIR/out.vma' -d 'format=qcow2:drive-scsi0=$Q'"
+  row "create from a qcow2 (vs \`qemu-img convert -f qcow2 -O raw\` to a sparse file) mixed" \
+    "${T[create-from-qcow2]}" "${T[qemu-img-from-qcow2]}"
+  timings \
+    "qemu-img-to-qcow2" "qemu-img convert -f raw -O qcow2 '$IMG' '$DIR/out.qcow2'" \
+    "extract-to-qcow2" "'$VMA' extract --format qcow2 '$A' '$DIR/out'"
+  row "extract --format qcow2 (vs \`qemu-img convert -f raw -O qcow2\`) mixed" \
+    "${T[extract-to-qcow2]}" "${T[qemu-img-to-qcow2]}"
+  timings \
+    "qemu-img-into-qcow2" "qemu-img create -q -f qcow2 '$TQ' $SIZE && qemu-img convert -n -f raw -O qcow2 '$IMG' '$TQ'" \
+    "restore-into-qcow2" "qemu-img create -q -f qcow2 '$TQ' $SIZE && '$VMA' extract -r '$DIR/map' '$A' '$DIR/out'"
+  row "restore through a map into a new qcow2 (vs \`qemu-img convert -n\`; both include \`qemu-img create\`) mixed" \
+    "${T[restore-into-qcow2]}" "${T[qemu-img-into-qcow2]}"
+fi
 
 echo
 echo "## vma vs baselines: ${SIZE_MIB} MiB images, median of $RUNS runs"
@@ -125,8 +164,10 @@ echo "\`cat archive > /dev/null\`; compressed extract against \`zstd -dc\` to /d
 echo "plain archive's extract (the floor when decompression overlaps). Each pair's commands run"
 echo "interleaved (benches/timeit.py) under \`sh -c\`; medians."
 echo
-echo "| image | peak RSS create (MiB) | extract (MiB) | verify stdin (MiB) |"
-echo "|---|---|---|---|"
-printf '%s\n' "${rss_rows[@]}"
-echo
-echo "$rr"
+if want raw; then
+  echo "| image | peak RSS create (MiB) | extract (MiB) | verify stdin (MiB) |"
+  echo "|---|---|---|---|"
+  printf '%s\n' "${rss_rows[@]}"
+  echo
+  echo "$rr"
+fi

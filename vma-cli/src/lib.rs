@@ -10,6 +10,7 @@ pub mod lzop;
 pub mod mapfile;
 mod output;
 mod progress;
+mod qemu;
 
 pub use cmd::run;
 pub use error::{CliError, Exit};

@@ -548,6 +548,29 @@ fn restorable_cases() -> Vec<Case> {
     vec![vec1_hinted(), vec2_hinted(), plain_case("vec3-config-only")]
 }
 
+/// The restorable vectors as backups of qcow2 disks on a directory storage (the hints
+/// vzdump writes for them name the format `qcow2` and the storage `local`).
+fn qcow2_cases() -> Vec<Case> {
+    let qcow2 = |case: Case| {
+        let stem = case.label.trim_end_matches("+hints").to_string();
+        let hints = case
+            .hints
+            .iter()
+            .map(|h| Hint {
+                storeid: "local",
+                format: "qcow2",
+                ..h.clone()
+            })
+            .collect();
+        hinted_case(&stem, hints)
+    };
+    vec![
+        qcow2(vec1_hinted()),
+        qcow2(vec2_hinted()),
+        plain_case("vec3-config-only"),
+    ]
+}
+
 // ---------------------------------------------------------------------------------------
 // Targets
 
@@ -564,9 +587,8 @@ enum TargetKind {
     /// write-zeros 1. Needs root.
     LoopDevice,
     /// qcow2 volumes on a directory storage (Proxmox's choice for dir, NFS and CIFS
-    /// storages; `format=qcow2` in the map). Not supported by vma-rs yet: its own issue.
-    /// The tests for it belong here once `vma extract` writes qcow2.
-    #[allow(dead_code)]
+    /// storages): `qemu-img create -o preallocation=metadata -f qcow2 PATH SIZEK`, as
+    /// Proxmox allocates them; the map says `format=qcow2` and write-zeros 0.
     Qcow2,
 }
 
@@ -629,7 +651,7 @@ fn prepare_targets(kind: TargetKind, case: &Case, work: &Path) -> Targets {
     let mut storages = Vec::new();
     for storeid in storeids {
         match kind {
-            TargetKind::SparseRaw => {
+            TargetKind::SparseRaw | TargetKind::Qcow2 => {
                 storages.push(format!("{storeid}=dir:{}/dir-{storeid}", work.display()));
             }
             TargetKind::ThickFile | TargetKind::LoopDevice => {
@@ -664,9 +686,6 @@ fn prepare_targets(kind: TargetKind, case: &Case, work: &Path) -> Targets {
                     volumes.push(work.join("unused.lv").display().to_string());
                 }
                 storages.push(format!("{storeid}=pool:{}", volumes.join(",")));
-            }
-            TargetKind::Qcow2 => {
-                panic!("qcow2 targets are not supported by vma-rs yet (their own issue)")
             }
         }
     }
@@ -792,10 +811,13 @@ fn volids(r: &Restore) -> Vec<String> {
 /// One restored device: the first `size` bytes must be the image; whatever follows
 /// must be what the volume held before.
 fn check_volume(what: &str, dev: &Dev, path: &Path, kind: TargetKind) {
-    let bytes = fs::read(path).unwrap_or_else(|e| panic!("{what}: {}: {e}", path.display()));
+    let bytes = match kind {
+        TargetKind::Qcow2 => qcow2_guest_bytes(what, path),
+        _ => fs::read(path).unwrap_or_else(|e| panic!("{what}: {}: {e}", path.display())),
+    };
     let len = bytes.len() as u64;
     let want_len = match kind {
-        TargetKind::SparseRaw => round_up(dev.size, 1024),
+        TargetKind::SparseRaw | TargetKind::Qcow2 => round_up(dev.size, 1024),
         _ => round_up(round_up(dev.size, 1024), LVM_EXTENT),
     };
     assert_eq!(len, want_len, "{what}: {} is {len} bytes", path.display());
@@ -808,7 +830,7 @@ fn check_volume(what: &str, dev: &Dev, path: &Path, kind: TargetKind) {
     );
     let tail = &bytes[dev.size as usize..];
     let before = match kind {
-        TargetKind::SparseRaw => vec![0; tail.len()],
+        TargetKind::SparseRaw | TargetKind::Qcow2 => vec![0; tail.len()],
         _ => garbage(dev.size, tail.len()),
     };
     if let Some(i) = tail.iter().zip(&before).position(|(a, b)| a != b) {
@@ -819,6 +841,33 @@ fn check_volume(what: &str, dev: &Dev, path: &Path, kind: TargetKind) {
             dev.size + i as u64
         );
     }
+}
+
+/// What a qcow2 volume holds as the guest sees it (`qemu-img convert -O raw`), after
+/// checking it is a qcow2 image.
+fn qcow2_guest_bytes(what: &str, path: &Path) -> Vec<u8> {
+    let info = Command::new("qemu-img")
+        .args(["info", "--output=json"])
+        .arg(path)
+        .output()
+        .unwrap();
+    let info = String::from_utf8_lossy(&info.stdout);
+    assert!(
+        info.contains("\"format\": \"qcow2\""),
+        "{what}: {} is not a qcow2 image: {info}",
+        path.display()
+    );
+    let raw = path.with_extension("guest.raw");
+    let out = Command::new("qemu-img")
+        .args(["convert", "-f", "qcow2", "-O", "raw"])
+        .arg(path)
+        .arg(&raw)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{what}: qemu-img convert: {out:?}");
+    let bytes = fs::read(&raw).unwrap();
+    fs::remove_file(&raw).unwrap();
+    bytes
 }
 
 /// What Proxmox writes as the new VM config: the archived config without vzdump's lines,
@@ -856,7 +905,7 @@ fn check_restored(r: &Restore, case: &Case, kind: TargetKind, bwlimit: bool) {
     let mut devs: Vec<&str> = case.devices.iter().map(|d| d.name.as_str()).collect();
     devs.sort();
     assert_eq!(mapped, devs, "{what}: the devices mapped");
-    let want_w = u8::from(kind != TargetKind::SparseRaw);
+    let want_w = u8::from(!matches!(kind, TargetKind::SparseRaw | TargetKind::Qcow2));
     for (name, path, w) in &maps {
         assert_eq!(*w, want_w, "{what}: write zeros for {name}");
         let dev = case.devices.iter().find(|d| &d.name == name).unwrap();
@@ -904,7 +953,11 @@ fn check_firewall(r: &Restore, case: &Case) {
 /// Restores every restorable vector, from every kind of input, into `kind` volumes.
 fn restore_all(kind: TargetKind, bwlimit: Option<u64>) {
     let env = Env::new();
-    for case in restorable_cases() {
+    let cases = match kind {
+        TargetKind::Qcow2 => qcow2_cases(),
+        _ => restorable_cases(),
+    };
+    for case in cases {
         for input in Input::ALL {
             let what = format!("restore of {} from {input:?} into {kind:?}", case.label);
             let work = env.fresh(&format!("{}-{input:?}", case.label));
@@ -922,6 +975,14 @@ fn restore_all(kind: TargetKind, bwlimit: Option<u64>) {
 #[test]
 fn restore_into_fresh_sparse_raw_files() {
     restore_all(TargetKind::SparseRaw, None);
+}
+
+/// Through `qemu-storage-daemon`: the volumes are qcow2 images on a directory storage.
+#[test]
+#[ignore = "needs qemu-utils (qemu-storage-daemon); scripts/test runs it"]
+fn restore_into_qcow2_volumes_on_a_directory_storage() {
+    vma_testkit::require_tool("qemu-storage-daemon");
+    restore_all(TargetKind::Qcow2, None);
 }
 
 #[test]

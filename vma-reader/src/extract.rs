@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
 use std::ops::Range;
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
 use vma_format::{cluster, DeviceId, DeviceInfo, VMA_BLOCK_SIZE};
@@ -14,6 +14,7 @@ use crate::error::{Error, Result};
 use crate::integrity::ExtentChecksum;
 use crate::names::{config_file_name, device_file_name, device_temp_file_name, MAX_FILE_NAME_LEN};
 use crate::options::{OnDamage, ProgressFn, ReadOptions};
+use crate::sink::{self, Output};
 use crate::stream::{ArchiveStream, Cluster, IntoArchiveStream, ReadProgress};
 use crate::verify::VerifyReport;
 
@@ -48,6 +49,9 @@ pub struct Extractor<'a> {
     /// Existing targets: device name, path, and its zeroing (`None`: as
     /// [`zeroing`](Extractor::zeroing) says).
     targets: Vec<(String, PathBuf, Option<Zeroing>)>,
+    /// Devices written into sinks: device name, the path errors name, the sink, and its
+    /// zeroing.
+    sink_targets: Vec<SinkTarget>,
     zeroing: Zeroing,
     on_damage: OnDamage,
     verify_seal: bool,
@@ -116,6 +120,7 @@ impl<'a> Extractor<'a> {
             devices: None,
             configs: true,
             targets: Vec::new(),
+            sink_targets: Vec::new(),
             zeroing: Zeroing::WriteZeros,
             on_damage: OnDamage::Fail,
             verify_seal: true,
@@ -163,6 +168,29 @@ impl<'a> Extractor<'a> {
     ) -> Self {
         self.targets
             .push((device.into(), path.into(), Some(zeroing)));
+        self
+    }
+
+    /// Writes a device into `sink` instead of a file (an image opened by QEMU's block
+    /// layer, say); `label` is what errors name (the image's path). `zeroing` says
+    /// whether zeros must be written where the archive stores none, as for
+    /// [`target_zeroing`](Self::target_zeroing); with [`Zeroing::AssumeZeroed`], stored
+    /// blocks that are all zero are skipped too. The sink is
+    /// [finished](sink::DeviceSink::finish) once the whole archive has validated, before
+    /// `extract` returns; on failure it is dropped.
+    pub fn target_sink(
+        mut self,
+        device: impl Into<String>,
+        label: impl Into<PathBuf>,
+        sink: Box<dyn sink::DeviceSink>,
+        zeroing: Zeroing,
+    ) -> Self {
+        self.sink_targets.push(SinkTarget {
+            device: device.into(),
+            label: label.into(),
+            sink,
+            zeroed: zeroing == Zeroing::AssumeZeroed,
+        });
         self
     }
 
@@ -232,7 +260,13 @@ impl<'a> Extractor<'a> {
         }
 
         let mut outputs = Outputs::default();
+        check_sink_devices(&self.sink_targets, &header.devices)?;
         let mut sinks = self.open_devices(&header.devices, &header.configs, &mut outputs)?;
+        attach_sinks(
+            std::mem::take(&mut self.sink_targets),
+            &header.devices,
+            &mut sinks,
+        )?;
         let configs = if self.configs {
             self.write_configs(&header.configs, &mut outputs)?
         } else {
@@ -284,6 +318,9 @@ impl<'a> Extractor<'a> {
                     .sync_all()
                     .map_err(|e| Error::write(&sink.path, e))?;
             }
+            sink.file
+                .finish()
+                .map_err(|e| Error::write(&sink.path, e))?;
         }
 
         let mut files = Vec::new();
@@ -347,6 +384,7 @@ impl<'a> Extractor<'a> {
         };
         let selected: Vec<&DeviceInfo> = devices
             .iter()
+            .filter(|d| !self.sink_targets.iter().any(|t| t.device == d.name))
             .filter(|d| {
                 target_of(d).is_some()
                     || self
@@ -521,6 +559,49 @@ impl<'a> Extractor<'a> {
     }
 }
 
+/// A device given a sink with [`Extractor::target_sink`].
+struct SinkTarget {
+    device: String,
+    label: PathBuf,
+    sink: Box<dyn sink::DeviceSink>,
+    zeroed: bool,
+}
+
+/// Every sink target must name a device of the archive (checked before any file exists).
+fn check_sink_devices(targets: &[SinkTarget], devices: &[DeviceInfo]) -> Result<()> {
+    match targets
+        .iter()
+        .find(|t| !devices.iter().any(|d| d.name == t.device))
+    {
+        Some(t) => Err(Error::NoSuchDevice(t.device.clone())),
+        None => Ok(()),
+    }
+}
+
+/// Puts every sink target in its device's place.
+fn attach_sinks(
+    targets: Vec<SinkTarget>,
+    devices: &[DeviceInfo],
+    sinks: &mut [Option<DeviceSink>],
+) -> Result<()> {
+    for t in targets {
+        let d = devices
+            .iter()
+            .find(|d| d.name == t.device)
+            .expect("checked");
+        let path = t.label;
+        sinks[d.id.index()] = Some(DeviceSink::new(
+            d,
+            Output::Sink(t.sink),
+            path.clone(),
+            path,
+            true,
+            t.zeroed,
+        ));
+    }
+    Ok(())
+}
+
 enum Plan {
     Existing(PathBuf),
     New(String),
@@ -624,7 +705,7 @@ struct DeviceSink {
     name: String,
     vmstate: bool,
     size: u64,
-    file: File,
+    file: Output,
     /// Where writes go now (the temporary path for a new file).
     path: PathBuf,
     final_path: PathBuf,
@@ -643,7 +724,7 @@ struct DeviceSink {
 impl DeviceSink {
     fn new(
         d: &DeviceInfo,
-        file: File,
+        file: impl Into<Output>,
         path: PathBuf,
         final_path: PathBuf,
         in_place: bool,
@@ -654,7 +735,7 @@ impl DeviceSink {
             name: d.name.clone(),
             vmstate: d.is_vmstate(),
             size: d.size,
-            file,
+            file: file.into(),
             path,
             final_path,
             in_place,
@@ -738,17 +819,11 @@ impl DeviceSink {
         self.flush_zeros()
     }
 
-    fn write_zeros(&mut self, mut at: u64, mut len: u64) -> Result<()> {
-        static ZEROS: [u8; 1 << 20] = [0; 1 << 20];
-        while len > 0 {
-            let n = len.min(ZEROS.len() as u64) as usize;
-            self.file
-                .write_all_at(&ZEROS[..n], at)
-                .map_err(|e| Error::write(&self.path, e))?;
-            self.written += n as u64;
-            at += n as u64;
-            len -= n as u64;
-        }
+    fn write_zeros(&mut self, at: u64, len: u64) -> Result<()> {
+        self.file
+            .write_zeroes(at, len)
+            .map_err(|e| Error::write(&self.path, e))?;
+        self.written += len;
         Ok(())
     }
 }

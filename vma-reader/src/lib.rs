@@ -11,6 +11,7 @@ mod names;
 mod options;
 mod prefetch;
 mod seekable;
+mod sink;
 mod stream;
 mod validate;
 mod verify;
@@ -26,5 +27,6 @@ pub use names::{
 pub use options::{OnDamage, ReadOptions, VerifyOptions};
 pub use prefetch::{PrefetchingReader, PREFETCH_BUFFERS};
 pub use seekable::{Allocation, DeviceReader, DeviceRef, SeekableArchive};
+pub use sink::DeviceSink;
 pub use stream::{ArchiveStream, Cluster, Extent, IntoArchiveStream, ReadProgress, StreamReader};
 pub use verify::{verify, DeviceReport, VerifyReport};

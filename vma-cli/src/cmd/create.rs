@@ -13,6 +13,7 @@ use vma_writer::{round_up_to_sector, source_size, Builder, Writer};
 use crate::error::{CliError, Result};
 use crate::output::{self, Sink, Target};
 use crate::progress::{CreateLines, Progress};
+use crate::qemu;
 
 /// Arguments of `vma create`.
 #[derive(clap::Args, Debug)]
@@ -23,7 +24,9 @@ pub struct Args {
     /// A config file to embed (stored under its base name). May be repeated.
     #[arg(short = 'c')]
     configs: Vec<PathBuf>,
-    /// A disk: `format=raw:<device name>=<path>` (a file or block device). May be repeated.
+    /// A disk: `format=<format>:<device name>=<path>`. `raw`: a file or block device, read
+    /// directly; any other format QEMU reads (qcow2, vmdk, vdi, vhdx, ...) is read through
+    /// `qemu-storage-daemon`, as the guest sees it (backing files included). May be repeated.
     #[arg(short = 'd')]
     disks: Vec<String>,
     /// Older form: `[<device name>=]<path>`; a path without a name becomes disk0, disk1, ...
@@ -45,21 +48,30 @@ pub struct Args {
 struct Disk {
     name: String,
     path: PathBuf,
-    file: File,
+    source: Source,
     size: u64,
 }
 
-fn parse_disk(spec: &str, index: usize, need_format: bool) -> Result<(String, PathBuf)> {
+/// Where a disk's data comes from.
+enum Source {
+    /// A raw image or block device.
+    File(File),
+    /// An image in another format, through QEMU.
+    Qemu(Box<qemu::NbdSource>),
+}
+
+/// A disk spec: its name, path and format (`None`: raw).
+type DiskSpec = (String, PathBuf, Option<String>);
+
+fn parse_disk(spec: &str, index: usize, need_format: bool) -> Result<DiskSpec> {
+    let mut format = None;
     let rest = match spec.strip_prefix("format=") {
         Some(rest) => {
-            let (format, rest) = rest.split_once(':').ok_or_else(|| {
+            let (f, rest) = rest.split_once(':').ok_or_else(|| {
                 CliError::usage(format!("option 'format' not terminated ('{spec}')"))
             })?;
-            if format != "raw" {
-                return Err(CliError::usage(format!(
-                    "format '{format}' is not supported for '{spec}': only raw images and block devices"
-                )));
-            }
+            qemu::check_format(f, spec)?;
+            format = (f != "raw").then(|| f.to_string());
             rest
         }
         None if need_format => {
@@ -69,10 +81,39 @@ fn parse_disk(spec: &str, index: usize, need_format: bool) -> Result<(String, Pa
         }
         None => spec,
     };
-    Ok(match rest.split_once('=') {
+    let (name, path) = match rest.split_once('=') {
         Some((name, path)) if !name.is_empty() => (name.to_string(), PathBuf::from(path)),
         Some(_) => return Err(CliError::usage(format!("empty device name in '{spec}'"))),
         None => (format!("disk{index}"), PathBuf::from(rest)),
+    };
+    Ok((name, path, format))
+}
+
+/// Opens a disk's source and learns its size.
+fn open_disk(name: String, path: PathBuf, format: Option<&str>) -> Result<Disk> {
+    let (source, len) = match format {
+        None => {
+            let file = File::open(&path).map_err(|e| CliError::io(path.display(), e))?;
+            let len = source_size(&file).map_err(|e| CliError::io(path.display(), e))?;
+            (Source::File(file), len)
+        }
+        Some(f) => {
+            let source = qemu::NbdSource::open(&path, f)?;
+            let len = source.len;
+            (Source::Qemu(Box::new(source)), len)
+        }
+    };
+    if len == 0 {
+        return Err(CliError::usage(format!(
+            "{}: the image is empty",
+            path.display()
+        )));
+    }
+    Ok(Disk {
+        name,
+        path,
+        source,
+        size: round_up_to_sector(len),
     })
 }
 
@@ -85,21 +126,8 @@ pub(crate) fn run(args: Args) -> Result<()> {
     // Open every source before creating anything.
     let mut disks = Vec::new();
     for (index, (spec, need_format)) in specs.iter().enumerate() {
-        let (name, path) = parse_disk(spec, index, *need_format)?;
-        let file = File::open(&path).map_err(|e| CliError::io(path.display(), e))?;
-        let len = source_size(&file).map_err(|e| CliError::io(path.display(), e))?;
-        if len == 0 {
-            return Err(CliError::usage(format!(
-                "{}: the image is empty",
-                path.display()
-            )));
-        }
-        disks.push(Disk {
-            name,
-            path,
-            file,
-            size: round_up_to_sector(len),
-        });
+        let (name, path, format) = parse_disk(spec, index, *need_format)?;
+        disks.push(open_disk(name, path, format.as_deref())?);
     }
 
     let mut builder = Builder::new();
@@ -134,6 +162,7 @@ pub(crate) fn run(args: Args) -> Result<()> {
         Ok(done) => done,
         Err(e) => return Err(failure(&target, command.as_mut(), None, e)),
     };
+    close_sources(disks)?;
     sink.complete(command, &target, args.sync)?;
     if args.verbose {
         let lines = lock(&lines);
@@ -172,9 +201,15 @@ fn write_disks<W: std::io::Write + Send + 'static>(
                 let finished_tx = finished_tx.clone();
                 scope.spawn(move || {
                     let mut report = |n: u64| done.store(n, Ordering::Relaxed);
-                    let outcome = handle
-                        .write_file(*device, &disk.file, Some(&mut report))
-                        .map_err(|e| (disk.path.clone(), e));
+                    let outcome = match &disk.source {
+                        Source::File(file) => handle
+                            .write_file(*device, file, Some(&mut report))
+                            .map(drop),
+                        Source::Qemu(source) => {
+                            qemu::write_source(&handle, *device, source, &mut report)
+                        }
+                    }
+                    .map_err(|e| (disk.path.clone(), e));
                     let _ = finished_tx.send(());
                     outcome
                 })
@@ -233,6 +268,23 @@ fn failure(
     err
 }
 
+/// Stops the daemons that served images: one that died along the way fails the create
+/// (what it served may be incomplete).
+fn close_sources(disks: Vec<Disk>) -> Result<()> {
+    for disk in disks {
+        if let Source::Qemu(source) = disk.source {
+            let source = *source;
+            source.close().map_err(|e| {
+                CliError::new(
+                    crate::error::Exit::Io,
+                    format!("{}: {e}", disk.path.display()),
+                )
+            })?;
+        }
+    }
+    Ok(())
+}
+
 /// The name a config file is stored under: its base name, as the reference stores it.
 fn config_name(path: &Path) -> String {
     path.file_name()
@@ -248,24 +300,28 @@ mod tests {
     fn disk_specs() {
         assert_eq!(
             parse_disk("format=raw:drive-scsi0=/a=b", 0, true).unwrap(),
-            ("drive-scsi0".into(), "/a=b".into())
+            ("drive-scsi0".into(), "/a=b".into(), None)
         );
         assert_eq!(
             parse_disk("/x.raw", 3, false).unwrap(),
-            ("disk3".into(), "/x.raw".into())
+            ("disk3".into(), "/x.raw".into(), None)
         );
         assert_eq!(
             parse_disk("n=/x.raw", 3, false).unwrap(),
-            ("n".into(), "/x.raw".into())
+            ("n".into(), "/x.raw".into(), None)
         );
         assert!(parse_disk("/x.raw", 0, true)
             .unwrap_err()
             .message
             .contains("No format"));
-        assert!(parse_disk("format=qcow2:a=/x", 0, true)
+        assert_eq!(
+            parse_disk("format=qcow2:a=/x", 0, true).unwrap(),
+            ("a".into(), "/x".into(), Some("qcow2".into()))
+        );
+        assert!(parse_disk("format=qcow3:a=/x", 0, true)
             .unwrap_err()
             .message
-            .contains("qcow2"));
+            .contains("unknown image format 'qcow3'"));
         assert!(parse_disk("format=raw", 0, true).is_err());
         assert!(parse_disk("format=raw:=/x", 0, true).is_err());
     }

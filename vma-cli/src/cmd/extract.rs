@@ -12,6 +12,7 @@ use super::verify::damage_message;
 use crate::error::{CliError, Exit, Result};
 use crate::mapfile::{self, MapTarget};
 use crate::progress::{statistics, ReadingProgress};
+use crate::qemu::{self, NbdSink};
 
 /// Arguments of `vma extract`.
 #[derive(clap::Args, Debug)]
@@ -37,6 +38,11 @@ pub struct Args {
     /// fsync every output before reporting success.
     #[arg(long)]
     sync: bool,
+    /// Write each disk as a new image in this format (qcow2, vmdk, vdi, vhdx, qed, ...;
+    /// default raw) through `qemu-img create` and `qemu-storage-daemon`:
+    /// `disk-<name>.<format>`, sparse, under a temporary name until the archive validated.
+    #[arg(long, conflicts_with = "map", value_name = "FORMAT")]
+    format: Option<String>,
 }
 
 pub(crate) fn run(args: Args) -> Result<()> {
@@ -121,6 +127,7 @@ fn extract(
     header: &vma_format::ArchiveHeader,
 ) -> Result<()> {
     let mut extractor = Extractor::new(&args.targetdir).sync(args.sync);
+    let mut images = NewImages::default();
     let mut selected: Option<Vec<String>> = (!args.drives.is_empty()).then(|| args.drives.clone());
 
     if let Some(map_path) = &args.map {
@@ -134,20 +141,7 @@ fn extract(
         extractor = map_extractor;
         selected = Some(wanted);
     } else {
-        for device in &header.devices {
-            if device.is_vmstate() || selected.as_ref().is_some_and(|s| !s.contains(&device.name)) {
-                continue;
-            }
-            // The name Proxmox prints: the temporary one, renamed once all validated.
-            vma_reader::device_file_name(device)?;
-            println!(
-                "DEVINFO {} {}",
-                args.targetdir
-                    .join(vma_reader::device_temp_file_name(device))
-                    .display(),
-                device.size
-            );
-        }
+        extractor = announce_devices(args, header, selected.as_deref(), extractor, &mut images)?;
     }
     if let Some(names) = &selected {
         for name in &args.drives {
@@ -172,6 +166,7 @@ fn extract(
         .extract(stream);
     progress.finish();
     let report = report?;
+    images.commit()?;
 
     if args.verbose {
         for line in statistics(&report.verify) {
@@ -195,6 +190,125 @@ fn extract(
         ));
     }
     Ok(())
+}
+
+/// Prints a `DEVINFO` line per device to write, with the temporary name it is written
+/// under; with `--format`, creates the new images and gives them to the extractor.
+fn announce_devices<'a>(
+    args: &Args,
+    header: &vma_format::ArchiveHeader,
+    selected: Option<&[String]>,
+    mut extractor: Extractor<'a>,
+    images: &mut NewImages,
+) -> Result<Extractor<'a>> {
+    let format = args.format.as_deref().filter(|f| *f != "raw");
+    if let Some(f) = format {
+        qemu::check_format(f, "--format")?;
+    }
+    for device in &header.devices {
+        if device.is_vmstate() || selected.is_some_and(|s| !s.contains(&device.name)) {
+            continue;
+        }
+        // The name Proxmox prints: the temporary one, renamed once all validated.
+        let file = vma_reader::device_file_name(device)?;
+        let temp = args
+            .targetdir
+            .join(vma_reader::device_temp_file_name(device));
+        match format {
+            None => println!("DEVINFO {} {}", temp.display(), device.size),
+            Some(f) => {
+                let (sink, temp) = images.create(&args.targetdir, &file, &temp, device, f)?;
+                println!("DEVINFO {} {}", temp.display(), device.size);
+                // A new image reads as zero: zeros need not be written.
+                extractor = extractor.target_sink(
+                    &device.name,
+                    &temp,
+                    Box::new(sink),
+                    Zeroing::AssumeZeroed,
+                );
+            }
+        }
+    }
+    Ok(extractor)
+}
+
+/// Images made for `--format`: created under temporary names, renamed once the archive
+/// validated, removed otherwise.
+#[derive(Default)]
+struct NewImages {
+    /// (temporary, final) pairs.
+    files: Vec<(PathBuf, PathBuf)>,
+}
+
+impl NewImages {
+    /// Creates `tmp-disk-<name>.<format>` of the device's size and opens it; `file` and
+    /// `temp` are the raw names (`disk-<name>.raw`, `.../tmp-disk-<name>.raw`).
+    fn create(
+        &mut self,
+        dir: &Path,
+        file: &str,
+        temp: &Path,
+        device: &vma_format::DeviceInfo,
+        format: &str,
+    ) -> Result<(NbdSink, PathBuf)> {
+        let rename = |name: &str| {
+            let stem = name.strip_suffix(".raw").unwrap_or(name);
+            let name = format!("{stem}.{format}");
+            if name.len() > vma_reader::MAX_FILE_NAME_LEN {
+                return Err(CliError::usage(format!(
+                    "{name}: the file name is too long for the device {}",
+                    device.name
+                )));
+            }
+            Ok(name)
+        };
+        let final_path = dir.join(rename(file)?);
+        let temp_name = rename(&temp.file_name().unwrap_or_default().to_string_lossy())?;
+        let temp = dir.join(temp_name);
+        qemu::create_image(&temp, format, device.size)?;
+        self.files.push((temp.clone(), final_path));
+        Ok((NbdSink::open(&temp, format)?, temp))
+    }
+
+    /// Gives every image its final name.
+    fn commit(&mut self) -> Result<()> {
+        for (temp, fin) in &self.files {
+            if fs::symlink_metadata(fin).is_ok() {
+                return Err(CliError::new(
+                    Exit::Io,
+                    format!("{}: already exists", fin.display()),
+                ));
+            }
+            fs::rename(temp, fin).map_err(|e| CliError::io(fin.display(), e))?;
+        }
+        self.files.clear();
+        Ok(())
+    }
+}
+
+impl Drop for NewImages {
+    fn drop(&mut self) {
+        for (temp, _) in &self.files {
+            let _ = fs::remove_file(temp);
+        }
+    }
+}
+
+/// Opens an existing image as `format` through QEMU to restore `device` into; it must be
+/// at least as large as the device.
+fn open_target(device: &vma_format::DeviceInfo, path: &Path, format: &str) -> Result<NbdSink> {
+    qemu::check_format(format, &path.display().to_string())?;
+    let sink = NbdSink::open(path, format)?;
+    if sink.size() < device.size {
+        return Err(vma_reader::Error::TargetTooSmall {
+            path: path.to_owned(),
+            device: device.name.clone(),
+            target_size: sink.size(),
+            size: device.size,
+        }
+        .into());
+    }
+    Ok(sink)
 }
 
 /// Reads the restore map (a FIFO Proxmox's restore writes once it has read the listing)
@@ -240,18 +354,19 @@ fn apply_map<'a>(
                 write_zero,
                 format,
             }) => {
-                if let Some(f) = format.as_deref().filter(|f| *f != "raw") {
-                    return Err(CliError::usage(format!(
-                        "{}: format '{f}' is not supported, only raw",
-                        device.name
-                    )));
-                }
                 let zeroing = if *write_zero {
                     Zeroing::WriteZeros
                 } else {
                     Zeroing::AssumeZeroed
                 };
-                extractor = extractor.target_zeroing(&device.name, path, zeroing);
+                extractor = match format.as_deref().filter(|f| *f != "raw") {
+                    // Any other format through QEMU's block layer.
+                    Some(f) => {
+                        let sink = open_target(device, path, f)?;
+                        extractor.target_sink(&device.name, path, Box::new(sink), zeroing)
+                    }
+                    None => extractor.target_zeroing(&device.name, path, zeroing),
+                };
                 wanted.push(device.name.clone());
             }
         }

@@ -45,7 +45,7 @@ enum Command {
         #[arg(short = 'c', default_value = "qemu-server.conf")]
         config: String,
     },
-    /// Create an archive from raw images or block devices.
+    /// Create an archive from raw images, block devices or images in any format QEMU reads.
     Create(create::Args),
     /// Extract every device and config into a new directory.
     Extract(extract::Args),
