@@ -33,25 +33,7 @@ mkdir -p "$DIR"
 trap 'rm -rf "$DIR"' EXIT
 
 # --- inputs -------------------------------------------------------------------------------
-python3 - "$DIR" "$SIZE_MIB" <<'PY'
-import os, sys
-d, mib = sys.argv[1], int(sys.argv[2])
-one = 1 << 20
-rnd = os.urandom(one * 8)
-def chunk(i):
-    off = (i * 7919 % 8) * one
-    return rnd[off:off + one]
-with open(os.path.join(d, "mixed.raw"), "wb") as f:      # 1 MiB runs: random, zero, ...
-    for i in range(mib):
-        f.write(chunk(i) if i % 2 == 0 else bytes(one))
-with open(os.path.join(d, "zero90.raw"), "wb") as f:     # 90 % zero
-    for i in range(mib):
-        f.write(chunk(i) if i % 10 == 0 else bytes(one))
-with open(os.path.join(d, "sparse.raw"), "wb") as f:     # sparse: holes with 1 MiB of data every 64 MiB
-    f.truncate(mib * one)
-    for i in range(0, mib, 64):
-        f.seek(i * one); f.write(chunk(i))
-PY
+python3 benches/images.py "$DIR" "$SIZE_MIB"
 sync
 
 # timings NAME CMD [NAME CMD ...]: medians of $RUNS interleaved rounds (benches/timeit.py),

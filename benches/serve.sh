@@ -15,14 +15,8 @@ SERVER=
 cleanup() { [ -n "$SERVER" ] && kill "$SERVER" 2>/dev/null; rm -rf "$DIR"; }
 trap cleanup EXIT
 
-python3 - "$DIR/disk.raw" "$SIZE_MIB" <<'PY'
-import os, sys
-one = 1 << 20
-rnd = os.urandom(one * 8)
-with open(sys.argv[1], "wb") as f:                 # 1 MiB runs: random, zero, ...
-    for i in range(int(sys.argv[2])):
-        f.write(rnd[(i % 8) * one:(i % 8 + 1) * one] if i % 2 == 0 else bytes(one))
-PY
+python3 benches/images.py "$DIR" "$SIZE_MIB" mixed
+mv "$DIR/mixed.raw" "$DIR/disk.raw"
 "$VMA" create "$DIR/a.vma" -d "format=raw:drive-scsi0=$DIR/disk.raw"
 "$VMA" serve "$DIR/a.vma" --socket "$DIR/s.sock" 2>/dev/null & SERVER=$!
 while [ ! -S "$DIR/s.sock" ]; do sleep 0.05; done

@@ -151,6 +151,12 @@ fn qemu_img(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `qemu-img convert` of `from` (in `from_format`) into a new `to` (in `to_format`).
+fn convert(from: &Path, from_format: &str, to: &Path, to_format: &str) {
+    let (from, to) = (from.to_str().unwrap(), to.to_str().unwrap());
+    qemu_img(&["convert", "-f", from_format, "-O", to_format, from, to]);
+}
+
 fn qemu_io(image: &str, format: &str, commands: &[&str]) {
     let mut args = vec!["-f", format];
     for c in commands {
@@ -379,15 +385,7 @@ fn restore_with_write_zeros_over_old_data_keeps_the_image_as_it_was() {
         }
         let back = s.path("back.raw");
         let _ = fs::remove_file(&back);
-        qemu_img(&[
-            "convert",
-            "-f",
-            format,
-            "-O",
-            "raw",
-            t,
-            back.to_str().unwrap(),
-        ]);
+        convert(&target, format, &back, "raw");
         let got = fs::read(&back).unwrap();
         assert!(got[..dev.len()] == dev[..], "{format}: the device's bytes");
         assert!(
@@ -533,16 +531,7 @@ fn create_from_every_format_and_a_backing_chain() {
     device_image(&raw, 5);
     for format in ["qcow2", "vmdk", "vdi", "vhdx", "qed", "vpc"] {
         let image = s.path(&format!("src.{format}"));
-        let i = image.to_str().unwrap();
-        qemu_img(&[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            format,
-            raw.to_str().unwrap(),
-            i,
-        ]);
+        convert(&raw, "raw", &image, format);
         assert_backs_up(&s, &image, format, format);
     }
     // format=raw: read directly (not through the daemon), the same content.
@@ -678,15 +667,7 @@ fn qemu_storage_daemon_missing() {
     std::os::unix::fs::symlink(qemu_img_path.trim(), bin.join("qemu-img")).unwrap();
     let path = bin.to_str().unwrap();
     let qcow = s.path("src.qcow2");
-    qemu_img(&[
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        raw.to_str().unwrap(),
-        qcow.to_str().unwrap(),
-    ]);
+    convert(&raw, "raw", &qcow, "qcow2");
 
     let run = |args: &[&str]| {
         let out = s.command(args).env("PATH", path).output().unwrap();
@@ -821,15 +802,7 @@ fn the_daemon_killed_midway() {
 
     // create: the reader fails, no archive appears.
     let qcow = s.path("src.qcow2");
-    qemu_img(&[
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        raw.to_str().unwrap(),
-        qcow.to_str().unwrap(),
-    ]);
+    convert(&raw, "raw", &qcow, "qcow2");
     let fifo = s.path("out.fifo");
     let status = Command::new("mkfifo").arg(&fifo).status().unwrap();
     assert!(status.success());
@@ -889,15 +862,7 @@ fn a_device_size_off_the_512_byte_grid() {
             assert!(out.status.success(), "{format}: {}", stderr(&out));
             let back = s.path("back.raw");
             let _ = fs::remove_file(&back);
-            qemu_img(&[
-                "convert",
-                "-f",
-                format,
-                "-O",
-                "raw",
-                t,
-                back.to_str().unwrap(),
-            ]);
+            convert(&target, format, &back, "raw");
             let got = fs::read(&back).unwrap();
             assert!(got[..size] == data[..], "{format} {w}: the device's bytes");
             assert!(

@@ -11,10 +11,9 @@ use vma_iobuf::AlignedBuf;
 
 use crate::error::{Error, Result};
 use crate::stream::{
-    core_accessors, read_extents, sealed, ArchiveStream, Core, Extent, Fill, Input,
+    core_accessors, read_extents, sealed, stream_methods, ArchiveStream, Core, Extent, Fill, Input,
 };
-use crate::{IntegrityReport, ReadOptions, ReadProgress, VerifyReport};
-use vma_format::ArchiveHeader;
+use crate::ReadOptions;
 
 /// Buffers of a prefetching reader: one being filled, one ready, one in use. Each holds
 /// one extent of the largest size, or smaller ones up to 1 MiB in all.
@@ -88,30 +87,7 @@ impl PrefetchingReader {
 impl sealed::Stream for PrefetchingReader {}
 
 impl ArchiveStream for PrefetchingReader {
-    fn header(&self) -> &ArchiveHeader {
-        self.core.header()
-    }
-    fn next_extent(&mut self) -> Result<Option<Extent<'_>>> {
-        PrefetchingReader::next_extent(self)
-    }
-    fn position(&self) -> u64 {
-        self.core.position()
-    }
-    fn progress(&self) -> ReadProgress {
-        self.core.progress()
-    }
-    fn is_finished(&self) -> bool {
-        self.core.is_finished()
-    }
-    fn integrity(&self) -> &IntegrityReport {
-        self.core.integrity()
-    }
-    fn report(&self) -> VerifyReport {
-        self.core.report()
-    }
-    fn memory(&self) -> usize {
-        PrefetchingReader::memory(self)
-    }
+    stream_methods!(PrefetchingReader);
 }
 
 /// The reading thread of a prefetching reader, its two channels (filled buffers to the

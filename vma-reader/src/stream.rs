@@ -124,6 +124,38 @@ macro_rules! core_accessors {
 }
 pub(crate) use core_accessors;
 
+/// The [`ArchiveStream`] methods of a reader type with a `core` and inherent
+/// `next_extent` and `memory` (one list for both readers).
+macro_rules! stream_methods {
+    ($reader:ident) => {
+        fn header(&self) -> &vma_format::ArchiveHeader {
+            self.core.header()
+        }
+        fn next_extent(&mut self) -> $crate::Result<Option<$crate::Extent<'_>>> {
+            $reader::next_extent(self)
+        }
+        fn position(&self) -> u64 {
+            self.core.position()
+        }
+        fn progress(&self) -> $crate::ReadProgress {
+            self.core.progress()
+        }
+        fn is_finished(&self) -> bool {
+            self.core.is_finished()
+        }
+        fn integrity(&self) -> &$crate::IntegrityReport {
+            self.core.integrity()
+        }
+        fn report(&self) -> $crate::VerifyReport {
+            self.core.report()
+        }
+        fn memory(&self) -> usize {
+            $reader::memory(self)
+        }
+    };
+}
+pub(crate) use stream_methods;
+
 impl<R> StreamReader<R> {
     core_accessors!();
 
@@ -167,30 +199,7 @@ pub trait ArchiveStream: sealed::Stream {
 impl<R: Read> sealed::Stream for StreamReader<R> {}
 
 impl<R: Read> ArchiveStream for StreamReader<R> {
-    fn header(&self) -> &ArchiveHeader {
-        self.core.header()
-    }
-    fn next_extent(&mut self) -> Result<Option<Extent<'_>>> {
-        StreamReader::next_extent(self)
-    }
-    fn position(&self) -> u64 {
-        self.core.position()
-    }
-    fn progress(&self) -> ReadProgress {
-        self.core.progress()
-    }
-    fn is_finished(&self) -> bool {
-        self.core.is_finished()
-    }
-    fn integrity(&self) -> &IntegrityReport {
-        self.core.integrity()
-    }
-    fn report(&self) -> VerifyReport {
-        self.core.report()
-    }
-    fn memory(&self) -> usize {
-        StreamReader::memory(self)
-    }
+    stream_methods!(StreamReader);
 }
 
 /// What [`verify`](crate::verify) and [`Extractor::extract`](crate::Extractor::extract)
