@@ -64,11 +64,17 @@ fn qemu_error(image: &Path, e: vma_nbd::Error) -> CliError {
 }
 
 /// Starts a daemon serving `image` as `format`.
-fn start(image: &Path, format: &str, writable: bool) -> Result<StorageDaemon> {
-    StorageDaemon::builder(image, format)
+/// Starts a daemon that opens `image` as `format` and connects to it, with up to
+/// [`WINDOW`] requests in flight.
+fn open(image: &Path, format: &str, writable: bool) -> Result<(StorageDaemon, Client)> {
+    let daemon = StorageDaemon::builder(image, format)
         .writable(writable)
         .start()
-        .map_err(|e| qemu_error(image, e))
+        .map_err(|e| qemu_error(image, e))?;
+    let client = daemon
+        .connect_with(Client::builder().max_in_flight(WINDOW))
+        .map_err(|e| qemu_error(image, e))?;
+    Ok((daemon, client))
 }
 
 /// Creates a new image of `size` bytes with `qemu-img create` (it must not exist).
@@ -97,10 +103,7 @@ pub(crate) struct NbdSink {
 impl NbdSink {
     /// Opens `image` as `format` for writing.
     pub(crate) fn open(image: &Path, format: &str) -> Result<NbdSink> {
-        let daemon = start(image, format, true)?;
-        let client = daemon
-            .connect_with(Client::builder().max_in_flight(WINDOW))
-            .map_err(|e| qemu_error(image, e))?;
+        let (daemon, client) = open(image, format, true)?;
         Ok(NbdSink {
             image: image.to_owned(),
             min: u64::from(client.block_size().min.max(1)),
@@ -243,10 +246,7 @@ pub(crate) struct NbdSource {
 impl NbdSource {
     /// Opens `image` as `format` for reading.
     pub(crate) fn open(image: &Path, format: &str) -> Result<NbdSource> {
-        let daemon = start(image, format, false)?;
-        let client = daemon
-            .connect_with(Client::builder().max_in_flight(WINDOW))
-            .map_err(|e| qemu_error(image, e))?;
+        let (daemon, client) = open(image, format, false)?;
         Ok(NbdSource {
             len: client.size(),
             daemon,

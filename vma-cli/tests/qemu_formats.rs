@@ -77,15 +77,19 @@ impl Scratch {
         out
     }
 
-    /// `vma ARGS` with `input` on its standard input.
-    fn vma_stdin(&self, args: &[&str], input: &[u8]) -> Output {
-        let mut child = self
-            .command(args)
+    /// `vma ARGS` started with its standard input, output and error piped.
+    fn spawn_piped(&self, args: &[&str]) -> std::process::Child {
+        self.command(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .unwrap();
+            .unwrap()
+    }
+
+    /// `vma ARGS` with `input` on its standard input.
+    fn vma_stdin(&self, args: &[&str], input: &[u8]) -> Output {
+        let mut child = self.spawn_piped(args);
         let mut stdin = child.stdin.take().unwrap();
         let input = input.to_vec();
         let feeder = std::thread::spawn(move || {
@@ -149,6 +153,12 @@ fn qemu_img(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `qemu-img create` of a new, empty `path` in `format`, `size` as qemu-img reads it
+/// (bytes, or with a suffix such as `K`).
+fn create(path: &Path, format: &str, size: &str) {
+    qemu_img(&["create", "-q", "-f", format, path.to_str().unwrap(), size]);
 }
 
 /// `qemu-img convert` of `from` (in `from_format`) into a new `to` (in `to_format`).
@@ -215,6 +225,16 @@ fn zero_runs(mib: usize) -> Vec<u64> {
 }
 
 /// An archive with the device as drive-scsi0, made from the raw image.
+/// A scratch folder holding `dev.raw`, a device image of about `mib` MiB (whose bytes are
+/// returned too), and its archive.
+fn with_archive(mib: usize) -> (Scratch, PathBuf, Vec<u8>, PathBuf) {
+    let s = Scratch::new();
+    let raw = s.path("dev.raw");
+    let dev = device_image(&raw, mib);
+    let a = archive(&s, &raw);
+    (s, raw, dev, a)
+}
+
 fn archive(s: &Scratch, raw: &Path) -> PathBuf {
     let a = s.path("disk.vma");
     if !a.exists() {
@@ -270,6 +290,15 @@ fn info(image: &Path) -> serde_json::Value {
     .unwrap()
 }
 
+/// A new qcow2 `target` of `raw`'s size and a map restoring `drive-scsi0` into it with
+/// write-zero flag `w`.
+fn qcow2_target(s: &Scratch, target: &Path, raw: &Path, w: u8) -> PathBuf {
+    let size = fs::metadata(raw).unwrap().len();
+    create(target, "qcow2", &size.to_string());
+    let t = target.display();
+    map_file(s, &[format!("format=qcow2:{w}:drive-scsi0={t}")])
+}
+
 fn map_file(s: &Scratch, lines: &[String]) -> PathBuf {
     let map = s.path("map");
     let mut text = lines.join("\n");
@@ -296,22 +325,12 @@ fn restore(s: &Scratch, map: &Path, archive: &Path, dir: &str) -> Output {
 #[test]
 #[ignore = "needs qemu-utils"]
 fn restore_into_fresh_images_of_every_format() {
-    let s = Scratch::new();
-    let raw = s.path("dev.raw");
-    let dev = device_image(&raw, 6);
-    let a = archive(&s, &raw);
+    let (s, raw, dev, a) = with_archive(6);
     for format in WRITABLE.iter().chain(&["raw"]) {
         let target = s.path(&format!("target.{format}"));
         // As Proxmox allocates: the device size rounded up to KiB.
         let kib = dev.len().div_ceil(1024);
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            format,
-            target.to_str().unwrap(),
-            &format!("{kib}K"),
-        ]);
+        create(&target, format, &format!("{kib}K"));
         let map = map_file(
             &s,
             &[format!(
@@ -335,20 +354,10 @@ fn restore_into_fresh_images_of_every_format() {
 #[test]
 #[ignore = "needs qemu-utils"]
 fn restore_with_write_zeros_over_old_data_keeps_the_image_as_it_was() {
-    let s = Scratch::new();
-    let raw = s.path("dev.raw");
-    let dev = device_image(&raw, 5);
-    let a = archive(&s, &raw);
+    let (s, _, dev, a) = with_archive(5);
     let size = dev.len() + 3 * MIB;
     let base = s.path("base.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        base.to_str().unwrap(),
-        &size.to_string(),
-    ]);
+    create(&base, "qcow2", &size.to_string());
     qemu_io(
         base.to_str().unwrap(),
         "qcow2",
@@ -372,7 +381,7 @@ fn restore_with_write_zeros_over_old_data_keeps_the_image_as_it_was() {
                 t,
             ]);
         } else {
-            qemu_img(&["create", "-q", "-f", format, t, &size.to_string()]);
+            create(&target, format, &size.to_string());
             qemu_io(t, format, &[&format!("write -P 0xee 0 {size}")]);
         }
         let before = info(&target);
@@ -421,14 +430,7 @@ fn restore_two_devices_into_two_formats_from_a_pipe() {
             .unwrap()
             .len();
         let target = s.path(&format!("{name}.{format}"));
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            format,
-            target.to_str().unwrap(),
-            &size.to_string(),
-        ]);
+        create(&target, format, &size.to_string());
         lines.push(format!("format={format}:1:{name}={}", target.display()));
         targets.push((name, format, target));
     }
@@ -455,10 +457,7 @@ fn restore_two_devices_into_two_formats_from_a_pipe() {
 #[test]
 #[ignore = "needs qemu-utils"]
 fn extract_straight_to_every_format_from_a_file_and_a_pipe() {
-    let s = Scratch::new();
-    let raw = s.path("dev.raw");
-    device_image(&raw, 4);
-    let a = archive(&s, &raw);
+    let (s, raw, _, a) = with_archive(4);
     let bytes = fs::read(&a).unwrap();
     for format in WRITABLE {
         for pipe in [false, true] {
@@ -570,10 +569,7 @@ fn create_from_every_format_and_a_backing_chain() {
 #[test]
 #[ignore = "needs qemu-utils"]
 fn images_qemu_cannot_open_and_wrong_format_names() {
-    let s = Scratch::new();
-    let raw = s.path("dev.raw");
-    device_image(&raw, 1);
-    let a = archive(&s, &raw);
+    let (s, raw, _, a) = with_archive(1);
     let out_vma = s.path("out.vma");
     let o = out_vma.to_str().unwrap();
     let r = raw.to_str().unwrap();
@@ -626,20 +622,10 @@ fn images_qemu_cannot_open_and_wrong_format_names() {
 #[test]
 #[ignore = "needs qemu-utils"]
 fn a_target_smaller_than_the_device_is_refused_before_writing() {
-    let s = Scratch::new();
-    let raw = s.path("dev.raw");
-    let dev = device_image(&raw, 2);
-    let a = archive(&s, &raw);
+    let (s, _, dev, a) = with_archive(2);
     let target = s.path("small.qcow2");
     let t = target.to_str().unwrap();
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        t,
-        &(dev.len() - 512).to_string(),
-    ]);
+    create(&target, "qcow2", &(dev.len() - 512).to_string());
     let map = map_file(&s, &[format!("format=qcow2:0:drive-scsi0={t}")]);
     let out = restore(&s, &map, &a, "restored");
     assert_fails(&out, 2, &[t, "target holds", "drive-scsi0"]);
@@ -650,10 +636,7 @@ fn a_target_smaller_than_the_device_is_refused_before_writing() {
 #[test]
 #[ignore = "needs qemu-utils"]
 fn qemu_storage_daemon_missing() {
-    let s = Scratch::new();
-    let raw = s.path("dev.raw");
-    device_image(&raw, 1);
-    let a = archive(&s, &raw);
+    let (s, raw, _, a) = with_archive(1);
     let bin = s.path("bin");
     fs::create_dir(&bin).unwrap();
     let qemu_img_path = String::from_utf8(
@@ -734,13 +717,7 @@ fn kill_daemon(s: &Scratch) {
 
 /// `vma ARGS` fed `input` from a pipe, the daemon killed when half of it went in.
 fn kill_midway(s: &Scratch, args: &[&str], input: &[u8]) -> Output {
-    let mut child = s
-        .command(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = s.spawn_piped(args);
     let mut stdin = child.stdin.take().unwrap();
     let half = input.len() / 2;
     stdin.write_all(&input[..half]).unwrap();
@@ -755,24 +732,13 @@ fn kill_midway(s: &Scratch, args: &[&str], input: &[u8]) -> Output {
 #[test]
 #[ignore = "needs qemu-utils"]
 fn the_daemon_killed_midway() {
-    let s = Scratch::new();
-    let raw = s.path("dev.raw");
-    device_image(&raw, 48);
-    let a = archive(&s, &raw);
+    let (s, raw, _, a) = with_archive(48);
     let bytes = fs::read(&a).unwrap();
 
     // A restore into an existing qcow2.
     let target = s.path("t.qcow2");
     let t = target.to_str().unwrap();
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        t,
-        &fs::metadata(&raw).unwrap().len().to_string(),
-    ]);
-    let map = map_file(&s, &[format!("format=qcow2:1:drive-scsi0={t}")]);
+    let map = qcow2_target(&s, &target, &raw, 1);
     let out = kill_midway(
         &s,
         &[
@@ -855,7 +821,7 @@ fn a_device_size_off_the_512_byte_grid() {
         for w in [0, 1] {
             let target = s.path(&format!("odd-{w}.{format}"));
             let t = target.to_str().unwrap();
-            qemu_img(&["create", "-q", "-f", format, t, &target_size.to_string()]);
+            create(&target, format, &target_size.to_string());
             qemu_io(t, format, &[&format!("write -P 0xee 0 {target_size}")]);
             let map = map_file(&s, &[format!("format={format}:{w}:drive-scsi0={t}")]);
             let out = restore(&s, &map, &a, &format!("out-{format}-{w}"));
@@ -892,10 +858,7 @@ impl Drop for Tmpfs {
 fn a_full_disk_under_the_target() {
     // SAFETY: geteuid has no preconditions.
     assert_eq!(unsafe { libc::geteuid() }, 0, "this test must run as root");
-    let s = Scratch::new();
-    let raw = s.path("dev.raw");
-    device_image(&raw, 8);
-    let a = archive(&s, &raw);
+    let (s, raw, _, a) = with_archive(8);
     let full = s.path("full");
     fs::create_dir(&full).unwrap();
     let status = Command::new("mount")
@@ -919,15 +882,7 @@ fn a_full_disk_under_the_target() {
 
     let target = full.join("t.qcow2");
     let t = target.to_str().unwrap();
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        t,
-        &fs::metadata(&raw).unwrap().len().to_string(),
-    ]);
-    let map = map_file(&s, &[format!("format=qcow2:0:drive-scsi0={t}")]);
+    let map = qcow2_target(&s, &target, &raw, 0);
     let out = restore(&s, &map, &a, "restored");
     assert_fails(&out, 4, &[t, "ENOSPC"]);
 }

@@ -84,6 +84,11 @@ fn qemu_img(args: &[&str]) {
     );
 }
 
+/// `qemu-img convert -f FROM_FORMAT FROM -O TO_FORMAT TO`.
+fn convert(from_format: &str, from: &str, to_format: &str, to: &str) {
+    qemu_img(&["convert", "-f", from_format, from, "-O", to_format, to]);
+}
+
 #[test]
 #[ignore = "needs QEMU's tools (qemu-img, qemu-io); scripts/test runs it with --include-ignored"]
 fn every_device_converts_to_raw_and_qcow2_byte_exact() {
@@ -103,15 +108,7 @@ fn every_device_converts_to_raw_and_qcow2_byte_exact() {
         for dev in devices {
             let want = v.file(&format!("disk-{dev}.raw")).unwrap();
             let raw = tmp.path().join(format!("{dev}.raw"));
-            qemu_img(&[
-                "convert",
-                "-f",
-                "raw",
-                &serve.url(dev),
-                "-O",
-                "raw",
-                raw.to_str().unwrap(),
-            ]);
+            convert("raw", &serve.url(dev), "raw", raw.to_str().unwrap());
             assert_eq!(
                 fs::metadata(&raw).unwrap().len(),
                 want.size,
@@ -121,24 +118,13 @@ fn every_device_converts_to_raw_and_qcow2_byte_exact() {
             assert_eq!(sha256_file(&raw), want.sha256, "{} {dev} raw", v.file);
             let qcow = tmp.path().join(format!("{dev}.qcow2"));
             let back = tmp.path().join(format!("{dev}.back.raw"));
-            qemu_img(&[
-                "convert",
-                "-f",
-                "raw",
-                &serve.url(dev),
-                "-O",
+            convert("raw", &serve.url(dev), "qcow2", qcow.to_str().unwrap());
+            convert(
                 "qcow2",
                 qcow.to_str().unwrap(),
-            ]);
-            qemu_img(&[
-                "convert",
-                "-f",
-                "qcow2",
-                qcow.to_str().unwrap(),
-                "-O",
                 "raw",
                 back.to_str().unwrap(),
-            ]);
+            );
             assert_eq!(
                 sha256_file(&back),
                 want.sha256,
@@ -260,15 +246,12 @@ fn writes_unknown_exports_and_broken_clients_do_not_hurt_the_server() {
 
     // Still serving, still byte-exact.
     let raw = tmp.path().join("sata0.raw");
-    qemu_img(&[
-        "convert",
-        "-f",
+    convert(
         "raw",
         &serve.url("drive-sata0"),
-        "-O",
         "raw",
         raw.to_str().unwrap(),
-    ]);
+    );
     assert_eq!(
         sha256_file(&raw),
         v.file("disk-drive-sata0.raw").unwrap().sha256

@@ -6,13 +6,68 @@ use common::*;
 
 const MIB: usize = 1 << 20;
 
+/// `qemu-img convert` of export `name` of the server on `sock` into a new `out` in
+/// `format`.
+fn convert_export(name: &str, sock: &std::path::Path, out: &std::path::Path, format: &str) {
+    let uri = nbd_uri(name, sock);
+    let out = out.to_str().unwrap();
+    run_ok(
+        "qemu-img",
+        &["convert", "-f", "raw", "-O", format, &uri, out],
+    );
+}
+
+/// One RAM disk holding `data` served as `name` (QEMU's tools required): the export, its
+/// NBD URI, and what keeps the server running.
+fn serve_one(
+    name: &str,
+    data: Vec<u8>,
+    read_only: bool,
+) -> (
+    std::sync::Arc<vma_nbd::MemExport>,
+    String,
+    (tempfile::TempDir, vma_nbd::ServerHandle),
+) {
+    require_qemu_tools();
+    let e = mem(data, read_only);
+    let (dir, sock, h) = start(vec![(name, e.clone())]);
+    (e, nbd_uri(name, &sock), (dir, h))
+}
+
+/// What a copy into an export starts from (QEMU's tools required): a source image of
+/// `len` bytes with `holes` zeroed, written to `src.raw` in the server's folder, and a
+/// writable export of the same size full of 0xff, served as `drive-scsi0`.
+struct CopyCase {
+    src: Vec<u8>,
+    src_path: std::path::PathBuf,
+    export: std::sync::Arc<vma_nbd::MemExport>,
+    sock: std::path::PathBuf,
+    _server: (tempfile::TempDir, vma_nbd::ServerHandle),
+}
+
+fn copy_case(len: usize, seed: u8, holes: [std::ops::Range<usize>; 2]) -> CopyCase {
+    require_qemu_tools();
+    let mut src = pattern(len, seed);
+    for h in holes {
+        src[h].fill(0);
+    }
+    let export = mem(vec![0xff; len], false);
+    let (dir, sock, h) = start(vec![("drive-scsi0", export.clone())]);
+    let src_path = dir.path().join("src.raw");
+    std::fs::write(&src_path, &src).unwrap();
+    CopyCase {
+        src,
+        src_path,
+        export,
+        sock,
+        _server: (dir, h),
+    }
+}
+
 #[test]
 #[ignore = "needs QEMU (qemu-utils); scripts/test runs it with --include-ignored"]
 fn qemu_io_write_then_read() {
-    require_qemu_tools();
-    let e = mem(vec![0; 4 * MIB], false);
-    let (_d, sock, _h) = start(vec![("drive-scsi0", e.clone())]);
-    let uri = nbd_uri("drive-scsi0", &sock);
+    let (e, uri, _server) = serve_one("drive-scsi0", vec![0; 4 * MIB], false);
     qemu_io(
         &["-f", "raw"],
         &uri,
@@ -39,10 +94,7 @@ fn qemu_io_write_then_read() {
 #[test]
 #[ignore = "needs QEMU (qemu-utils); scripts/test runs it with --include-ignored"]
 fn qemu_io_pipelined_aio() {
-    require_qemu_tools();
-    let e = mem(vec![0; 8 * MIB], false);
-    let (_d, sock, _h) = start(vec![("d", e.clone())]);
-    let uri = nbd_uri("d", &sock);
+    let (e, uri, _server) = serve_one("d", vec![0; 8 * MIB], false);
     let mut commands: Vec<String> = (0..8)
         .map(|i| format!("aio_write -P {} {}M 1M", 0x10 + i, i))
         .collect();
@@ -84,18 +136,7 @@ fn qemu_img_convert_raw_is_exact() {
     let e = mem(data.clone(), true);
     let (dir, sock, _h) = start(vec![("drive-virtio0", e)]);
     let out = dir.path().join("out.raw");
-    run_ok(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &nbd_uri("drive-virtio0", &sock),
-            out.to_str().unwrap(),
-        ],
-    );
+    convert_export("drive-virtio0", &sock, &out, "raw");
     assert_eq!(std::fs::read(&out).unwrap(), data);
 }
 
@@ -113,18 +154,7 @@ fn qemu_img_convert_to_qcow2_keeps_holes() {
     let out = dir.path().join("out.qcow2");
     let raw = dir.path().join("ref.raw");
     std::fs::write(&raw, &data).unwrap();
-    run_ok(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            &nbd_uri("disk", &sock),
-            out.to_str().unwrap(),
-        ],
-    );
+    convert_export("disk", &sock, &out, "qcow2");
     assert!(
         e.block_status_calls() > 0,
         "qemu-img did not query block status"
@@ -173,14 +203,7 @@ fn qemu_img_convert_to_qcow2_keeps_holes() {
 fn qemu_img_convert_into_writable_export() {
     // Like a backup job: many pipelined 1 MiB writes and write-zeroes,
     // out of order, then a flush.
-    require_qemu_tools();
-    let mut src = pattern(16 * MIB, 13);
-    src[3 * MIB..5 * MIB].fill(0);
-    src[9 * MIB + 4096..10 * MIB].fill(0);
-    let e = mem(vec![0xff; 16 * MIB], false);
-    let (dir, sock, _h) = start(vec![("drive-scsi0", e.clone())]);
-    let src_path = dir.path().join("src.raw");
-    std::fs::write(&src_path, &src).unwrap();
+    let c = copy_case(16 * MIB, 13, [3 * MIB..5 * MIB, 9 * MIB + 4096..10 * MIB]);
     run_ok(
         "qemu-img",
         &[
@@ -193,21 +216,21 @@ fn qemu_img_convert_into_writable_export() {
             "raw",
             "-O",
             "raw",
-            src_path.to_str().unwrap(),
-            &nbd_uri("drive-scsi0", &sock),
+            c.src_path.to_str().unwrap(),
+            &nbd_uri("drive-scsi0", &c.sock),
         ],
     );
-    assert!(e.snapshot() == src, "exported data differs from the source");
-    assert!(e.flushes() >= 1);
+    assert!(
+        c.export.snapshot() == c.src,
+        "exported data differs from the source"
+    );
+    assert!(c.export.flushes() >= 1);
 }
 
 #[test]
 #[ignore = "needs QEMU (qemu-utils); scripts/test runs it with --include-ignored"]
 fn qemu_io_write_to_read_only_export_fails() {
-    require_qemu_tools();
-    let e = mem(pattern(MIB, 1), true);
-    let (_d, sock, _h) = start(vec![("ro", e.clone())]);
-    let uri = nbd_uri("ro", &sock);
+    let (e, uri, _server) = serve_one("ro", pattern(MIB, 1), true);
     // Opened read-write: QEMU refuses the read-only export.
     let out = run("qemu-io", &["-f", "raw", &uri, "-c", "write -P 0xab 0 64k"]);
     let text = format!(
@@ -275,28 +298,21 @@ fn qemu_blockdev_backup_into_export() {
     use std::process::{Command, Stdio};
     use std::time::Duration;
 
-    require_qemu_tools();
-    let mut src = pattern(8 * MIB, 21);
-    src[2 * MIB..3 * MIB].fill(0);
-    src[5 * MIB + 4096..6 * MIB].fill(0);
-    let e = mem(vec![0xff; 8 * MIB], false);
-    let (dir, sock, _h) = start(vec![("drive-scsi0", e.clone())]);
-    let src_path = dir.path().join("src.raw");
-    std::fs::write(&src_path, &src).unwrap();
+    let c = copy_case(8 * MIB, 21, [2 * MIB..3 * MIB, 5 * MIB + 4096..6 * MIB]);
 
     let mut child = Command::new("qemu-storage-daemon")
         .args([
             "--blockdev",
             &format!(
                 "driver=file,filename={},node-name=file0",
-                src_path.display()
+                c.src_path.display()
             ),
             "--blockdev",
             "driver=raw,file=file0,node-name=src",
             "--blockdev",
             &format!(
                 "driver=nbd,server.type=unix,server.path={},export=drive-scsi0,node-name=tgt",
-                sock.display()
+                c.sock.display()
             ),
             "--chardev",
             "stdio,id=qmp0",
@@ -343,5 +359,8 @@ fn qemu_blockdev_backup_into_export() {
     assert!(done.contains(&format!("\"offset\": {}", 8 * MIB)), "{done}");
     writeln!(stdin, r#"{{"execute": "quit"}}"#).unwrap();
     assert!(child.wait().unwrap().success());
-    assert!(e.snapshot() == src, "backup data differs from the source");
+    assert!(
+        c.export.snapshot() == c.src,
+        "backup data differs from the source"
+    );
 }

@@ -107,16 +107,13 @@ fn a_failing_sink_fails_the_extraction_naming_its_label() {
         .find(|v| v.file.starts_with("vec1"))
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let err = Extractor::new(dir.path())
-        .target_sink(
-            "drive-scsi0",
-            "/images/x.qcow2",
-            Box::new(FailingSink),
-            Zeroing::WriteZeros,
-        )
-        .extract(&v.bytes()[..])
-        .unwrap_err();
-    let msg = err.to_string();
+    let fail_into = |device: &str, label: &str| {
+        Extractor::new(dir.path())
+            .target_sink(device, label, Box::new(FailingSink), Zeroing::WriteZeros)
+            .extract(&v.bytes()[..])
+            .unwrap_err()
+    };
+    let msg = fail_into("drive-scsi0", "/images/x.qcow2").to_string();
     assert!(
         msg.contains("/images/x.qcow2") && msg.contains("went away"),
         "{msg}"
@@ -125,14 +122,6 @@ fn a_failing_sink_fails_the_extraction_naming_its_label() {
         std::fs::read_dir(dir.path()).unwrap().next().is_none(),
         "nothing left"
     );
-    let err = Extractor::new(dir.path())
-        .target_sink(
-            "drive-nope",
-            "/x",
-            Box::new(FailingSink),
-            Zeroing::WriteZeros,
-        )
-        .extract(&v.bytes()[..])
-        .unwrap_err();
+    let err = fail_into("drive-nope", "/x");
     assert!(err.to_string().contains("drive-nope"), "{err}");
 }
