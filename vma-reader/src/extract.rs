@@ -356,15 +356,13 @@ impl<'a> Extractor<'a> {
         })
     }
 
-    /// Plans and opens every device output: checks names, selections and targets before
-    /// creating anything.
-    #[allow(clippy::too_many_lines)] // reason: being split in a parallel change (issue 19)
-    fn open_devices(
+    /// Where each selected device goes, every name, selection and target checked (and
+    /// every final name claimed) before anything is created.
+    fn plan<'d>(
         &self,
-        devices: &[DeviceInfo],
+        devices: &'d [DeviceInfo],
         configs: &[vma_format::ConfigEntry],
-        outputs: &mut Outputs,
-    ) -> Result<Vec<Option<DeviceSink>>> {
+    ) -> Result<Vec<(&'d DeviceInfo, Plan)>> {
         let known = |name: &str| devices.iter().any(|d| d.name == name);
         for name in self.devices.iter().flatten() {
             if !known(name) {
@@ -415,37 +413,25 @@ impl<'a> Extractor<'a> {
                 self.claim_name(&mut names, name)?;
             }
         }
+        Ok(planned)
+    }
+
+    /// Plans and opens every device output: checks names, selections and targets before
+    /// creating anything.
+    fn open_devices(
+        &self,
+        devices: &[DeviceInfo],
+        configs: &[vma_format::ConfigEntry],
+        outputs: &mut Outputs,
+    ) -> Result<Vec<Option<DeviceSink>>> {
+        let planned = self.plan(devices, configs)?;
 
         // Existing targets: open and size-check all before changing any.
         let mut opened = Vec::new();
         for (d, plan) in &planned {
             if let Plan::Existing(path) = plan {
-                let file = OpenOptions::new()
-                    .write(true)
-                    .open(path)
-                    .map_err(|e| Error::write(path, e))?;
-                let meta = file.metadata().map_err(|e| Error::write(path, e))?;
-                let len = if meta.file_type().is_block_device() {
-                    (&file)
-                        .seek(SeekFrom::End(0))
-                        .map_err(|e| Error::write(path, e))?
-                } else if meta.is_file() {
-                    u64::MAX
-                } else {
-                    return Err(Error::Usage(format!(
-                        "{}: a target must be a regular file or a block device",
-                        path.display()
-                    )));
-                };
-                if len < d.size {
-                    return Err(Error::TargetTooSmall {
-                        path: path.clone(),
-                        device: d.name.clone(),
-                        target_size: len,
-                        size: d.size,
-                    });
-                }
-                opened.push((d.id, file, meta.is_file()));
+                let (file, regular) = open_existing(path, d)?;
+                opened.push((d.id, file, regular));
             }
         }
 
@@ -600,6 +586,38 @@ fn attach_sinks(
         ));
     }
     Ok(())
+}
+
+/// Opens an existing target for writing and checks that it can hold `d`: a block device
+/// at least as large, or a regular file (any size; it grows). Returns the file and whether
+/// it is a regular file.
+fn open_existing(path: &Path, d: &DeviceInfo) -> Result<(File, bool)> {
+    let file = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::write(path, e))?;
+    let meta = file.metadata().map_err(|e| Error::write(path, e))?;
+    let len = if meta.file_type().is_block_device() {
+        (&file)
+            .seek(SeekFrom::End(0))
+            .map_err(|e| Error::write(path, e))?
+    } else if meta.is_file() {
+        u64::MAX
+    } else {
+        return Err(Error::Usage(format!(
+            "{}: a target must be a regular file or a block device",
+            path.display()
+        )));
+    };
+    if len < d.size {
+        return Err(Error::TargetTooSmall {
+            path: path.to_owned(),
+            device: d.name.clone(),
+            target_size: len,
+            size: d.size,
+        });
+    }
+    Ok((file, meta.is_file()))
 }
 
 enum Plan {
