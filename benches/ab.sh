@@ -5,8 +5,8 @@
 #
 #   benches/ab.sh BASE_REV [SIZE_MIB] [RUNS]  (defaults: 1024 MiB, 5 runs)
 #
-# BASE_REV is built in a temporary git worktree with its own target folder (a full release
-# build, a few minutes). Inputs are the mixed and 90 %-zero images of compare.sh. The page
+# BASE_REV is built once in a detached git worktree with its own target folder under
+# target/ab/<commit>/ (a full release build, a few minutes), kept for the next run. Inputs are the mixed and 90 %-zero images of compare.sh. The page
 # cache is warm for every measurement, as in compare.sh: CPU and memory costs, not disk.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,17 +19,16 @@ base_commit=$(git rev-parse --verify "$BASE^{commit}")
 
 DIR=${BENCH_DIR:-$(mktemp -d /var/tmp/vma-ab.XXXXXX)}
 mkdir -p "$DIR"
-cleanup() {
-  git worktree remove --force "$DIR/base" 2>/dev/null || true
-  rm -rf "$DIR"
-}
-trap cleanup EXIT
+trap 'rm -rf "$DIR"' EXIT
 
 cargo build --release --locked -q -p vma-cli
 NEW=${CARGO_TARGET_DIR:-$PWD/target}/release/vma
-git worktree add -q --detach "$DIR/base" "$base_commit"
-(cd "$DIR/base" && CARGO_TARGET_DIR="$DIR/base-target" cargo build --release --locked -q -p vma-cli)
-OLD=$DIR/base-target/release/vma
+BASE_DIR=$PWD/target/ab/$base_commit
+if [ ! -x "$BASE_DIR/target/release/vma" ]; then
+  [ -d "$BASE_DIR/src" ] || git worktree add -q --detach "$BASE_DIR/src" "$base_commit"
+  (cd "$BASE_DIR/src" && CARGO_TARGET_DIR="$BASE_DIR/target" cargo build --release --locked -q -p vma-cli)
+fi
+OLD=$BASE_DIR/target/release/vma
 
 python3 benches/images.py "$DIR" "$SIZE_MIB" mixed zero90
 sync
