@@ -28,6 +28,7 @@ use crate::drives::{self, Drive};
 use crate::error::JobFailure;
 use crate::export::{Counters, DriveExport, Latch};
 use crate::progress::Progress;
+use crate::pve;
 use crate::qmp::{Event, Qmp};
 use crate::Error;
 
@@ -75,6 +76,10 @@ pub struct BackupOptions {
     /// guest's filesystems around the backup transaction. Without it (or
     /// when the agent does not answer) the backup is crash-consistent.
     pub guest_agent: Option<PathBuf>,
+    /// The Proxmox storage the derived `qemu-server.conf` restores every
+    /// drive to (as raw; [`crate::pve`]). No config is derived when
+    /// [`configs`](Self::configs) has a `qemu-server.conf`.
+    pub pve_storage: String,
 }
 
 impl BackupOptions {
@@ -92,6 +97,7 @@ impl BackupOptions {
             x_perf: None,
             cancel: Arc::new(AtomicBool::new(false)),
             guest_agent: None,
+            pve_storage: "local".into(),
         }
     }
 
@@ -275,6 +281,11 @@ pub fn run_backup(opts: &BackupOptions) -> Result<BackupReport, Error> {
     }
 
     let mut all_configs = configs;
+    if !all_configs.iter().any(|(n, _)| n == pve::CONFIG_NAME) {
+        let facts = pve::query_facts(&mut qmp, &drives)?;
+        let conf = pve::qemu_server_conf(&facts, &drives, &opts.pve_storage);
+        all_configs.push((pve::CONFIG_NAME.to_string(), conf.into_bytes()));
+    }
     all_configs.push((
         DRIVES_CONFIG_NAME.to_string(),
         drives_blob(&drives, &version).into_bytes(),

@@ -10,6 +10,7 @@ pub mod drives;
 mod error;
 pub mod export;
 mod progress;
+pub mod pve;
 pub mod qmp;
 
 pub use backup::{run_backup, BackupOptions, BackupReport, Consistency, DriveReport, XPerf};

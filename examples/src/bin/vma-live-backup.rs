@@ -66,6 +66,11 @@ struct Cli {
     /// backup is crash-consistent
     #[arg(long, value_name = "SOCKET")]
     guest_agent: Option<PathBuf>,
+    /// The Proxmox storage id the archive's derived qemu-server.conf restores every
+    /// drive to, as raw (its #qmdump#map lines); no config is derived when --config
+    /// gives a qemu-server.conf
+    #[arg(long, value_name = "ID", default_value = "local")]
+    pve_storage: String,
     /// Compress the archive with zstd (name it .vma.zst)
     #[arg(long)]
     zstd: bool,
@@ -131,6 +136,7 @@ impl Cli {
         opts.zstd = self.zstd;
         opts.progress = !self.no_progress;
         opts.guest_agent = self.guest_agent;
+        opts.pve_storage = self.pve_storage;
         Mode::Backup(Box::new(opts))
     }
 }
@@ -261,6 +267,7 @@ mod tests {
         assert!(!o.zstd && o.progress);
         assert!(o.write_delay.is_none() && o.x_perf.is_none());
         assert!(o.guest_agent.is_none());
+        assert_eq!(o.pve_storage, "local");
 
         let o = backup(&[
             "--qmp=/run/q",
@@ -278,6 +285,8 @@ mod tests {
             "--no-progress",
             "--guest-agent",
             "/run/qga.sock",
+            "--pve-storage",
+            "local-lvm",
         ]);
         assert_eq!(
             o.configs,
@@ -291,6 +300,7 @@ mod tests {
         assert_eq!(o.write_delay, Some(Duration::from_millis(3)));
         assert_eq!(o.x_perf.map(|x| x.max_workers), Some(1));
         assert_eq!(o.guest_agent, Some(PathBuf::from("/run/qga.sock")));
+        assert_eq!(o.pve_storage, "local-lvm");
     }
 
     #[test]
