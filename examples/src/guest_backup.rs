@@ -258,16 +258,18 @@ fn markers(system: &Path, data: &[u8], replay_copy: Option<&Path>) -> Result<Mar
 fn boot_restored(dir: &Path, image: &GuestImage, extracted: &[PathBuf]) -> Result<Restored> {
     let rdir = dir.join("restored-vm");
     std::fs::create_dir(&rdir)?;
-    let disks = extracted
-        .iter()
-        .enumerate()
-        .map(|(i, p)| Disk {
-            path: p.clone(),
+    let mut disks = Vec::new();
+    for (i, p) in extracted.iter().enumerate() {
+        // A copy: booting writes to the disks, the extracted images stay the archive's.
+        let copy = rdir.join(format!("restored{i}.raw"));
+        std::fs::copy(p, &copy)?;
+        disks.push(Disk {
+            path: copy,
             format: "raw".into(),
-            node_name: ["sys", "data"][i.min(1)].to_string() + &i.to_string(),
+            node_name: format!("restored{i}"),
             qdev_id: format!("vd{i}"),
-        })
-        .collect();
+        });
+    }
     let mut g = Guest::boot(&rdir, image, disks, BootOptions::default())?;
     let found = g.found_markers();
     g.poweroff()?;

@@ -165,7 +165,11 @@ fn binary_zstd_selected_drive_with_config() {
     let check = check_archive(&archive, true, &into).unwrap();
     assert_eq!(check.devices.len(), 1);
     assert!(check.devices[0].data == fx.before[1]);
-    assert_eq!(check.configs, ["qemu-server.fw", "vma-live-backup.json"]);
+    // A qemu-server.conf derived from the VM, for Proxmox's restore.
+    assert_eq!(
+        check.configs,
+        ["qemu-server.fw", "qemu-server.conf", "vma-live-backup.json"]
+    );
 
     // The archive is never overwritten: an I/O error, 4 as for vma.
     let again = run_bin(&["--qmp", qmp, "--output", archive.to_str().unwrap()]);
@@ -390,6 +394,66 @@ fn real_guest_frozen_backup_is_consistent_and_boots() {
     assert!(o.archive_read_unreplayed);
     let restored = o.restored.as_ref().unwrap();
     assert_eq!(restored.found, ["before"], "{restored:?}");
+    proxmox_restores_byte_exact(&o);
+}
+
+/// Proxmox's restore, re-enacted (vma-cli/tests/proxmox/restore.pl, qemu-server's
+/// `restore_vma_archive`), restores the live archive onto a directory storage through
+/// the `qemu-server.conf` derived from the VM: raw volumes byte-exact with the
+/// archive's devices, the VM config pointing at them.
+fn proxmox_restores_byte_exact(o: &Outcome) {
+    let work = o.dir().join("pve");
+    let (etc, var_tmp, store) = (
+        work.join("etc-pve"),
+        work.join("var-tmp"),
+        work.join("store"),
+    );
+    for d in [&etc, &var_tmp, &store] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    // Proxmox's restore takes archives under vzdump's names.
+    let archive = work.join("vzdump-qemu-100-2026_12_03-07_00_00.vma");
+    std::fs::copy(&o.archive_path, &archive).unwrap();
+    let vma = vma_examples::guest::vma_binary().unwrap();
+    let mut path = vma.parent().unwrap().as_os_str().to_owned();
+    path.push(":");
+    path.push(std::env::var_os("PATH").unwrap_or_default());
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../vma-cli/tests/proxmox/restore.pl");
+    let out = Command::new("perl")
+        .arg(&script)
+        .arg("--etc-pve")
+        .arg(&etc)
+        .arg("--var-tmp")
+        .arg(&var_tmp)
+        .arg("--storage")
+        .arg(format!("local=dir:{}", store.display()))
+        .arg(&archive)
+        .arg("100")
+        .env("PATH", path)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "restore.pl: {out:?}");
+    let conf = std::fs::read_to_string(etc.join("qemu-server/100.conf")).unwrap();
+    eprintln!("Proxmox restore: the new VM config:\n{conf}");
+    for line in [
+        "cores: 1\n",
+        "memory: 256\n",
+        "virtio0: local:100/vm-100-disk-0.raw,size=48M\n",
+        "virtio1: local:100/vm-100-disk-1.raw,size=32M\n",
+    ] {
+        assert!(conf.contains(line), "{line:?} not in\n{conf}");
+    }
+    assert!(!conf.contains("#qmdump#"), "{conf}");
+    for (i, extracted) in o.extracted.iter().enumerate() {
+        let volume = store.join(format!("images/100/vm-100-disk-{i}.raw"));
+        assert!(
+            std::fs::read(&volume).unwrap() == std::fs::read(extracted).unwrap(),
+            "{} differs from the archive's device {i}",
+            volume.display()
+        );
+    }
 }
 
 /// The same without a running agent (the socket is given, nobody answers):
