@@ -422,6 +422,33 @@ mod tests {
         frozen.thaw().unwrap();
     }
 
+    /// The freeze bound: a freeze that does not answer in time is given up, and the
+    /// guard still thaws.
+    #[test]
+    fn hung_freeze_times_out_and_still_thaws() {
+        let (_dir, path, agent) = fake_agent(|v| match v["execute"].as_str()? {
+            "guest-fsfreeze-freeze" => None,
+            _ => standard(v),
+        });
+        let ga = GuestAgent::connect(&path, SYNC_TIMEOUT).unwrap();
+        let t = Instant::now();
+        let frozen = ga.freeze(Duration::from_millis(300));
+        assert!(
+            matches!(frozen.frozen(), Err(AgentError::Timeout { .. })),
+            "{frozen:?}"
+        );
+        assert!(t.elapsed() < Duration::from_secs(3));
+        frozen.thaw().unwrap();
+        assert_eq!(
+            agent.join().unwrap(),
+            [
+                "guest-sync-delimited",
+                "guest-fsfreeze-freeze",
+                "guest-fsfreeze-thaw"
+            ]
+        );
+    }
+
     #[test]
     fn missing_socket() {
         let err =
