@@ -14,12 +14,14 @@ use vma_live::{run_backup, BackupOptions, Error, ErrorKind};
 
 const USAGE: &str = "vma-live-backup --qmp SOCKET --output FILE [OPTIONS]
        vma-live-backup --demo
-       vma-live-backup --measure [--size-mib N]";
+       vma-live-backup --measure [--size-mib N]
+       vma-live-backup --measure-guest [--size-mib N]";
 
 const EXIT_CODES: &str = "\
 Exit codes (0 to 5 mean what they mean for the vma command):
   0    done
-  1    internal error (a bug: please report it); --demo or --measure failed
+  1    internal error (a bug: please report it); --demo, --measure or
+       --measure-guest failed
   2    usage: the command line or the options cannot work
   3    (not used: vma's code for an invalid or damaged archive)
   4    I/O error: a config file cannot be read; the archive already exists or
@@ -41,14 +43,14 @@ thawed, with --guest-agent) and no archive is left under FILE.";
 #[command(name = "vma-live-backup", version, override_usage = USAGE, after_help = EXIT_CODES)]
 struct Cli {
     /// QEMU's QMP unix socket (-qmp unix:SOCKET,server=on,wait=off)
-    #[arg(long, value_name = "SOCKET", required_unless_present_any = ["demo", "measure"])]
+    #[arg(long, value_name = "SOCKET", required_unless_present_any = ["demo", "measure", "measure_guest"])]
     qmp: Option<PathBuf>,
     /// The archive to create; never overwritten; it appears only once complete
     #[arg(
         short,
         long,
         value_name = "FILE",
-        required_unless_present_any = ["demo", "measure"]
+        required_unless_present_any = ["demo", "measure", "measure_guest"]
     )]
     output: Option<PathBuf>,
     /// Embed FILE as config entry NAME (repeatable)
@@ -87,7 +89,11 @@ struct Cli {
     /// added during a backup
     #[arg(long)]
     measure: bool,
-    /// The disk size of --measure, in MiB
+    /// Measure a real guest's write latency (from inside it) without a backup, during
+    /// QEMU's blockdev-backup to a raw file and during this program's backup
+    #[arg(long)]
+    measure_guest: bool,
+    /// The disk size of --measure and --measure-guest, in MiB
     #[arg(
         long,
         value_name = "N",
@@ -111,12 +117,18 @@ enum Mode {
     Backup(Box<BackupOptions>),
     Demo,
     Measure { size_mib: u64 },
+    MeasureGuest { size_mib: u64 },
 }
 
 impl Cli {
     fn mode(self) -> Mode {
         if self.demo {
             return Mode::Demo;
+        }
+        if self.measure_guest {
+            return Mode::MeasureGuest {
+                size_mib: self.size_mib,
+            };
         }
         if self.measure {
             return Mode::Measure {
@@ -188,6 +200,18 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Mode::MeasureGuest { size_mib } => {
+            match vma_examples::guest_latency::run(size_mib, cancel) {
+                Ok(m) => {
+                    println!("{m}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("vma-live-backup --measure-guest: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Mode::Backup(mut opts) => {
             opts.cancel = cancel;
             match run_backup(&opts) {
@@ -315,6 +339,10 @@ mod tests {
         assert!(matches!(
             mode(&["--measure", "--size-mib", "16"]),
             Ok(Mode::Measure { size_mib: 16 })
+        ));
+        assert!(matches!(
+            mode(&["--measure-guest", "--size-mib", "64"]),
+            Ok(Mode::MeasureGuest { size_mib: 64 })
         ));
     }
 
