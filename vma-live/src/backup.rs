@@ -394,9 +394,11 @@ fn serve_and_copy(
             .collect();
         let progress = Progress::new(opts.progress, &progress_rows);
         copy_start = Instant::now();
-        result = run_jobs(opts, qmp, drives, &targets, latch, progress.as_ref()).map(|(c, w)| {
-            consistency = c;
-            warnings.extend(w);
+        result = run_jobs(opts, qmp, drives, &targets, latch, progress.as_ref()).map(|s| {
+            // The copy starts with the transaction, not with the freeze before it.
+            copy_start = s.at;
+            consistency = s.consistency;
+            warnings.extend(s.warnings);
         });
         copy_time = copy_start.elapsed();
         if let Some(p) = progress {
@@ -491,11 +493,11 @@ fn run_jobs(
     targets: &[Target],
     latch: &Latch,
     progress: Option<&Progress>,
-) -> Result<(Consistency, Vec<String>), Error> {
+) -> Result<Started, Error> {
     if opts.cancel.load(Ordering::SeqCst) {
         return Err(Error::Interrupted);
     }
-    let (consistency, warnings) = start_jobs_frozen(opts, qmp, drives, targets)?;
+    let started = start_jobs_frozen(opts, qmp, drives, targets)?;
     let mut ends: BTreeMap<&str, JobEnd> = BTreeMap::new();
     let mut abort: Option<(Error, Instant)> = None;
     while ends.len() < targets.len() {
@@ -530,7 +532,17 @@ fn run_jobs(
         // interrupted backup leaves no archive.
         return Err(Error::Interrupted);
     }
-    jobs_result(ends).map(|()| (consistency, warnings))
+    jobs_result(ends).map(|()| started)
+}
+
+/// How the jobs were started.
+struct Started {
+    /// Whether the guest was frozen for the transaction.
+    consistency: Consistency,
+    /// A failed thaw, say.
+    warnings: Vec<String>,
+    /// When the transaction was sent.
+    at: Instant,
 }
 
 /// The consistency of a backup that froze nothing (yet).
@@ -552,26 +564,36 @@ fn start_jobs_frozen(
     qmp: &mut Qmp,
     drives: &[Drive],
     targets: &[Target],
-) -> Result<(Consistency, Vec<String>), Error> {
-    let Some(path) = &opts.guest_agent else {
-        start_jobs(opts, qmp, drives, targets)?;
-        return Ok((not_frozen(opts), Vec::new()));
-    };
+) -> Result<Started, Error> {
     let mut warnings = Vec::new();
+    let Some(path) = &opts.guest_agent else {
+        let at = start_jobs(opts, qmp, drives, targets)?;
+        let consistency = not_frozen(opts);
+        return Ok(Started {
+            consistency,
+            warnings,
+            at,
+        });
+    };
     let agent = match GuestAgent::connect(path, agent::SYNC_TIMEOUT) {
         Ok(a) => a,
         Err(e) => {
-            start_jobs(opts, qmp, drives, targets)?;
+            let at = start_jobs(opts, qmp, drives, targets)?;
             let reason = format!("{e}; no freeze");
-            return Ok((Consistency::CrashConsistent { reason }, warnings));
+            let consistency = Consistency::CrashConsistent { reason };
+            return Ok(Started {
+                consistency,
+                warnings,
+                at,
+            });
         }
     };
     let since = Instant::now();
     let frozen = agent.freeze(agent::FREEZE_TIMEOUT);
     let (started, filesystems) = match frozen.frozen() {
-        Ok(n) => (start_jobs(opts, qmp, drives, targets), Ok(n)),
+        Ok(n) => (Some(start_jobs(opts, qmp, drives, targets)), Ok(n)),
         // Thawed first: the transaction must not wait on a half-frozen guest.
-        Err(e) => (Ok(()), Err(e.to_string())),
+        Err(e) => (None, Err(e.to_string())),
     };
     let thawed = frozen.thaw();
     if let Err(e) = &thawed {
@@ -580,22 +602,25 @@ fn start_jobs_frozen(
              (thaw them with guest-fsfreeze-thaw)"
         ));
     }
-    let consistency = match (filesystems, thawed) {
-        (Ok(filesystems), Ok(held)) => Consistency::Frozen { filesystems, held },
-        // Frozen at the backup's instant all the same; the warning says the rest.
-        (Ok(filesystems), Err(_)) => Consistency::Frozen {
-            filesystems,
-            held: since.elapsed(),
-        },
-        (Err(e), _) => {
-            start_jobs(opts, qmp, drives, targets)?;
-            Consistency::CrashConsistent {
-                reason: format!("{e}; thawed and backed up without a freeze"),
-            }
-        }
+    let at = match started {
+        Some(at) => at?,
+        None => start_jobs(opts, qmp, drives, targets)?,
     };
-    started?;
-    Ok((consistency, warnings))
+    let consistency = match filesystems {
+        // Frozen at the backup's instant even if the thaw failed; the warning says so.
+        Ok(filesystems) => Consistency::Frozen {
+            filesystems,
+            held: thawed.unwrap_or_else(|_| since.elapsed()),
+        },
+        Err(e) => Consistency::CrashConsistent {
+            reason: format!("{e}; thawed and backed up without a freeze"),
+        },
+    };
+    Ok(Started {
+        consistency,
+        warnings,
+        at,
+    })
 }
 
 /// One `transaction` of `blockdev-backup` actions with grouped completion.
@@ -604,7 +629,7 @@ fn start_jobs(
     qmp: &mut Qmp,
     drives: &[Drive],
     targets: &[Target],
-) -> Result<(), Error> {
+) -> Result<Instant, Error> {
     let actions: Vec<Value> = drives
         .iter()
         .zip(targets)
@@ -624,6 +649,7 @@ fn start_jobs(
             json!({ "type": "blockdev-backup", "data": data })
         })
         .collect();
+    let at = Instant::now();
     qmp.execute(
         "transaction",
         json!({
@@ -631,7 +657,7 @@ fn start_jobs(
             "properties": { "completion-mode": "grouped" },
         }),
     )?;
-    Ok(())
+    Ok(at)
 }
 
 /// Why the running jobs must be cancelled now, if they must.
