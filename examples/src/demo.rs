@@ -50,6 +50,7 @@ pub fn run_demo(cancel: Arc<AtomicBool>) -> Result<()> {
         freeze: true,
         throttle: Duration::from_millis(3),
         restore: true,
+        interrupt: false,
         cancel,
     };
     let o = guest_backup::run(&plan)?;

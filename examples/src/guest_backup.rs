@@ -40,6 +40,9 @@ pub struct Plan {
     pub throttle: Duration,
     /// Boot a fresh VM on the restored disks.
     pub restore: bool,
+    /// After the backup, start a second one with the agent and interrupt it once its
+    /// jobs run: the guest must be thawed and writing.
+    pub interrupt: bool,
     /// Set to stop (from a signal handler).
     pub cancel: Arc<AtomicBool>,
 }
@@ -88,6 +91,17 @@ pub struct Restored {
     pub found: Vec<String>,
 }
 
+/// An interrupted backup, and the guest afterwards.
+#[derive(Debug, Clone)]
+pub struct Interrupted {
+    /// What the backup returned.
+    pub error: String,
+    /// `guest-fsfreeze-status` afterwards (`thawed`).
+    pub freeze_status: String,
+    /// The guest wrote and synced a marker afterwards.
+    pub marked: bool,
+}
+
 /// What the run found.
 #[derive(Debug)]
 pub struct Outcome {
@@ -110,6 +124,8 @@ pub struct Outcome {
     pub source: Markers,
     /// The restore, when planned.
     pub restored: Option<Restored>,
+    /// The interrupted second backup, when planned.
+    pub interrupted: Option<Interrupted>,
     /// The extracted disk images, in archive order.
     pub extracted: Vec<PathBuf>,
     /// The archive.
@@ -175,6 +191,11 @@ pub fn run(plan: &Plan) -> Result<Outcome> {
     let after_during_backup = jobs.as_array().is_some_and(|j| !j.is_empty());
     let report = job.join().map_err(|_| "the backup thread panicked")??;
     let at_end = work(&g);
+    let interrupted = if plan.interrupt {
+        Some(interrupt_backup(&mut g, &mut ctl, plan, dir.path())?)
+    } else {
+        None
+    };
     drop(ctl);
     // The guest writes on after the backup: one more round of file churn.
     g.console
@@ -217,9 +238,41 @@ pub fn run(plan: &Plan) -> Result<Outcome> {
         archive_read_unreplayed: replay.is_none(),
         source,
         restored,
+        interrupted,
         extracted,
         archive_path,
         dir,
+    })
+}
+
+/// A second, throttled backup with the agent, cancelled (as Ctrl-C does) once its
+/// jobs run; then the agent's view of the freeze, and a marker written.
+fn interrupt_backup(
+    g: &mut Guest,
+    ctl: &mut vma_live::Qmp,
+    plan: &Plan,
+    dir: &Path,
+) -> Result<Interrupted> {
+    let mut opts =
+        BackupOptions::new(&g.vm.qmp_path, dir.join("interrupted.vma")).throttle(plan.throttle);
+    opts.guest_agent = Some(g.agent_socket.clone());
+    let cancel = Arc::clone(&opts.cancel);
+    let job = thread::spawn(move || run_backup(&opts));
+    wait_for_jobs(ctl, 2, Duration::from_secs(60))?;
+    cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+    let error = match job.join().map_err(|_| "the backup thread panicked")? {
+        Ok(r) => return Err(format!("the interrupted backup succeeded: {r}").into()),
+        Err(e) => e.to_string(),
+    };
+    let mut agent =
+        vma_live::agent::GuestAgent::connect(&g.agent_socket, vma_live::agent::SYNC_TIMEOUT)?;
+    let status = agent.execute("guest-fsfreeze-status", vma_live::agent::THAW_TIMEOUT)?;
+    drop(agent);
+    let marked = g.mark("interrupted", BLOCK_AFTER - 1).is_ok();
+    Ok(Interrupted {
+        error,
+        freeze_status: status.as_str().unwrap_or_default().to_string(),
+        marked,
     })
 }
 

@@ -325,6 +325,7 @@ fn guest_plan(freeze: bool, restore: bool) -> Plan {
         freeze: true,
         throttle: Duration::from_millis(3),
         restore,
+        interrupt: freeze,
         cancel: Default::default(),
     }
 }
@@ -343,6 +344,9 @@ fn show(label: &str, o: &Outcome) {
         o.fsck.0,
         o.fsck.1
     );
+    if let Some(i) = &o.interrupted {
+        eprintln!("  interrupted second backup: {i:?}");
+    }
     if let Some(r) = &o.restored {
         eprintln!(
             "  restored VM: boot {:.1} s, found {:?}",
@@ -356,6 +360,7 @@ fn show(label: &str, o: &Outcome) {
 /// backed up live with its filesystems frozen by qemu-guest-agent: the archive
 /// holds both disks as of the backup's instant, its ext4 is clean without a
 /// journal replay, the guest wrote on during the backup, and the restored disks boot.
+/// A second backup, interrupted, leaves the guest thawed and writing.
 #[test]
 #[ignore = "boots a Linux guest in QEMU (scripts/build-guest); scripts/test runs it with --include-ignored"]
 fn real_guest_frozen_backup_is_consistent_and_boots() {
@@ -394,6 +399,12 @@ fn real_guest_frozen_backup_is_consistent_and_boots() {
     assert!(o.archive_read_unreplayed);
     let restored = o.restored.as_ref().unwrap();
     assert_eq!(restored.found, ["before"], "{restored:?}");
+    // A second backup with the agent, interrupted once its jobs ran: the guest is
+    // thawed and writes on.
+    let i = o.interrupted.as_ref().unwrap();
+    assert!(i.error.contains("interrupted"), "{i:?}");
+    assert_eq!(i.freeze_status, "thawed", "{i:?}");
+    assert!(i.marked, "{i:?}");
     proxmox_restores_byte_exact(&o);
 }
 
