@@ -7,7 +7,9 @@
 //! CLOCK_MONOTONIC (so writes land on areas a running backup has and has not
 //! copied yet). In one run, phases back to back: no backup; QEMU's own
 //! `blockdev-backup` of the data disk into a raw file on the same filesystem;
-//! `vma-live-backup` of the data disk (default options); no backup again. The
+//! `vma-live-backup` of the data disk (default options, then with `x-perf`
+//! one worker and 64 KiB requests, fewer and smaller background copies); no
+//! backup again. The
 //! probe reports p50, p99 and max per phase. Figures, not asserts.
 
 use std::fmt;
@@ -19,7 +21,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use vma_live::{run_backup, BackupOptions, Qmp};
+use vma_live::{run_backup, BackupOptions, Qmp, XPerf};
 
 use crate::guest::{self, BootOptions, Guest};
 use crate::qemu::Disk;
@@ -156,22 +158,43 @@ pub fn run(size_mib: u64, cancel: Arc<AtomicBool>) -> Result<GuestLatency> {
         latency: lat(&mut g)?,
     });
     stop(&cancel)?;
-    let mut opts = BackupOptions::new(&g.vm.qmp_path, dir.path().join("vm.vma"));
-    opts.drives = vec!["data".into()];
-    opts.cancel = Arc::clone(&cancel);
-    lat(&mut g)?;
-    let report = thread::spawn(move || run_backup(&opts))
-        .join()
-        .map_err(|_| "the backup thread panicked")??;
-    phases.push(Phase {
-        name: "vma-live-backup",
-        time: report.copy_time,
-        latency: lat(&mut g)?,
-    });
+    phases.push(ours(&mut g, "vma-live-backup", None, &cancel, dir.path())?);
+    stop(&cancel)?;
+    let gentle = XPerf {
+        max_workers: 1,
+        max_chunk: 65536,
+    };
+    let name = "vma-live-backup, x-perf 1 worker × 64 KiB";
+    phases.push(ours(&mut g, name, Some(gentle), &cancel, dir.path())?);
     phases.push(idle(&mut g, "no backup again")?);
     drop(ctl);
     g.poweroff()?;
     Ok(GuestLatency { size, phases })
+}
+
+/// One backup of the data disk by [`run_backup`], with `x_perf` if given.
+fn ours(
+    g: &mut Guest,
+    name: &'static str,
+    x_perf: Option<XPerf>,
+    cancel: &Arc<AtomicBool>,
+    dir: &Path,
+) -> Result<Phase> {
+    let archive = dir.join("vm.vma");
+    let _ = std::fs::remove_file(&archive);
+    let mut opts = BackupOptions::new(&g.vm.qmp_path, &archive);
+    opts.drives = vec!["data".into()];
+    opts.x_perf = x_perf;
+    opts.cancel = Arc::clone(cancel);
+    lat(g)?;
+    let report = thread::spawn(move || run_backup(&opts))
+        .join()
+        .map_err(|_| "the backup thread panicked")??;
+    Ok(Phase {
+        name,
+        time: report.copy_time,
+        latency: lat(g)?,
+    })
 }
 
 /// Asks the probe for its figures since the last ask.
