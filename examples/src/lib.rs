@@ -4,6 +4,11 @@
 //! - [`qemu`]: a throwaway QEMU VM (no guest OS) and the QEMU tools that make its images;
 //! - [`fixture`]: that VM with two disks of known content, guest writes injected during a
 //!   backup, and the checks of an archive against the disks;
+//! - [`guest`]: a real Linux guest (Debian's kernel, busybox, qemu-guest-agent, built by
+//!   `scripts/build-guest`) with an ext4 system disk and a write workload;
+//! - [`guest_backup`]: a live backup of that running guest and what it proves;
+//! - [`guest_latency`]: `vma-live-backup --measure-guest`, that guest's write latency
+//!   without a backup, during a stock backup and during ours;
 //! - [`demo`]: `vma-live-backup --demo` (what `scripts/demo` runs);
 //! - [`measure`]: `vma-live-backup --measure` (what `examples/benches/live.sh` runs).
 //!
@@ -16,6 +21,9 @@
 
 pub mod demo;
 pub mod fixture;
+pub mod guest;
+pub mod guest_backup;
+pub mod guest_latency;
 pub mod measure;
 pub mod qemu;
 

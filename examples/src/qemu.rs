@@ -92,12 +92,18 @@ pub struct Vm {
 
 impl Vm {
     /// Starts QEMU with `disks`, its sockets and log in `dir` (which must
-    /// exist and stay while the VM runs). Waits until both QMP sockets
-    /// accept connections.
+    /// exist and stay while the VM runs), stopped (`-S`, no guest OS). Waits
+    /// until both QMP sockets accept connections.
     ///
     /// QEMU runs in its own process group, so a Ctrl-C meant for this
     /// program does not kill it.
     pub fn start(dir: &Path, disks: &[Disk]) -> Result<Vm> {
+        Vm::spawn(dir, disks, &["-S", "-m", "128"])
+    }
+
+    /// [`start`](Self::start) with `extra` arguments instead of `-S -m 128`
+    /// (a kernel to boot, memory, more devices).
+    pub fn spawn(dir: &Path, disks: &[Disk], extra: &[&str]) -> Result<Vm> {
         let qmp_path = dir.join("qmp-backup.sock");
         let control_path = dir.join("qmp-control.sock");
         let log = dir.join("qemu.log");
@@ -114,10 +120,8 @@ impl Vm {
             "-nodefaults",
             "-display",
             "none",
-            "-S",
-            "-m",
-            "128",
         ]);
+        cmd.args(extra);
         for sock in [&qmp_path, &control_path] {
             cmd.arg("-qmp")
                 .arg(format!("unix:{},server=on,wait=off", sock.display()));

@@ -1,4 +1,5 @@
-//! Live backups of a real QEMU (qemu-system-x86_64, TCG, no guest OS).
+//! Live backups of a real QEMU (qemu-system-x86_64, TCG): a VM without guest OS, and a
+//! real Linux guest (scripts/build-guest) writing while it is backed up.
 //!
 //! These tests never skip: without QEMU they fail, saying how to install it
 //! (scripts/install-deps). Every VM is killed when its fixture drops.
@@ -11,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use vma_examples::fixture::{check_archive, job_offset, wait_for_jobs, Fixture};
-use vma_live::{run_backup, BackupOptions, Error, ErrorKind, Qmp};
+use vma_examples::guest_backup::{self, Outcome, Plan};
+use vma_live::{run_backup, BackupOptions, Consistency, Error, ErrorKind, Qmp};
 use vma_testkit::dir_entries;
 
 /// Fixture layout scale (MiB): a 16 MiB qcow2 and a 10 MiB + 12345 raw.
@@ -163,7 +165,11 @@ fn binary_zstd_selected_drive_with_config() {
     let check = check_archive(&archive, true, &into).unwrap();
     assert_eq!(check.devices.len(), 1);
     assert!(check.devices[0].data == fx.before[1]);
-    assert_eq!(check.configs, ["qemu-server.fw", "vma-live-backup.json"]);
+    // A qemu-server.conf derived from the VM, for Proxmox's restore.
+    assert_eq!(
+        check.configs,
+        ["qemu-server.fw", "qemu-server.conf", "vma-live-backup.json"]
+    );
 
     // The archive is never overwritten: an I/O error, 4 as for vma.
     let again = run_bin(&["--qmp", qmp, "--output", archive.to_str().unwrap()]);
@@ -311,4 +317,182 @@ fn demo_without_qemu_says_what_is_missing() {
         stderr.contains("qemu-system-x86_64 not found") && stderr.contains("install-deps"),
         "{stderr}"
     );
+}
+
+fn guest_plan(freeze: bool, restore: bool) -> Plan {
+    Plan {
+        agent_in_guest: freeze,
+        freeze: true,
+        throttle: Duration::from_millis(3),
+        restore,
+        interrupt: freeze,
+        cancel: Default::default(),
+    }
+}
+
+/// Prints what a guest run found (the test log keeps the figures).
+fn show(label: &str, o: &Outcome) {
+    eprintln!(
+        "{label}: boot {:.1} s; backup: {}\n  work at jobs' start / backup end / power-off: {:?}\n  \
+         archive markers {:?} (read unreplayed: {}); source markers {:?}\n  e2fsck -fn exit {}:\n{}",
+        o.boot_time.as_secs_f64(),
+        o.report,
+        o.work,
+        o.archive,
+        o.archive_read_unreplayed,
+        o.source,
+        o.fsck.0,
+        o.fsck.1
+    );
+    if let Some(i) = &o.interrupted {
+        eprintln!("  interrupted second backup: {i:?}");
+    }
+    if let Some(r) = &o.restored {
+        eprintln!(
+            "  restored VM: boot {:.1} s, found {:?}",
+            r.boot_time.as_secs_f64(),
+            r.found
+        );
+    }
+}
+
+/// A real Linux guest writing (ext4 metadata churn, O_DIRECT data writes) is
+/// backed up live with its filesystems frozen by qemu-guest-agent: the archive
+/// holds both disks as of the backup's instant, its ext4 is clean without a
+/// journal replay, the guest wrote on during the backup, and the restored disks boot.
+/// A second backup, interrupted, leaves the guest thawed and writing.
+#[test]
+#[ignore = "boots a Linux guest in QEMU (scripts/build-guest); scripts/test runs it with --include-ignored"]
+fn real_guest_frozen_backup_is_consistent_and_boots() {
+    let o = guest_backup::run(&guest_plan(true, true)).unwrap_or_else(|e| panic!("{e}"));
+    show("frozen", &o);
+    assert!(
+        matches!(
+            o.report.consistency,
+            Consistency::Frozen {
+                filesystems: 1..,
+                ..
+            }
+        ),
+        "{:?}",
+        o.report.consistency
+    );
+    assert!(o.archive.is_backup_instant(), "archive: {:?}", o.archive);
+    assert!(o.source.has_all(), "source: {:?}", o.source);
+    assert!(
+        o.after_during_backup,
+        "the backup ended before the guest wrote 'after'"
+    );
+    let [start, end, off] = o.work;
+    // Data writes went on during the backup, file churn after its instant.
+    assert!(end.probe > start.probe, "{:?}", o.work);
+    assert!(
+        off.meta > start.meta && off.probe >= end.probe,
+        "{:?}",
+        o.work
+    );
+    assert_eq!(
+        o.fsck.0, 0,
+        "e2fsck -fn of the frozen archive:\n{}",
+        o.fsck.1
+    );
+    assert!(o.archive_read_unreplayed);
+    let restored = o.restored.as_ref().unwrap();
+    assert_eq!(restored.found, ["before"], "{restored:?}");
+    // A second backup with the agent, interrupted once its jobs ran: the guest is
+    // thawed and writes on.
+    let i = o.interrupted.as_ref().unwrap();
+    assert!(i.error.contains("interrupted"), "{i:?}");
+    assert_eq!(i.freeze_status, "thawed", "{i:?}");
+    assert!(i.marked, "{i:?}");
+    proxmox_restores_byte_exact(&o);
+}
+
+/// Proxmox's restore, re-enacted (vma-cli/tests/proxmox/restore.pl, qemu-server's
+/// `restore_vma_archive`), restores the live archive onto a directory storage through
+/// the `qemu-server.conf` derived from the VM: raw volumes byte-exact with the
+/// archive's devices, the VM config pointing at them.
+fn proxmox_restores_byte_exact(o: &Outcome) {
+    let work = o.dir().join("pve");
+    let (etc, var_tmp, store) = (
+        work.join("etc-pve"),
+        work.join("var-tmp"),
+        work.join("store"),
+    );
+    for d in [&etc, &var_tmp, &store] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    // Proxmox's restore takes archives under vzdump's names.
+    let archive = work.join("vzdump-qemu-100-2026_12_03-07_00_00.vma");
+    std::fs::copy(&o.archive_path, &archive).unwrap();
+    let vma = vma_examples::guest::vma_binary().unwrap();
+    let mut path = vma.parent().unwrap().as_os_str().to_owned();
+    path.push(":");
+    path.push(std::env::var_os("PATH").unwrap_or_default());
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../vma-cli/tests/proxmox/restore.pl");
+    let out = Command::new("perl")
+        .arg(&script)
+        .arg("--etc-pve")
+        .arg(&etc)
+        .arg("--var-tmp")
+        .arg(&var_tmp)
+        .arg("--storage")
+        .arg(format!("local=dir:{}", store.display()))
+        .arg(&archive)
+        .arg("100")
+        .env("PATH", path)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "restore.pl: {out:?}");
+    let conf = std::fs::read_to_string(etc.join("qemu-server/100.conf")).unwrap();
+    eprintln!("Proxmox restore: the new VM config:\n{conf}");
+    for line in [
+        "cores: 1\n",
+        "memory: 256\n",
+        "virtio0: local:100/vm-100-disk-0.raw,size=48M\n",
+        "virtio1: local:100/vm-100-disk-1.raw,size=32M\n",
+    ] {
+        assert!(conf.contains(line), "{line:?} not in\n{conf}");
+    }
+    assert!(!conf.contains("#qmdump#"), "{conf}");
+    for (i, extracted) in o.extracted.iter().enumerate() {
+        let volume = store.join(format!("images/100/vm-100-disk-{i}.raw"));
+        assert!(
+            std::fs::read(&volume).unwrap() == std::fs::read(extracted).unwrap(),
+            "{} differs from the archive's device {i}",
+            volume.display()
+        );
+    }
+}
+
+/// The same without a running agent (the socket is given, nobody answers):
+/// the backup goes on crash-consistent after the sync timeout and says so. The
+/// markers hold after a journal replay; what `e2fsck -fn` says of the unreplayed
+/// image is printed (recorded in the issue's closing note), not asserted.
+#[test]
+#[ignore = "boots a Linux guest in QEMU (scripts/build-guest); scripts/test runs it with --include-ignored"]
+fn real_guest_without_agent_is_crash_consistent_and_says_so() {
+    let o = guest_backup::run(&guest_plan(false, false)).unwrap_or_else(|e| panic!("{e}"));
+    show("no agent", &o);
+    match &o.report.consistency {
+        Consistency::CrashConsistent { reason } => {
+            assert!(
+                reason.contains("no answer to guest-sync-delimited"),
+                "{reason}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        o.report.to_string().contains("crash-consistent"),
+        "{}",
+        o.report
+    );
+    assert!(o.archive.is_backup_instant(), "archive: {:?}", o.archive);
+    assert!(o.source.has_all(), "source: {:?}", o.source);
+    let [start, end, off] = o.work;
+    assert!(end.probe > start.probe, "{:?}", o.work);
+    assert!(off.meta > start.meta, "{:?}", o.work);
 }

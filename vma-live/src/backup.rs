@@ -6,7 +6,9 @@
 //! virtual size); `blockdev-add` one NBD target node per drive; one
 //! `transaction` of `blockdev-backup` actions with grouped completion (all
 //! drives share one point in time); wait for each job's end event;
-//! `blockdev-del` the targets; finish the archive. On any failure the jobs
+//! `blockdev-del` the targets; finish the archive. With a guest agent, the
+//! guest's filesystems are frozen right before the transaction and thawed
+//! right after it, as Proxmox does ([`crate::agent`]). On any failure the jobs
 //! are cancelled, the targets removed and the archive abandoned: the VM runs
 //! on and no file appears under the archive's name.
 
@@ -20,11 +22,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::{json, Value};
 use vma_nbd::{Export, Server};
 
+use crate::agent::{self, GuestAgent};
 use crate::archive::Archive;
 use crate::drives::{self, Drive};
 use crate::error::JobFailure;
 use crate::export::{Counters, DriveExport, Latch};
 use crate::progress::Progress;
+use crate::pve;
 use crate::qmp::{Event, Qmp};
 use crate::Error;
 
@@ -68,6 +72,14 @@ pub struct BackupOptions {
     pub x_perf: Option<XPerf>,
     /// Set to cancel the backup (e.g. from a Ctrl-C handler).
     pub cancel: Arc<AtomicBool>,
+    /// The host end of the guest agent's virtio-serial channel: freeze the
+    /// guest's filesystems around the backup transaction. Without it (or
+    /// when the agent does not answer) the backup is crash-consistent.
+    pub guest_agent: Option<PathBuf>,
+    /// The Proxmox storage the derived `qemu-server.conf` restores every
+    /// drive to (as raw; [`crate::pve`]). No config is derived when
+    /// [`configs`](Self::configs) has a `qemu-server.conf`.
+    pub pve_storage: String,
 }
 
 impl BackupOptions {
@@ -84,6 +96,8 @@ impl BackupOptions {
             write_delay: None,
             x_perf: None,
             cancel: Arc::new(AtomicBool::new(false)),
+            guest_agent: None,
+            pve_storage: "local".into(),
         }
     }
 
@@ -119,6 +133,40 @@ pub struct DriveReport {
     pub non_sequential: u64,
 }
 
+/// How consistent the archive's filesystems are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Consistency {
+    /// The guest agent froze the guest's filesystems for the backup's
+    /// instant: they are clean in the archive.
+    Frozen {
+        /// Filesystems the agent froze.
+        filesystems: u64,
+        /// From the freeze request to the thaw's answer.
+        held: Duration,
+    },
+    /// No freeze: the disks are as after a power cut at the backup's instant
+    /// (journaled filesystems recover on mount). The reason says why.
+    CrashConsistent {
+        /// No agent given, or what went wrong with it.
+        reason: String,
+    },
+}
+
+impl fmt::Display for Consistency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Consistency::Frozen { filesystems, held } => write!(
+                f,
+                "filesystem-consistent: the guest agent froze {filesystems} filesystem(s) for {} ms",
+                held.as_millis()
+            ),
+            Consistency::CrashConsistent { reason } => {
+                write!(f, "crash-consistent only ({reason})")
+            }
+        }
+    }
+}
+
 /// The result of a successful backup.
 #[derive(Debug, Clone)]
 pub struct BackupReport {
@@ -136,8 +184,10 @@ pub struct BackupReport {
     pub durable_time: Duration,
     /// From connecting to the archive's final rename.
     pub total_time: Duration,
+    /// Whether the guest's filesystems were frozen.
+    pub consistency: Consistency,
     /// Problems that did not affect the archive (e.g. a target node QEMU
-    /// would not remove after the jobs completed).
+    /// would not remove after the jobs completed, a thaw that failed).
     pub warnings: Vec<String>,
 }
 
@@ -188,6 +238,7 @@ impl fmt::Display for BackupReport {
             mib(self.archive_bytes),
             self.total_time.as_secs_f64()
         )?;
+        write!(f, "\n  {}", self.consistency)?;
         for w in &self.warnings {
             write!(f, "\n  warning: {w}")?;
         }
@@ -230,6 +281,11 @@ pub fn run_backup(opts: &BackupOptions) -> Result<BackupReport, Error> {
     }
 
     let mut all_configs = configs;
+    if !all_configs.iter().any(|(n, _)| n == pve::CONFIG_NAME) {
+        let facts = pve::query_facts(&mut qmp, &drives)?;
+        let conf = pve::qemu_server_conf(&facts, &drives, &opts.pve_storage);
+        all_configs.push((pve::CONFIG_NAME.to_string(), conf.into_bytes()));
+    }
     all_configs.push((
         DRIVES_CONFIG_NAME.to_string(),
         drives_blob(&drives, &version).into_bytes(),
@@ -275,6 +331,7 @@ pub fn run_backup(opts: &BackupOptions) -> Result<BackupReport, Error> {
         copy_time: copied.copy_time,
         durable_time: copied.copy_start.elapsed(),
         total_time: started.elapsed(),
+        consistency: copied.consistency,
         warnings: copied.warnings,
     })
 }
@@ -327,6 +384,8 @@ fn serve_and_copy(
     let mut result = add_targets(qmp, drives, &targets, &sock, &mut added);
     let mut copy_time = Duration::ZERO;
     let mut copy_start = Instant::now();
+    let mut warnings = Vec::new();
+    let mut consistency = not_frozen(opts);
     if result.is_ok() {
         let progress_rows: Vec<(String, u64, Arc<Counters>)> = drives
             .iter()
@@ -335,7 +394,12 @@ fn serve_and_copy(
             .collect();
         let progress = Progress::new(opts.progress, &progress_rows);
         copy_start = Instant::now();
-        result = run_jobs(opts, qmp, drives, &targets, latch, progress.as_ref());
+        result = run_jobs(opts, qmp, drives, &targets, latch, progress.as_ref()).map(|s| {
+            // The copy starts with the transaction, not with the freeze before it.
+            copy_start = s.at;
+            consistency = s.consistency;
+            warnings.extend(s.warnings);
+        });
         copy_time = copy_start.elapsed();
         if let Some(p) = progress {
             p.finish(result.is_ok());
@@ -346,7 +410,6 @@ fn serve_and_copy(
     result?;
     // Every job completed, so every byte was received and acknowledged: a
     // target QEMU would not remove does not spoil the archive.
-    let mut warnings = Vec::new();
     if let Err(e) = del {
         warnings.push(format!(
             "blockdev-del of the NBD target: {e} (remove the node by hand)"
@@ -362,6 +425,7 @@ fn serve_and_copy(
         counters,
         copy_start,
         copy_time,
+        consistency,
         warnings,
     })
 }
@@ -371,6 +435,7 @@ struct Copied {
     counters: Vec<Arc<Counters>>,
     copy_start: Instant,
     copy_time: Duration,
+    consistency: Consistency,
     warnings: Vec<String>,
 }
 
@@ -418,7 +483,8 @@ enum JobEnd {
 }
 
 /// Starts the transaction and waits for every job's end, cancelling the
-/// jobs when archiving fails or the user interrupts.
+/// jobs when archiving fails or the user interrupts. Returns whether the
+/// guest was frozen for the transaction, and warnings (a failed thaw).
 #[allow(clippy::too_many_lines)] // reason: being split in a parallel change (issue 19)
 fn run_jobs(
     opts: &BackupOptions,
@@ -427,11 +493,11 @@ fn run_jobs(
     targets: &[Target],
     latch: &Latch,
     progress: Option<&Progress>,
-) -> Result<(), Error> {
+) -> Result<Started, Error> {
     if opts.cancel.load(Ordering::SeqCst) {
         return Err(Error::Interrupted);
     }
-    start_jobs(opts, qmp, drives, targets)?;
+    let started = start_jobs_frozen(opts, qmp, drives, targets)?;
     let mut ends: BTreeMap<&str, JobEnd> = BTreeMap::new();
     let mut abort: Option<(Error, Instant)> = None;
     while ends.len() < targets.len() {
@@ -466,7 +532,95 @@ fn run_jobs(
         // interrupted backup leaves no archive.
         return Err(Error::Interrupted);
     }
-    jobs_result(ends)
+    jobs_result(ends).map(|()| started)
+}
+
+/// How the jobs were started.
+struct Started {
+    /// Whether the guest was frozen for the transaction.
+    consistency: Consistency,
+    /// A failed thaw, say.
+    warnings: Vec<String>,
+    /// When the transaction was sent.
+    at: Instant,
+}
+
+/// The consistency of a backup that froze nothing (yet).
+fn not_frozen(opts: &BackupOptions) -> Consistency {
+    Consistency::CrashConsistent {
+        reason: match &opts.guest_agent {
+            None => "no guest agent given (--guest-agent)".into(),
+            Some(p) => format!("no freeze through the guest agent at {}", p.display()),
+        },
+    }
+}
+
+/// The transaction, between a freeze and a thaw of the guest's filesystems
+/// when a guest agent is given and answers. The thaw is sent whether the
+/// transaction succeeded or not, and whatever the freeze answered (a freeze
+/// that failed or timed out may have frozen some filesystems).
+fn start_jobs_frozen(
+    opts: &BackupOptions,
+    qmp: &mut Qmp,
+    drives: &[Drive],
+    targets: &[Target],
+) -> Result<Started, Error> {
+    let mut warnings = Vec::new();
+    let Some(path) = &opts.guest_agent else {
+        let at = start_jobs(opts, qmp, drives, targets)?;
+        let consistency = not_frozen(opts);
+        return Ok(Started {
+            consistency,
+            warnings,
+            at,
+        });
+    };
+    let agent = match GuestAgent::connect(path, agent::SYNC_TIMEOUT) {
+        Ok(a) => a,
+        Err(e) => {
+            let at = start_jobs(opts, qmp, drives, targets)?;
+            let reason = format!("{e}; no freeze");
+            let consistency = Consistency::CrashConsistent { reason };
+            return Ok(Started {
+                consistency,
+                warnings,
+                at,
+            });
+        }
+    };
+    let since = Instant::now();
+    let frozen = agent.freeze(agent::FREEZE_TIMEOUT);
+    let (started, filesystems) = match frozen.frozen() {
+        Ok(n) => (Some(start_jobs(opts, qmp, drives, targets)), Ok(n)),
+        // Thawed first: the transaction must not wait on a half-frozen guest.
+        Err(e) => (None, Err(e.to_string())),
+    };
+    let thawed = frozen.thaw();
+    if let Err(e) = &thawed {
+        warnings.push(format!(
+            "{e}: the guest's filesystems may still be frozen \
+             (thaw them with guest-fsfreeze-thaw)"
+        ));
+    }
+    let at = match started {
+        Some(at) => at?,
+        None => start_jobs(opts, qmp, drives, targets)?,
+    };
+    let consistency = match filesystems {
+        // Frozen at the backup's instant even if the thaw failed; the warning says so.
+        Ok(filesystems) => Consistency::Frozen {
+            filesystems,
+            held: thawed.unwrap_or_else(|_| since.elapsed()),
+        },
+        Err(e) => Consistency::CrashConsistent {
+            reason: format!("{e}; thawed and backed up without a freeze"),
+        },
+    };
+    Ok(Started {
+        consistency,
+        warnings,
+        at,
+    })
 }
 
 /// One `transaction` of `blockdev-backup` actions with grouped completion.
@@ -475,7 +629,7 @@ fn start_jobs(
     qmp: &mut Qmp,
     drives: &[Drive],
     targets: &[Target],
-) -> Result<(), Error> {
+) -> Result<Instant, Error> {
     let actions: Vec<Value> = drives
         .iter()
         .zip(targets)
@@ -495,6 +649,7 @@ fn start_jobs(
             json!({ "type": "blockdev-backup", "data": data })
         })
         .collect();
+    let at = Instant::now();
     qmp.execute(
         "transaction",
         json!({
@@ -502,7 +657,7 @@ fn start_jobs(
             "properties": { "completion-mode": "grouped" },
         }),
     )?;
-    Ok(())
+    Ok(at)
 }
 
 /// Why the running jobs must be cancelled now, if they must.

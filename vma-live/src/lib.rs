@@ -3,15 +3,17 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), warn(clippy::too_many_lines))]
 
+pub mod agent;
 mod archive;
 pub mod backup;
 pub mod drives;
 mod error;
 pub mod export;
 mod progress;
+pub mod pve;
 pub mod qmp;
 
-pub use backup::{run_backup, BackupOptions, BackupReport, DriveReport, XPerf};
+pub use backup::{run_backup, BackupOptions, BackupReport, Consistency, DriveReport, XPerf};
 pub use drives::Drive;
 pub use error::{Error, ErrorKind, JobFailure};
 pub use qmp::{Event, Qmp};

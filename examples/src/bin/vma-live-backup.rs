@@ -14,12 +14,14 @@ use vma_live::{run_backup, BackupOptions, Error, ErrorKind};
 
 const USAGE: &str = "vma-live-backup --qmp SOCKET --output FILE [OPTIONS]
        vma-live-backup --demo
-       vma-live-backup --measure [--size-mib N]";
+       vma-live-backup --measure [--size-mib N]
+       vma-live-backup --measure-guest [--size-mib N]";
 
 const EXIT_CODES: &str = "\
 Exit codes (0 to 5 mean what they mean for the vma command):
   0    done
-  1    internal error (a bug: please report it); --demo or --measure failed
+  1    internal error (a bug: please report it); --demo, --measure or
+       --measure-guest failed
   2    usage: the command line or the options cannot work
   3    (not used: vma's code for an invalid or damaged archive)
   4    I/O error: a config file cannot be read; the archive already exists or
@@ -29,8 +31,8 @@ Exit codes (0 to 5 mean what they mean for the vma command):
        command or sent something that is not QMP, a backup job failed, QEMU
        went away
   130  interrupted (SIGINT, SIGTERM or SIGHUP; a second one exits at once)
-On failure the jobs are cancelled, the VM keeps running and no archive is
-left under FILE.";
+On failure the jobs are cancelled, the VM keeps running (its filesystems
+thawed, with --guest-agent) and no archive is left under FILE.";
 
 /// Back up a running QEMU VM into a VMA archive, live.
 ///
@@ -41,14 +43,14 @@ left under FILE.";
 #[command(name = "vma-live-backup", version, override_usage = USAGE, after_help = EXIT_CODES)]
 struct Cli {
     /// QEMU's QMP unix socket (-qmp unix:SOCKET,server=on,wait=off)
-    #[arg(long, value_name = "SOCKET", required_unless_present_any = ["demo", "measure"])]
+    #[arg(long, value_name = "SOCKET", required_unless_present_any = ["demo", "measure", "measure_guest"])]
     qmp: Option<PathBuf>,
     /// The archive to create; never overwritten; it appears only once complete
     #[arg(
         short,
         long,
         value_name = "FILE",
-        required_unless_present_any = ["demo", "measure"]
+        required_unless_present_any = ["demo", "measure", "measure_guest"]
     )]
     output: Option<PathBuf>,
     /// Embed FILE as config entry NAME (repeatable)
@@ -58,6 +60,19 @@ struct Cli {
     /// lists with a medium)
     #[arg(long = "drive", value_name = "NODE")]
     drives: Vec<String>,
+    /// The guest agent's socket (-chardev socket,path=SOCKET,server=on,wait=off with a
+    /// virtserialport named org.qemu.guest_agent.0): freeze the guest's filesystems
+    /// right before the backup's instant and thaw them right after, as Proxmox does.
+    /// A freeze taking over 10 s, an agent not answering in 5 s or any agent error:
+    /// thawed, and the backup goes on crash-consistent, saying so. Without it the
+    /// backup is crash-consistent
+    #[arg(long, value_name = "SOCKET")]
+    guest_agent: Option<PathBuf>,
+    /// The Proxmox storage id the archive's derived qemu-server.conf restores every
+    /// drive to, as raw (its #qmdump#map lines); no config is derived when --config
+    /// gives a qemu-server.conf
+    #[arg(long, value_name = "ID", default_value = "local")]
+    pve_storage: String,
     /// Compress the archive with zstd (name it .vma.zst)
     #[arg(long)]
     zstd: bool,
@@ -74,7 +89,11 @@ struct Cli {
     /// added during a backup
     #[arg(long)]
     measure: bool,
-    /// The disk size of --measure, in MiB
+    /// Measure a real guest's write latency (from inside it) without a backup, during
+    /// QEMU's blockdev-backup to a raw file and during this program's backup
+    #[arg(long)]
+    measure_guest: bool,
+    /// The disk size of --measure and --measure-guest, in MiB
     #[arg(
         long,
         value_name = "N",
@@ -98,12 +117,18 @@ enum Mode {
     Backup(Box<BackupOptions>),
     Demo,
     Measure { size_mib: u64 },
+    MeasureGuest { size_mib: u64 },
 }
 
 impl Cli {
     fn mode(self) -> Mode {
         if self.demo {
             return Mode::Demo;
+        }
+        if self.measure_guest {
+            return Mode::MeasureGuest {
+                size_mib: self.size_mib,
+            };
         }
         if self.measure {
             return Mode::Measure {
@@ -122,6 +147,8 @@ impl Cli {
         opts.drives = self.drives;
         opts.zstd = self.zstd;
         opts.progress = !self.no_progress;
+        opts.guest_agent = self.guest_agent;
+        opts.pve_storage = self.pve_storage;
         Mode::Backup(Box::new(opts))
     }
 }
@@ -129,13 +156,17 @@ impl Cli {
 /// SIGINT, SIGTERM and SIGHUP set the returned flag: the backup cancels its jobs,
 /// removes its target nodes and temporary file, and exits 130. A second signal while
 /// that runs exits at once (a `.partial` file may then be left, never an archive under
-/// its final name).
+/// its final name), but not while the guest's filesystems are frozen: it waits for the
+/// thaw (bounded, see vma_live::agent), so no signal leaves a guest frozen.
 fn cancel_on_signals() -> Result<Arc<AtomicBool>, ctrlc::Error> {
     let cancel = Arc::new(AtomicBool::new(false));
     let flag = Arc::clone(&cancel);
     // ctrlc runs this on a thread of its own, not in the signal handler.
     ctrlc::set_handler(move || {
         if flag.swap(true, Ordering::SeqCst) {
+            while vma_live::agent::freezes_held() > 0 {
+                std::thread::sleep(Duration::from_millis(10));
+            }
             std::process::exit(130);
         }
     })?;
@@ -169,6 +200,18 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Mode::MeasureGuest { size_mib } => {
+            match vma_examples::guest_latency::run(size_mib, cancel) {
+                Ok(m) => {
+                    println!("{m}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("vma-live-backup --measure-guest: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Mode::Backup(mut opts) => {
             opts.cancel = cancel;
             match run_backup(&opts) {
@@ -247,6 +290,8 @@ mod tests {
         assert!(o.configs.is_empty() && o.drives.is_empty());
         assert!(!o.zstd && o.progress);
         assert!(o.write_delay.is_none() && o.x_perf.is_none());
+        assert!(o.guest_agent.is_none());
+        assert_eq!(o.pve_storage, "local");
 
         let o = backup(&[
             "--qmp=/run/q",
@@ -262,6 +307,10 @@ mod tests {
             "--throttle",
             "3",
             "--no-progress",
+            "--guest-agent",
+            "/run/qga.sock",
+            "--pve-storage",
+            "local-lvm",
         ]);
         assert_eq!(
             o.configs,
@@ -274,6 +323,8 @@ mod tests {
         assert!(o.zstd && !o.progress);
         assert_eq!(o.write_delay, Some(Duration::from_millis(3)));
         assert_eq!(o.x_perf.map(|x| x.max_workers), Some(1));
+        assert_eq!(o.guest_agent, Some(PathBuf::from("/run/qga.sock")));
+        assert_eq!(o.pve_storage, "local-lvm");
     }
 
     #[test]
@@ -288,6 +339,10 @@ mod tests {
         assert!(matches!(
             mode(&["--measure", "--size-mib", "16"]),
             Ok(Mode::Measure { size_mib: 16 })
+        ));
+        assert!(matches!(
+            mode(&["--measure-guest", "--size-mib", "64"]),
+            Ok(Mode::MeasureGuest { size_mib: 64 })
         ));
     }
 

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# What a backup does to a real guest's writes, measured from inside the guest: a Linux
+# guest (scripts/build-guest) times 4 KiB O_DIRECT writes at random offsets of a fully
+# written data disk, one every 2 ms, through four phases back to back: no backup; QEMU's
+# blockdev-backup into a raw file; vma-live-backup; no backup again. Prints p50/p99/max per
+# phase (figures, not asserts; under TCG, so absolute times are the emulator's).
+# Usage: examples/benches/live-guest.sh [SIZE_MIB]   (default 256; needs QEMU: scripts/install-deps)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+cargo run --release --locked -q -p vma-examples --bin vma-live-backup -- --measure-guest --size-mib "${1:-256}"
