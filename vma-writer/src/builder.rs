@@ -8,8 +8,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use vma_format::{ArchiveHeader, BlockMask, DeviceId, Uuid, VMSTATE_DEVICE_NAME};
 
 use crate::error::{Error, Result};
-use crate::identity::derived_uuid;
 use crate::file::FileWriter;
+use crate::identity::derived_uuid;
 use crate::writer::Writer;
 
 /// Tells the tokens of one builder from those of another.

@@ -295,10 +295,7 @@ impl Shared {
         let id = self.devices[device].id;
         // In canonical order, the turn stays with this call once it has it: the next
         // cluster to record is always this call's next one.
-        let mut first = batch
-            .first()
-            .map(|p| p.cluster)
-            .filter(|_| self.canonical);
+        let mut first = batch.first().map(|p| p.cluster).filter(|_| self.canonical);
         let mut pending = batch.drain(..);
         loop {
             let (full, tx) = {

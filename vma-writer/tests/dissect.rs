@@ -223,7 +223,8 @@ fn dissect_reads_a_reproducible_archive() {
             let h = writer.handle();
             s.spawn(move || {
                 for (c, chunk) in img.chunks(3 * CLUSTER).enumerate() {
-                    h.write_range(*dev, (c * 3 * CLUSTER) as u64, chunk).unwrap();
+                    h.write_range(*dev, (c * 3 * CLUSTER) as u64, chunk)
+                        .unwrap();
                 }
             });
         }

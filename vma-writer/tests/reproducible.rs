@@ -72,7 +72,12 @@ fn write_unit(h: &WriterHandle, devs: &[Device], input: &Input, u: Unit, style: 
             .write_zero_range(dev, start as u64, bytes.len() as u64)
             .unwrap(),
         0 | 1 => h.write_range(dev, start as u64, bytes).unwrap(),
-        _ => write_in_order(h, dev, img, &(u.first..u.first + u.count).collect::<Vec<_>>()),
+        _ => write_in_order(
+            h,
+            dev,
+            img,
+            &(u.first..u.first + u.count).collect::<Vec<_>>(),
+        ),
     }
 }
 
@@ -158,7 +163,10 @@ fn same_bytes_with_one_thread_and_with_several() {
         want.extend((0..clusters(input.vmstate.len())).map(|c| (vm, c)));
         assert_eq!(d.slots, want);
         // Extents cut every VMA_WRITER_CLUSTERS_PER_EXTENT clusters.
-        assert_eq!(d.extents, want.len().div_ceil(VMA_WRITER_CLUSTERS_PER_EXTENT));
+        assert_eq!(
+            d.extents,
+            want.len().div_ceil(VMA_WRITER_CLUSTERS_PER_EXTENT)
+        );
         // The uuid is the documented derivation of the header.
         let mut header = d.header.clone();
         assert_eq!(header.ctime, CTIME);
