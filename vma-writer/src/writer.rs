@@ -827,6 +827,16 @@ impl WriterHandle {
     pub fn uuid(&self) -> Uuid {
         self.shared.uuid
     }
+
+    /// Abandons the archive from any thread, as [`Writer::abort`] does, without waiting for
+    /// the sink: every call in progress or to come (on any handle) fails with
+    /// [`Error::Aborted`], and so does [`Writer::finish`]. For a producer whose source
+    /// failed, so that the other producers stop at once (in
+    /// [canonical order](crate::Builder::canonical_order) they may be waiting for the
+    /// clusters it will never write).
+    pub fn abort(&self) {
+        self.shared.abort();
+    }
 }
 
 /// Forwards the write calls of a writer to its handle.

@@ -240,6 +240,21 @@ fn a_wait_that_cannot_end_ends_with_an_error() {
         other => panic!("{other:?}"),
     }
 
+    // A producer whose source failed aborts through its handle: the waiting call ends.
+    let mut b = Builder::new();
+    b.canonical_order(true);
+    let dev = b.add_device("d", 4 * CLUSTER as u64).unwrap();
+    let w = b.build(Vec::new()).unwrap();
+    let h = w.handle();
+    let waiter = thread::spawn(move || h.write_cluster(dev, 1, &[1u8; CLUSTER]));
+    thread::sleep(Duration::from_millis(200));
+    w.handle().abort();
+    match waiter.join().unwrap() {
+        Err(Error::Aborted) => {}
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(w.finish(), Err(Error::Aborted)));
+
     // In order from one thread, nothing waits; out of order, a waiting call is released
     // once another thread writes what it waits for.
     let mut b = Builder::new();

@@ -278,6 +278,11 @@ fn write_disks<W: std::io::Write + Send + 'static>(
                         }
                     }
                     .map_err(|e| (disk.path.clone(), e));
+                    if outcome.is_err() {
+                        // The others stop at once; in canonical order they may be waiting
+                        // for clusters of this disk that will never come.
+                        handle.abort();
+                    }
                     let _ = finished_tx.send(());
                     outcome
                 })
@@ -300,7 +305,15 @@ fn write_disks<W: std::io::Write + Send + 'static>(
                 .join()
                 .unwrap_or_else(|_| Err((PathBuf::new(), vma_writer::Error::SinkPanicked)));
             if let Err(e) = outcome {
-                first_error.get_or_insert(e);
+                // Report what made a worker abort the archive, not the abort itself.
+                let aborted = |e: &vma_writer::Error| matches!(e, vma_writer::Error::Aborted);
+                let better = match &first_error {
+                    None => true,
+                    Some((_, f)) => aborted(f) && !aborted(&e.1),
+                };
+                if better {
+                    first_error = Some(e);
+                }
             }
         }
         first_error
