@@ -2,7 +2,7 @@
 # How much each backup adds to a deduplicating store (restic), for archives of a VM disk
 # backed up twice with 1 % of its clusters changed in between (issue 18).
 #
-#   benches/dedup.sh [SIZE_MIB] [RUN_CLUSTERS]   (defaults: 2048 MiB, 1)
+#   benches/dedup.sh [SIZE_MIB] [RUN_CLUSTERS] [KINDS]   (defaults: 2048 MiB, 1, all)
 #
 # The image is random data (nothing compresses, nothing is zero, so every byte counts).
 # Between the two backups, 1 % of its 64 KiB clusters change, chosen at random, in runs of
@@ -13,9 +13,12 @@
 #   vzdump-style       random uuid, clusters shuffled differently each time, Proxmox's
 #                      layout (benches' vma-shuffled), as a live backup writes them
 #   vma create         today's default: random uuid, clusters in order (one disk)
-#   --reproducible     SOURCE_DATE_EPOCH fixed: the same derived uuid both times
-#   --uuid-from        one uuid for the series, the ctime of each backup
+#   reproducible       --reproducible, SOURCE_DATE_EPOCH fixed: the same derived uuid
+#   reproducible-noint the same with --no-integrity (no CRC32C in the extent headers)
+#   uuid               --uuid-from: one uuid for the series, the ctime of each backup
 #   reorder            the vzdump-style archive put through `vma reorder --uuid-from`
+# KINDS: a space-separated list of these, `all` for every one (raw always comes first:
+# the last column divides by its figure).
 # Then it times `vma create` against `vma create --reproducible` on the first image.
 #
 # Needs restic (installed here with apt-get when missing and run as root), python3 and
@@ -26,6 +29,9 @@ cd "$(dirname "$0")/.."
 
 SIZE_MIB=${1:-2048}
 RUN=${2:-1}
+KINDS=${3:-all}
+[ "$KINDS" = all ] && KINDS="vzdump create reproducible reproducible-noint uuid reorder"
+KINDS="raw ${KINDS//raw/}"
 if ! command -v restic >/dev/null; then
   if [ "$(id -u)" = 0 ]; then
     apt-get install -y -q restic >/dev/null
@@ -85,6 +91,7 @@ make_archive() {
     vzdump) "$SHUFFLED" "$3" "$2" "$RANDOM$RANDOM" ;;
     create) "$VMA" create "$3" -d "format=raw:drive-scsi0=$2" ;;
     reproducible) SOURCE_DATE_EPOCH=1700000000 "$VMA" create --reproducible "$3" -d "format=raw:drive-scsi0=$2" ;;
+    reproducible-noint) SOURCE_DATE_EPOCH=1700000000 "$VMA" create --reproducible --no-integrity "$3" -d "format=raw:drive-scsi0=$2" ;;
     uuid) "$VMA" create --uuid-from vm-100 "$3" -d "format=raw:drive-scsi0=$2" ;;
     reorder)
       "$SHUFFLED" "$3.in" "$2" "$RANDOM$RANDOM"
@@ -104,10 +111,11 @@ declare -A LABEL=(
   [vzdump]="vzdump-style (random uuid, shuffled)"
   [create]="\`vma create\` (random uuid, in order)"
   [reproducible]="\`vma create --reproducible\` (SOURCE_DATE_EPOCH fixed)"
+  [reproducible-noint]="\`vma create --reproducible --no-integrity\`"
   [uuid]="\`vma create --uuid-from vm-100\`"
   [reorder]="vzdump-style + \`vma reorder --uuid-from vm-100\`"
 )
-for kind in raw vzdump create reproducible uuid reorder; do
+for kind in $KINDS; do
   repo=$DIR/repo-$kind
   restic -r "$repo" init -q --repository-version 2 >/dev/null
   mkdir -p "$DIR/$kind"
