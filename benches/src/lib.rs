@@ -1,5 +1,7 @@
 //! Benchmark tools for vma-rs: `vma-randread` measures random 4 KiB reads through the
-//! seekable reader against `pread` on the raw image. `compare.sh` runs everything and
+//! seekable reader against `pread` on the raw image; `vma-shuffled` writes an archive the way
+//! a live vzdump lays it out (random uuid, clusters shuffled), the baseline of `dedup.sh`.
+//! `compare.sh` runs everything and
 //! prints the table recorded in `RESULTS.md`.
 #![deny(missing_docs)]
 #![cfg_attr(not(test), warn(clippy::too_many_lines))]

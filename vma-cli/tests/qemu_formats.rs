@@ -886,3 +886,73 @@ fn a_full_disk_under_the_target() {
     let out = restore(&s, &map, &a, "restored");
     assert_fails(&out, 4, &[t, "ENOSPC"]);
 }
+
+/// `create --reproducible` records disk after disk, so the second disk's thread waits for
+/// the first; when the first disk's daemon dies, the create must fail, not wait for ever.
+#[test]
+#[ignore = "needs qemu-utils"]
+fn reproducible_create_whose_first_source_dies_fails_without_hanging() {
+    let s = Scratch::new();
+    let raw = s.path("dev.raw");
+    device_image(&raw, 48);
+    let qcow = s.path("src.qcow2");
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        raw.to_str().unwrap(),
+        qcow.to_str().unwrap(),
+    ]);
+    let second = s.path("second.raw");
+    device_image(&second, 8);
+    let fifo = s.path("out.fifo");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let args = [
+        "create",
+        "--reproducible",
+        fifo.to_str().unwrap(),
+        "-d",
+        &format!("format=qcow2:drive-scsi0={}", qcow.display()),
+        "-d",
+        &format!("format=raw:drive-scsi1={}", second.display()),
+    ]
+    .map(str::to_string);
+    let mut child = s
+        .command(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut reader = fs::File::open(&fifo).unwrap();
+    let mut first = vec![0u8; 64 * 1024];
+    std::io::Read::read_exact(&mut reader, &mut first).unwrap();
+    kill_daemon(&s);
+    let drain = std::thread::spawn(move || {
+        let mut rest = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut reader, &mut rest);
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("create --reproducible still runs 60 s after its first source died");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    drain.join().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    s.assert_clean(&["create", "--reproducible"]);
+    assert!(!status.success(), "create went on without its source");
+    assert!(err.contains(qcow.to_str().unwrap()), "{err}");
+    assert!(!err.contains("aborted"), "the abort, not its cause: {err}");
+}

@@ -9,6 +9,7 @@ use vma_format::{ArchiveHeader, BlockMask, DeviceId, Uuid, VMSTATE_DEVICE_NAME};
 
 use crate::error::{Error, Result};
 use crate::file::FileWriter;
+use crate::identity::derived_uuid;
 use crate::writer::Writer;
 
 /// Tells the tokens of one builder from those of another.
@@ -50,6 +51,10 @@ pub struct Builder {
     pub(crate) header: ArchiveHeader,
     pub(crate) integrity: bool,
     pub(crate) fsync: bool,
+    /// Whether `build` replaces the uuid with [`derived_uuid`] of the declarations.
+    pub(crate) derive_uuid: bool,
+    /// Whether clusters enter the archive in canonical order.
+    pub(crate) canonical: bool,
     pub(crate) observer: Option<Observer>,
 }
 
@@ -101,14 +106,54 @@ impl Builder {
             },
             integrity: true,
             fsync: true,
+            derive_uuid: false,
+            canonical: false,
             observer: None,
         }
     }
 
-    /// Sets the archive's uuid (to reproduce an archive bit for bit).
+    /// Sets the archive's uuid (to reproduce an archive bit for bit, or to give a series
+    /// of backups one uuid, e.g. [`uuid_from_name`](crate::uuid_from_name)). Undoes
+    /// [`derive_uuid`](Builder::derive_uuid).
     pub fn uuid(&mut self, uuid: Uuid) -> &mut Builder {
         self.header.uuid = uuid;
+        self.derive_uuid = false;
         self
+    }
+
+    /// Derives the uuid from the declarations when the writer starts:
+    /// [`derived_uuid`](crate::derived_uuid) of the ctime, config entries and devices
+    /// declared by then. Undone by a later [`uuid`](Builder::uuid).
+    pub fn derive_uuid(&mut self) -> &mut Builder {
+        self.derive_uuid = true;
+        self
+    }
+
+    /// Makes the order of clusters in the archive independent of thread timing: the disks'
+    /// clusters enter it device by device (in id order), each device's in ascending
+    /// order, then the vmstate stream's; extents are cut every
+    /// [`VMA_WRITER_CLUSTERS_PER_EXTENT`](vma_format::VMA_WRITER_CLUSTERS_PER_EXTENT)
+    /// clusters as always, so the same data gives the same bytes. Default: off (clusters
+    /// enter as they are written, as in a live backup).
+    ///
+    /// Write calls may still come from any number of threads and in any order: each
+    /// packs its first clusters, then waits until every cluster before its range is
+    /// recorded. Some thread must therefore write what comes first: one thread alone writes
+    /// in canonical order, else its call waits until another thread's call fills the gap
+    /// (or `finish` or `abort`, from another thread, ends the wait with
+    /// [`Error::OutOfOrder`]). A write call that fails ends every wait the same way, since
+    /// what it left unwritten blocks the order.
+    pub fn canonical_order(&mut self, on: bool) -> &mut Builder {
+        self.canonical = on;
+        self
+    }
+
+    /// A reproducible archive: [`derive_uuid`](Builder::derive_uuid) and
+    /// [`canonical_order`](Builder::canonical_order). With a fixed [`ctime`](Builder::ctime)
+    /// the same declarations and data give a byte-identical archive (integrity extension
+    /// on or off) on any machine, whatever the threads' timing.
+    pub fn reproducible(&mut self) -> &mut Builder {
+        self.derive_uuid().canonical_order(true)
     }
 
     /// Sets the creation time, in seconds since the Unix epoch.
@@ -145,9 +190,14 @@ impl Builder {
         self
     }
 
-    /// The archive's uuid (random unless set).
+    /// The archive's uuid (random unless set or derived; a derived one is of the
+    /// declarations so far).
     pub fn archive_uuid(&self) -> Uuid {
-        self.header.uuid
+        if self.derive_uuid {
+            derived_uuid(&self.header)
+        } else {
+            self.header.uuid
+        }
     }
 
     /// Adds a config entry. Like Proxmox's `vma create`, only the basename of `name` is
@@ -204,6 +254,13 @@ impl Builder {
                 name: name.to_owned(),
                 source,
             })
+    }
+
+    /// Fixes the uuid if it is to be derived.
+    pub(crate) fn settle_uuid(&mut self) {
+        if self.derive_uuid {
+            self.header.uuid = derived_uuid(&self.header);
+        }
     }
 
     /// Encodes the header (which also validates it as a whole).

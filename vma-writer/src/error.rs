@@ -151,6 +151,19 @@ pub enum Error {
         /// Bytes in the refused call.
         len: usize,
     },
+    /// In [canonical order](crate::Builder::canonical_order), a write call waited for
+    /// clusters before its range that no call will record any more: a call that claimed
+    /// some failed, or `finish` (or `abort`) came while it waited.
+    #[error(
+        "device {device}: cluster {cluster} waited for clusters before it (canonical order) \
+         that no write call will record any more"
+    )]
+    OutOfOrder {
+        /// The device's name.
+        device: String,
+        /// The first cluster of the call that waited.
+        cluster: u32,
+    },
     /// `finish` found clusters that were never written.
     #[error("archive incomplete: {total} clusters never written ({})", list_missing(.missing))]
     Incomplete {
@@ -258,6 +271,7 @@ impl Error {
             | Error::RangePastEnd { .. }
             | Error::VmstateOverflow { .. }
             | Error::Incomplete { .. }
+            | Error::OutOfOrder { .. }
             | Error::Finished
             | Error::Aborted => ErrorKind::Misuse,
         }

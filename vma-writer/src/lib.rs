@@ -7,6 +7,7 @@ mod bitmap;
 mod builder;
 mod error;
 mod file;
+mod identity;
 mod sink;
 #[cfg(unix)]
 mod source;
@@ -15,6 +16,7 @@ mod writer;
 pub use builder::{Builder, Device, RecordedCluster, VmState};
 pub use error::{Error, ErrorKind, MissingClusters, Result};
 pub use file::{FileWriter, PartialFile};
+pub use identity::{derived_uuid, uuid_from_name};
 #[cfg(unix)]
 pub use source::source_size;
 pub use vma_format::{DeviceId, Uuid};

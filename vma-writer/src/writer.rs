@@ -106,6 +106,14 @@ struct State {
     /// Calls in progress.
     active: usize,
     devices: Vec<DeviceState>,
+    /// In canonical order: the next cluster to record (device index, cluster number);
+    /// `None` once every disk is complete (the vmstate stream's turn).
+    turn: Option<(usize, u64)>,
+    /// Calls waiting for their turn (canonical order).
+    waiting: usize,
+    /// A wait for a turn can no longer end well: a call failed with clusters claimed and
+    /// not recorded, or `finish` found every call in progress waiting.
+    order_broken: bool,
 }
 
 impl State {
@@ -145,9 +153,13 @@ pub(crate) struct Shared {
     archive: u64,
     uuid: Uuid,
     integrity: bool,
+    /// Clusters enter the archive in canonical order ([`Builder::canonical_order`]).
+    canonical: bool,
     devices: Vec<DeviceMeta>,
     state: Mutex<State>,
     idle: Condvar,
+    /// Told whenever the canonical order's turn moves on or can no longer move.
+    turn: Condvar,
     health: Arc<Health>,
     clusters_back: Receiver<Vec<u8>>,
     extents_back: Receiver<Box<Assembly>>,
@@ -171,10 +183,16 @@ impl Drop for Call<'_> {
                 st.devices[claim.device]
                     .written
                     .clear_range(claim.next, claim.end);
+                if self.shared.canonical {
+                    st.order_broken = true;
+                    self.shared.turn.notify_all();
+                }
             }
         }
         st.active -= 1;
-        if st.active == 0 {
+        // `finish` waits for no call in progress, or (canonical order) for every one to be
+        // waiting for a turn.
+        if st.active == st.waiting {
             self.shared.idle.notify_all();
         }
     }
@@ -275,10 +293,16 @@ impl Shared {
     /// extent that fills up (outside the lock).
     fn commit(&self, call: &mut Call<'_>, device: usize, batch: &mut Vec<Pending>) -> Result<()> {
         let id = self.devices[device].id;
+        // In canonical order, the turn stays with this call once it has it: the next
+        // cluster to record is always this call's next one.
+        let mut first = batch.first().map(|p| p.cluster).filter(|_| self.canonical);
         let mut pending = batch.drain(..);
         loop {
             let (full, tx) = {
                 let mut st = self.lock();
+                if let Some(cluster) = first.take() {
+                    st = self.await_turn(st, device, cluster)?;
+                }
                 self.health.check()?;
                 if st.phase == Phase::Aborted {
                     return Err(Error::Aborted);
@@ -300,10 +324,16 @@ impl Shared {
                     if let Some(claim) = &mut call.claim {
                         claim.next = u64::from(p.cluster) + 1;
                     }
+                    if self.canonical {
+                        self.advance(state, device, p.cluster);
+                    }
                     if state.extent.is_full() {
                         full = Some(self.take_extent(state));
                         break;
                     }
+                }
+                if self.canonical {
+                    self.turn.notify_all();
                 }
                 match full {
                     None => return Ok(()),
@@ -312,6 +342,51 @@ impl Shared {
             };
             self.ship(full, tx)?;
         }
+    }
+
+    /// Canonical order: waits until the next cluster to record is `cluster` of `device`
+    /// (for the vmstate stream: until every disk is complete).
+    fn await_turn<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State>,
+        device: usize,
+        cluster: u32,
+    ) -> Result<MutexGuard<'a, State>> {
+        let mine = (!self.devices[device].vmstate).then_some((device, u64::from(cluster)));
+        loop {
+            if st.turn == mine {
+                return Ok(st);
+            }
+            self.health.check()?;
+            if st.phase == Phase::Aborted {
+                return Err(Error::Aborted);
+            }
+            if st.order_broken {
+                return Err(Error::OutOfOrder {
+                    device: self.devices[device].name.clone(),
+                    cluster,
+                });
+            }
+            st.waiting += 1;
+            if st.waiting == st.active {
+                self.idle.notify_all();
+            }
+            st = self.turn.wait(st).unwrap_or_else(PoisonError::into_inner);
+            st.waiting -= 1;
+        }
+    }
+
+    /// Canonical order: the turn after `cluster` of `device` was recorded.
+    fn advance(&self, st: &mut State, device: usize, cluster: u32) {
+        if self.devices[device].vmstate {
+            return;
+        }
+        let next = u64::from(cluster) + 1;
+        st.turn = if next < self.devices[device].clusters {
+            Some((device, next))
+        } else {
+            first_disk(&self.devices, device + 1)
+        };
     }
 
     /// Takes the extent being assembled out of the state, leaving an empty one.
@@ -541,6 +616,11 @@ impl Shared {
             st.check_open()?;
             st.phase = Phase::Finishing;
             while st.active > 0 {
+                if self.canonical && st.waiting == st.active {
+                    // No call can start any more and none is working: no turn can come.
+                    st.order_broken = true;
+                    self.turn.notify_all();
+                }
                 st = self.idle.wait(st).unwrap_or_else(PoisonError::into_inner);
             }
         }
@@ -637,6 +717,7 @@ impl Shared {
         if st.phase != Phase::Finished {
             st.phase = Phase::Aborted;
         }
+        self.turn.notify_all();
         if let Some(tx) = st.tx.take() {
             let _ = tx.send(Msg::Abort);
         }
@@ -746,6 +827,16 @@ impl WriterHandle {
     pub fn uuid(&self) -> Uuid {
         self.shared.uuid
     }
+
+    /// Abandons the archive from any thread, as [`Writer::abort`] does, without waiting for
+    /// the sink: every call in progress or to come (on any handle) fails with
+    /// [`Error::Aborted`], and so does [`Writer::finish`]. For a producer whose source
+    /// failed, so that the other producers stop at once (in
+    /// [canonical order](crate::Builder::canonical_order) they may be waiting for the
+    /// clusters it will never write).
+    pub fn abort(&self) {
+        self.shared.abort();
+    }
 }
 
 /// Forwards the write calls of a writer to its handle.
@@ -795,6 +886,13 @@ macro_rules! forward_writes {
 }
 pub(crate) use forward_writes;
 
+/// The first disk (not the vmstate stream) at index `from` or later, at its cluster 0.
+fn first_disk(devices: &[DeviceMeta], from: usize) -> Option<(usize, u64)> {
+    (from..devices.len())
+        .find(|&i| !devices[i].vmstate)
+        .map(|i| (i, 0))
+}
+
 type SinkThread<W> = JoinHandle<(W, Result<SinkReport>)>;
 
 /// An archive being written into a `Write` sink. Declare it with a [`Builder`]; write
@@ -819,7 +917,8 @@ impl<W: Write + Send + 'static> fmt::Debug for Writer<W> {
 }
 
 impl<W: Write + Send + 'static> Writer<W> {
-    pub(crate) fn start(builder: Builder, sink: W) -> Result<Writer<W>> {
+    pub(crate) fn start(mut builder: Builder, sink: W) -> Result<Writer<W>> {
+        builder.settle_uuid();
         let header = builder.encode_header()?;
         let (tx, rx) = bounded(EXTENT_QUEUE);
         let (clusters_tx, clusters_rx) = bounded(POOL_CLUSTERS);
@@ -846,6 +945,7 @@ impl<W: Write + Send + 'static> Writer<W> {
                 zero: 0,
             })
             .collect();
+        let turn = first_disk(&devices, 0);
         let vmstate = devices
             .iter()
             .position(|d| d.vmstate)
@@ -872,6 +972,7 @@ impl<W: Write + Send + 'static> Writer<W> {
             archive: builder.archive,
             uuid: builder.header.uuid,
             integrity: builder.integrity,
+            canonical: builder.canonical,
             devices,
             state: Mutex::new(State {
                 phase: Phase::Open,
@@ -880,8 +981,12 @@ impl<W: Write + Send + 'static> Writer<W> {
                 extents: 0,
                 active: 0,
                 devices: states,
+                turn,
+                waiting: 0,
+                order_broken: false,
             }),
             idle: Condvar::new(),
+            turn: Condvar::new(),
             health,
             clusters_back: clusters_rx,
             extents_back: extents_rx,

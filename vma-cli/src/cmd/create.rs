@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use std::sync::{Arc, Mutex};
 
-use vma_writer::{round_up_to_sector, source_size, Builder, Writer};
+use vma_writer::{round_up_to_sector, source_size, uuid_from_name, Builder, Uuid, Writer};
 
 use crate::error::{CliError, Result};
 use crate::output::{self, Sink, Target};
@@ -42,6 +42,73 @@ pub struct Args {
     /// fsync the archive and its directory before reporting success.
     #[arg(long)]
     sync: bool,
+    /// Make a reproducible archive: clusters in canonical order (device by device,
+    /// ascending), the uuid derived from the header's declarations (spec/FORMAT.md,
+    /// "Derived uuids") and the ctime from --ctime, else SOURCE_DATE_EPOCH, else 0. The same
+    /// configs and images give the same bytes on any machine.
+    #[arg(long)]
+    reproducible: bool,
+    /// The archive's creation time, seconds since the epoch (default: SOURCE_DATE_EPOCH if
+    /// set, else 0 with --reproducible, else now).
+    #[arg(long, value_name = "SECS", allow_hyphen_values = true)]
+    ctime: Option<i64>,
+    /// Give the archive this uuid (say, the same for every backup of one VM), with the
+    /// clusters in canonical order: unchanged regions of two such archives are the same
+    /// bytes, which deduplicating stores keep once.
+    #[arg(long, value_name = "UUID", conflicts_with = "uuid_from")]
+    uuid: Option<String>,
+    /// Like --uuid, with the uuid derived from NAME (spec/FORMAT.md, "Derived uuids"):
+    /// `--uuid-from vm-100` gives the same uuid on every machine.
+    #[arg(long, value_name = "NAME")]
+    uuid_from: Option<String>,
+}
+
+/// The uuid and ctime options applied to a builder.
+fn identity(args: &Args, builder: &mut Builder) -> Result<()> {
+    if args.reproducible {
+        builder.reproducible();
+    }
+    let pinned = match (&args.uuid, &args.uuid_from) {
+        (Some(text), _) => Some(
+            Uuid::parse_str(text)
+                .map_err(|e| CliError::usage(format!("--uuid {text:?}: not a uuid ({e})")))?,
+        ),
+        (None, Some(name)) => Some(uuid_from_name(name)),
+        (None, None) => None,
+    };
+    if let Some(uuid) = pinned {
+        builder.uuid(uuid).canonical_order(true);
+    }
+    let ctime = match args.ctime {
+        Some(t) => Some(t),
+        None => source_date_epoch()?,
+    };
+    match ctime {
+        Some(t) => {
+            builder.ctime(t);
+        }
+        None if args.reproducible => {
+            builder.ctime(0);
+        }
+        None => {}
+    }
+    Ok(())
+}
+
+/// `SOURCE_DATE_EPOCH` (reproducible-builds.org's convention), if set and not empty.
+fn source_date_epoch() -> Result<Option<i64>> {
+    match std::env::var("SOURCE_DATE_EPOCH") {
+        Ok(v) if v.is_empty() => Ok(None),
+        Ok(v) => v.trim().parse().map(Some).map_err(|_| {
+            CliError::usage(format!(
+                "SOURCE_DATE_EPOCH={v:?}: not a number of seconds since the epoch"
+            ))
+        }),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => Err(CliError::usage(
+            "SOURCE_DATE_EPOCH: not a number of seconds since the epoch",
+        )),
+    }
 }
 
 /// One disk to back up.
@@ -123,6 +190,9 @@ pub(crate) fn run(args: Args) -> Result<()> {
     } else {
         args.disks.iter().map(|d| (d.clone(), true)).collect()
     };
+    let mut builder = Builder::new();
+    builder.integrity(!args.no_integrity).fsync(args.sync);
+    identity(&args, &mut builder)?;
     // Open every source before creating anything.
     let mut disks = Vec::new();
     for (index, (spec, need_format)) in specs.iter().enumerate() {
@@ -130,8 +200,6 @@ pub(crate) fn run(args: Args) -> Result<()> {
         disks.push(open_disk(name, path, format.as_deref())?);
     }
 
-    let mut builder = Builder::new();
-    builder.integrity(!args.no_integrity).fsync(args.sync);
     for config in &args.configs {
         let data = std::fs::read(config).map_err(|e| CliError::io(config.display(), e))?;
         builder.add_config(&config_name(config), &data)?;
@@ -210,6 +278,11 @@ fn write_disks<W: std::io::Write + Send + 'static>(
                         }
                     }
                     .map_err(|e| (disk.path.clone(), e));
+                    if outcome.is_err() {
+                        // The others stop at once; in canonical order they may be waiting
+                        // for clusters of this disk that will never come.
+                        handle.abort();
+                    }
                     let _ = finished_tx.send(());
                     outcome
                 })
@@ -232,7 +305,15 @@ fn write_disks<W: std::io::Write + Send + 'static>(
                 .join()
                 .unwrap_or_else(|_| Err((PathBuf::new(), vma_writer::Error::SinkPanicked)));
             if let Err(e) = outcome {
-                first_error.get_or_insert(e);
+                // Report what made a worker abort the archive, not the abort itself.
+                let aborted = |e: &vma_writer::Error| matches!(e, vma_writer::Error::Aborted);
+                let better = match &first_error {
+                    None => true,
+                    Some((_, f)) => aborted(f) && !aborted(&e.1),
+                };
+                if better {
+                    first_error = Some(e);
+                }
             }
         }
         first_error

@@ -12,10 +12,11 @@ mod cat;
 mod create;
 mod extract;
 mod list;
+mod reorder;
 mod serve;
 mod verify;
 
-/// Proxmox VE VMA backup archives: list, verify, extract, create, serve.
+/// Proxmox VE VMA backup archives: list, verify, extract, create, serve, reorder.
 ///
 /// Archives may be plain or compressed with zstd, gzip or lzop, given as a file or `-`
 /// for standard input. Exit codes: 0 success, 1 internal error, 2 usage error, 3 invalid
@@ -60,6 +61,9 @@ enum Command {
     },
     /// Export the archive's disks read-only over NBD, without extracting.
     Serve(serve::Args),
+    /// Rewrite an archive in canonical order (device by device, ascending clusters), with
+    /// the integrity extension: what a deduplicating store keeps once across backups.
+    Reorder(reorder::Args),
 }
 
 /// Runs `vma` with these arguments (the first is the program name) and returns the exit
@@ -89,6 +93,7 @@ where
         Command::Verify(args) => verify::run(args),
         Command::Cat { file, device } => cat::run(&file, &device),
         Command::Serve(args) => serve::run(args),
+        Command::Reorder(args) => reorder::run(args),
     };
     let _ = std::io::stdout().flush();
     match result {
