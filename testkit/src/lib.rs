@@ -258,3 +258,25 @@ pub fn dir_entries(dir: &std::path::Path) -> Vec<String> {
     names.sort();
     names
 }
+
+/// Runs `cmd` and asserts that it succeeded (the message shows its status and stderr).
+pub fn run_ok(cmd: &mut std::process::Command) -> std::process::Output {
+    let out = cmd.output().expect("the command runs");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Runs `cmd` expecting failure with exit `code`, a message and no panic; returns stderr.
+pub fn run_fails(cmd: &mut std::process::Command, code: i32) -> String {
+    let out = cmd.output().expect("the command runs");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(code), "{cmd:?}: {stderr}");
+    assert!(!stderr.contains("panicked"), "{cmd:?} panicked: {stderr}");
+    assert!(!stderr.trim().is_empty(), "{cmd:?}: no message");
+    stderr
+}

@@ -21,26 +21,7 @@ fn run(cmd: &mut Command) -> Output {
     cmd.output().expect("vma runs")
 }
 
-fn ok(cmd: &mut Command) -> Output {
-    let out = run(cmd);
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// Runs `cmd` expecting failure with this exit code; returns stderr.
-fn fails(cmd: &mut Command, code: i32) -> String {
-    let out = run(cmd);
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(code), "{cmd:?}: {stderr}");
-    assert!(!stderr.contains("panicked"), "{cmd:?} panicked: {stderr}");
-    assert!(!stderr.trim().is_empty(), "{cmd:?}: no message");
-    stderr
-}
+use vma_testkit::{run_fails as fails, run_ok as ok};
 
 fn check_extracted(v: &Vector, dir: &Path) {
     let mut names: Vec<String> = fs::read_dir(dir)

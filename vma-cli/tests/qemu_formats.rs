@@ -715,6 +715,24 @@ fn kill_daemon(s: &Scratch) {
     }
 }
 
+/// Starts `vma ARGS`, a create into `fifo` (made here), reads the archive's first 64 KiB
+/// from the FIFO, then kills the daemon; returns the running `vma` (stderr piped) and
+/// the FIFO's read end.
+fn create_then_kill_daemon(
+    s: &Scratch,
+    fifo: &Path,
+    args: &[&str],
+) -> (std::process::Child, fs::File) {
+    let status = Command::new("mkfifo").arg(fifo).status().unwrap();
+    assert!(status.success());
+    let child = s.command(args).stderr(Stdio::piped()).spawn().unwrap();
+    let mut reader = fs::File::open(fifo).unwrap();
+    let mut first = vec![0u8; 64 * 1024];
+    std::io::Read::read_exact(&mut reader, &mut first).unwrap();
+    kill_daemon(s);
+    (child, reader)
+}
+
 /// `vma ARGS` fed `input` from a pipe, the daemon killed when half of it went in.
 fn kill_midway(s: &Scratch, args: &[&str], input: &[u8]) -> Output {
     let mut child = s.spawn_piped(args);
@@ -770,25 +788,10 @@ fn the_daemon_killed_midway() {
     let qcow = s.path("src.qcow2");
     convert(&raw, "raw", &qcow, "qcow2");
     let fifo = s.path("out.fifo");
-    let status = Command::new("mkfifo").arg(&fifo).status().unwrap();
-    assert!(status.success());
-    let args = [
-        "create",
-        fifo.to_str().unwrap(),
-        "-d",
-        &format!("format=qcow2:drive-scsi0={}", qcow.display()),
-    ]
-    .map(str::to_string);
-    let child = s
-        .command(&args.iter().map(String::as_str).collect::<Vec<_>>())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let f = fifo.to_str().unwrap();
+    let disk = format!("format=qcow2:drive-scsi0={}", qcow.display());
     // Take a little of the archive, kill the daemon, then drain the rest.
-    let mut reader = fs::File::open(&fifo).unwrap();
-    let mut first = vec![0u8; 64 * 1024];
-    std::io::Read::read_exact(&mut reader, &mut first).unwrap();
-    kill_daemon(&s);
+    let (child, mut reader) = create_then_kill_daemon(&s, &fifo, &["create", f, "-d", &disk]);
     let mut rest = Vec::new();
     let _ = std::io::Read::read_to_end(&mut reader, &mut rest);
     let out = child.wait_with_output().unwrap();
@@ -896,42 +899,18 @@ fn reproducible_create_whose_first_source_dies_fails_without_hanging() {
     let raw = s.path("dev.raw");
     device_image(&raw, 48);
     let qcow = s.path("src.qcow2");
-    qemu_img(&[
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        raw.to_str().unwrap(),
-        qcow.to_str().unwrap(),
-    ]);
+    convert(&raw, "raw", &qcow, "qcow2");
     let second = s.path("second.raw");
     device_image(&second, 8);
     let fifo = s.path("out.fifo");
-    assert!(Command::new("mkfifo")
-        .arg(&fifo)
-        .status()
-        .unwrap()
-        .success());
-    let args = [
-        "create",
-        "--reproducible",
-        fifo.to_str().unwrap(),
-        "-d",
-        &format!("format=qcow2:drive-scsi0={}", qcow.display()),
-        "-d",
-        &format!("format=raw:drive-scsi1={}", second.display()),
-    ]
-    .map(str::to_string);
-    let mut child = s
-        .command(&args.iter().map(String::as_str).collect::<Vec<_>>())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut reader = fs::File::open(&fifo).unwrap();
-    let mut first = vec![0u8; 64 * 1024];
-    std::io::Read::read_exact(&mut reader, &mut first).unwrap();
-    kill_daemon(&s);
+    let f = fifo.to_str().unwrap();
+    let first = format!("format=qcow2:drive-scsi0={}", qcow.display());
+    let other = format!("format=raw:drive-scsi1={}", second.display());
+    let (mut child, mut reader) = create_then_kill_daemon(
+        &s,
+        &fifo,
+        &["create", "--reproducible", f, "-d", &first, "-d", &other],
+    );
     let drain = std::thread::spawn(move || {
         let mut rest = Vec::new();
         let _ = std::io::Read::read_to_end(&mut reader, &mut rest);

@@ -4,7 +4,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use vma_format::{ArchiveHeader, ExtentHeader, Uuid, VMA_CLUSTER_SIZE, VMA_EXTENT_HEADER_SIZE};
 use vma_testkit::{dir_entries, Rng};
@@ -18,26 +18,7 @@ fn vma() -> Command {
     cmd
 }
 
-fn ok(cmd: &mut Command) -> Output {
-    let out = cmd.output().expect("vma runs");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// Runs `cmd` expecting failure with this exit code; returns stderr.
-fn fails(cmd: &mut Command, code: i32) -> String {
-    let out = cmd.output().expect("vma runs");
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(code), "{cmd:?}: {stderr}");
-    assert!(!stderr.contains("panicked"), "{cmd:?} panicked: {stderr}");
-    assert!(!stderr.trim().is_empty(), "{cmd:?}: no message");
-    stderr
-}
+use vma_testkit::{run_fails as fails, run_ok as ok};
 
 /// An image of random, zero and partly zero clusters (the last one partial).
 fn image(size: usize, seed: u64) -> Vec<u8> {
@@ -169,19 +150,7 @@ fn reproducible_create_gives_the_same_bytes_everywhere() {
     // a thread per disk).
     let mut builder = Builder::new();
     builder.reproducible().ctime(1_700_000_000);
-    for c in &a.configs {
-        let name = c.file_name().unwrap().to_str().unwrap();
-        builder.add_config(name, &fs::read(c).unwrap()).unwrap();
-    }
-    let devs: Vec<_> = a
-        .disks
-        .iter()
-        .map(|(name, _, data)| {
-            builder
-                .add_device(name, round_up_to_sector(data.len() as u64))
-                .unwrap()
-        })
-        .collect();
+    let devs = declare(&mut builder, &a);
     let w = builder.build(Vec::new()).unwrap();
     for (dev, (_, _, data)) in devs.iter().zip(&a.disks) {
         for (i, chunk) in padded(data).chunks(7 * CLUSTER).enumerate() {
@@ -282,25 +251,29 @@ fn a_pinned_uuid_keeps_unchanged_extents_identical() {
 
 /// An archive as a live backup writes it: clusters of all disks shuffled, some zero
 /// clusters written as data, with or without the integrity extension, and a vmstate.
-fn shuffled(inp: &Inputs, out: &Path, seed: u64, integrity: bool, vmstate: &[u8]) {
-    let mut builder = Builder::new();
-    builder
-        .integrity(integrity)
-        .uuid(Uuid::from_u128(0x1234))
-        .ctime(1_700_000_000);
+/// Declares the inputs' configs and disks (in their order) to `builder`.
+fn declare(builder: &mut Builder, inp: &Inputs) -> Vec<vma_writer::Device> {
     for c in &inp.configs {
         let name = c.file_name().unwrap().to_str().unwrap();
         builder.add_config(name, &fs::read(c).unwrap()).unwrap();
     }
-    let devs: Vec<_> = inp
-        .disks
+    inp.disks
         .iter()
         .map(|(name, _, data)| {
             builder
                 .add_device(name, round_up_to_sector(data.len() as u64))
                 .unwrap()
         })
-        .collect();
+        .collect()
+}
+
+fn shuffled(inp: &Inputs, out: &Path, seed: u64, integrity: bool, vmstate: &[u8]) {
+    let mut builder = Builder::new();
+    builder
+        .integrity(integrity)
+        .uuid(Uuid::from_u128(0x1234))
+        .ctime(1_700_000_000);
+    let devs = declare(&mut builder, inp);
     let vm = (!vmstate.is_empty()).then(|| builder.add_vmstate(vmstate.len() as u64).unwrap());
     let w = builder.create_file(out).unwrap();
     let mut work: Vec<(usize, u32)> = Vec::new();

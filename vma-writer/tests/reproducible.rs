@@ -207,16 +207,28 @@ fn the_uuid_follows_the_declarations_and_a_pinned_one_wins() {
     assert_eq!(derived_uuid(&h), base);
 }
 
-#[test]
-fn a_wait_that_cannot_end_ends_with_an_error() {
-    // One thread writes a cluster that is not next; finish from another ends its wait.
+/// A canonical-order writer of one 4-cluster device and a thread blocked writing
+/// `cluster` (not the next one) into it, given 200 ms to start waiting.
+fn waiting_on(
+    cluster: u32,
+) -> (
+    vma_writer::Writer<Vec<u8>>,
+    thread::JoinHandle<Result<(), Error>>,
+) {
     let mut b = Builder::new();
     b.canonical_order(true);
     let dev = b.add_device("d", 4 * CLUSTER as u64).unwrap();
     let w = b.build(Vec::new()).unwrap();
     let h = w.handle();
-    let waiter = thread::spawn(move || h.write_cluster(dev, 2, &[1u8; CLUSTER]));
+    let waiter = thread::spawn(move || h.write_cluster(dev, cluster, &[1u8; CLUSTER]));
     thread::sleep(Duration::from_millis(200));
+    (w, waiter)
+}
+
+#[test]
+fn a_wait_that_cannot_end_ends_with_an_error() {
+    // One thread writes a cluster that is not next; finish from another ends its wait.
+    let (w, waiter) = waiting_on(2);
     match w.finish() {
         Err(Error::Incomplete { total: 4, .. }) => {}
         other => panic!("{other:?}"),
@@ -227,13 +239,7 @@ fn a_wait_that_cannot_end_ends_with_an_error() {
     }
 
     // The same wait ended by abort.
-    let mut b = Builder::new();
-    b.canonical_order(true);
-    let dev = b.add_device("d", 4 * CLUSTER as u64).unwrap();
-    let w = b.build(Vec::new()).unwrap();
-    let h = w.handle();
-    let waiter = thread::spawn(move || h.write_cluster(dev, 3, &[1u8; CLUSTER]));
-    thread::sleep(Duration::from_millis(200));
+    let (w, waiter) = waiting_on(3);
     w.abort().unwrap();
     match waiter.join().unwrap() {
         Err(Error::Aborted) => {}
@@ -241,13 +247,7 @@ fn a_wait_that_cannot_end_ends_with_an_error() {
     }
 
     // A producer whose source failed aborts through its handle: the waiting call ends.
-    let mut b = Builder::new();
-    b.canonical_order(true);
-    let dev = b.add_device("d", 4 * CLUSTER as u64).unwrap();
-    let w = b.build(Vec::new()).unwrap();
-    let h = w.handle();
-    let waiter = thread::spawn(move || h.write_cluster(dev, 1, &[1u8; CLUSTER]));
-    thread::sleep(Duration::from_millis(200));
+    let (w, waiter) = waiting_on(1);
     w.handle().abort();
     match waiter.join().unwrap() {
         Err(Error::Aborted) => {}
