@@ -63,19 +63,24 @@ pub struct Args {
     uuid_from: Option<String>,
 }
 
-/// The uuid and ctime options applied to a builder.
-fn identity(args: &Args, builder: &mut Builder) -> Result<()> {
-    if args.reproducible {
-        builder.reproducible();
-    }
-    let pinned = match (&args.uuid, &args.uuid_from) {
+/// The uuid that `--uuid TEXT` or `--uuid-from NAME` pins (`--uuid` wins), if any.
+pub(crate) fn pinned_uuid(uuid: Option<&str>, uuid_from: Option<&str>) -> Result<Option<Uuid>> {
+    Ok(match (uuid, uuid_from) {
         (Some(text), _) => Some(
             Uuid::parse_str(text)
                 .map_err(|e| CliError::usage(format!("--uuid {text:?}: not a uuid ({e})")))?,
         ),
         (None, Some(name)) => Some(uuid_from_name(name)),
         (None, None) => None,
-    };
+    })
+}
+
+/// The uuid and ctime options applied to a builder.
+fn identity(args: &Args, builder: &mut Builder) -> Result<()> {
+    if args.reproducible {
+        builder.reproducible();
+    }
+    let pinned = pinned_uuid(args.uuid.as_deref(), args.uuid_from.as_deref())?;
     if let Some(uuid) = pinned {
         builder.uuid(uuid).canonical_order(true);
     }

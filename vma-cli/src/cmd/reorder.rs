@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use vma_format::VMA_CLUSTER_SIZE;
 use vma_reader::{DeviceReader, SeekableArchive, VerifyOptions};
-use vma_writer::{uuid_from_name, Builder, FileWriter, Uuid};
+use vma_writer::{Builder, FileWriter};
 
 use super::open_seekable;
 use crate::error::{CliError, Exit, Result};
@@ -39,14 +39,7 @@ pub struct Args {
 }
 
 pub(crate) fn run(args: Args) -> Result<()> {
-    let uuid = match (&args.uuid, &args.uuid_from) {
-        (Some(text), _) => Some(
-            Uuid::parse_str(text)
-                .map_err(|e| CliError::usage(format!("--uuid {text:?}: not a uuid ({e})")))?,
-        ),
-        (None, Some(name)) => Some(uuid_from_name(name)),
-        (None, None) => None,
-    };
+    let uuid = super::create::pinned_uuid(args.uuid.as_deref(), args.uuid_from.as_deref())?;
     let archive = open_seekable(&args.input)?;
     check_input(&archive, &args)?;
     let header = archive.header();
