@@ -91,8 +91,9 @@ pub enum SeekTableError {
         /// Frame size the footer implies.
         expected: u32,
     },
-    /// A frame's sizes are impossible (an empty frame, or content larger than
-    /// [`MAX_FRAME_CONTENT`]).
+    /// A frame's sizes are impossible (an empty frame, content larger than
+    /// [`MAX_FRAME_CONTENT`], or a compressed size far beyond what zstd makes of the
+    /// content).
     FrameSize {
         /// Index of the frame.
         frame: u32,
@@ -149,7 +150,7 @@ impl fmt::Display for SeekTableError {
                 f,
                 "seek table entry at byte {offset}: frame {frame} of {compressed} bytes \
                  holding {decompressed} bytes is impossible (content is at most \
-                 {MAX_FRAME_CONTENT} bytes)"
+                 {MAX_FRAME_CONTENT} bytes, and zstd never makes it much larger)"
             ),
             SeekTableError::SizesDisagree {
                 offset,
@@ -268,7 +269,10 @@ impl SeekIndex {
                 compressed: LittleEndian::read_u32(raw),
                 decompressed: LittleEndian::read_u32(&raw[4..]),
             };
-            if frame.compressed == 0 || frame.decompressed > MAX_FRAME_CONTENT {
+            if frame.compressed == 0
+                || frame.decompressed > MAX_FRAME_CONTENT
+                || frame.compressed as u64 > compressed_bound(frame.decompressed)
+            {
                 return Err(SeekTableError::FrameSize {
                     frame: i as u32,
                     offset: table_at + (SKIPPABLE_HEADER_SIZE + i * entry) as u64,
@@ -331,6 +335,13 @@ impl SeekIndex {
     pub fn memory(&self) -> usize {
         self.starts.capacity() * std::mem::size_of::<(u64, u64)>()
     }
+}
+
+/// More than any zstd frame of `content` bytes takes: zstd's own bound is the content
+/// plus 1/256 of it plus a few hundred bytes; this leaves room for frames that other
+/// tools write less tightly.
+fn compressed_bound(content: u32) -> u64 {
+    content as u64 + content as u64 / 128 + 4096
 }
 
 fn entry_size(descriptor: u8) -> usize {
@@ -471,6 +482,15 @@ mod tests {
         assert!(matches!(
             SeekIndex::parse(&bad, len),
             Err(SeekTableError::FrameSize { frame: 1, offset, .. }) if offset == 159 + 16
+        ));
+        // A frame far larger than its content could compress to.
+        let big = encode(&[FrameEntry {
+            compressed: 1 << 20,
+            decompressed: 100,
+        }]);
+        assert!(matches!(
+            SeekIndex::parse(&big, (1 << 20) + big.len() as u64),
+            Err(SeekTableError::FrameSize { frame: 0, .. })
         ));
         // A table longer than the stream.
         assert!(SeekIndex::table_len(&table, 20).is_err());
