@@ -143,11 +143,20 @@ mod tests {
     fn names_and_options_choose_the_packing() {
         assert_eq!(choose(None, "/x/a.vma").unwrap(), Packing::Plain);
         assert_eq!(choose(None, "/x/a.vma.zst").unwrap(), Packing::Zstd(3));
-        assert_eq!(choose(None, "exec:zstd > a.vma.zst").unwrap(), Packing::Plain);
+        assert_eq!(
+            choose(None, "exec:zstd > a.vma.zst").unwrap(),
+            Packing::Plain
+        );
         assert_eq!(choose(None, "-").unwrap(), Packing::Plain);
         assert_eq!(choose(Some("zstd"), "-").unwrap(), Packing::Zstd(3));
-        assert_eq!(choose(Some("zstd:19"), "exec:cat").unwrap(), Packing::Zstd(19));
-        assert_eq!(choose(Some("none"), "/x/a.vma.zst").unwrap(), Packing::Plain);
+        assert_eq!(
+            choose(Some("zstd:19"), "exec:cat").unwrap(),
+            Packing::Zstd(19)
+        );
+        assert_eq!(
+            choose(Some("none"), "/x/a.vma.zst").unwrap(),
+            Packing::Plain
+        );
         for bad in ["zstd:0", "zstd:99", "zstd:x", "gzip", "none:1", ""] {
             let e = choose(Some(bad), "a.vma").unwrap_err();
             assert_eq!(e.exit, Exit::Usage, "{bad}");

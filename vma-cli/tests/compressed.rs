@@ -150,7 +150,10 @@ fn compressed_output_goes_to_standard_output_and_commands() {
     // `--compress none` keeps a .zst name plain; an exec: command named .zst is not
     // compressed twice.
     let plain = tmp.path().join("plain.vma.zst");
-    ok(vma().args(["create", "--compress", "none"]).arg(&plain).arg(&spec));
+    ok(vma()
+        .args(["create", "--compress", "none"])
+        .arg(&plain)
+        .arg(&spec));
     assert_eq!(&fs::read(&plain).unwrap()[..4], b"VMA\0");
     let piped = tmp.path().join("piped.vma.zst");
     let exec = format!("exec:zstd -q > {}", piped.display());

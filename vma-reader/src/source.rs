@@ -22,8 +22,8 @@ use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use vma_format::seek_table::{SeekIndex, SeekTableError, ZSTD_FRAME_MAGIC};
 pub use vma_format::seek_table::MAX_FRAME_CONTENT;
+use vma_format::seek_table::{SeekIndex, SeekTableError, ZSTD_FRAME_MAGIC};
 
 use crate::error::{Error, Result};
 
@@ -285,18 +285,23 @@ impl ZstdSource {
             .map_err(|e| self.frame_error(frame, format!("zstd: {e}")))?
             .single_frame();
         let mut content = vec![0u8; len];
-        decoder.read_exact(&mut content).map_err(|e| match e.kind() {
-            io::ErrorKind::UnexpectedEof => self.frame_error(
-                frame,
-                format!("holds fewer than the {} bytes the seek table says", span.len),
-            ),
-            _ if e.get_ref().is_some_and(|inner| inner.is::<ReadError>()) => {
-                let inner = e.into_inner().expect("checked").downcast::<ReadError>();
-                let ReadError(offset, source) = *inner.expect("checked");
-                Error::Read { offset, source }
-            }
-            _ => self.frame_error(frame, format!("does not decompress: {e}")),
-        })?;
+        decoder
+            .read_exact(&mut content)
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::UnexpectedEof => self.frame_error(
+                    frame,
+                    format!(
+                        "holds fewer than the {} bytes the seek table says",
+                        span.len
+                    ),
+                ),
+                _ if e.get_ref().is_some_and(|inner| inner.is::<ReadError>()) => {
+                    let inner = e.into_inner().expect("checked").downcast::<ReadError>();
+                    let ReadError(offset, source) = *inner.expect("checked");
+                    Error::Read { offset, source }
+                }
+                _ => self.frame_error(frame, format!("does not decompress: {e}")),
+            })?;
         Ok(content)
     }
 }

@@ -81,7 +81,10 @@ fn large_archive() -> Vec<u8> {
     let a = mixed_image(30 << 20, 5);
     let b = mixed_image((10 << 20) + 12345, 6);
     let mut builder = Builder::new(
-        &[("drive-scsi0", a.len() as u64), ("drive-scsi1", b.len() as u64)],
+        &[
+            ("drive-scsi0", a.len() as u64),
+            ("drive-scsi1", b.len() as u64),
+        ],
         &[("qemu-server.conf", b"memory: 512\n")],
     )
     .checksums(true);
@@ -173,7 +176,10 @@ fn lying_tables_and_damaged_frames_are_typed_errors_with_offsets() {
     let mut lie = entries.clone();
     lie[1].compressed += 1;
     let e = open_and_read(dir.path(), &with_table(&zst, &lie)).unwrap_err();
-    assert!(e.contains(&format!("at byte {table_at}")) && e.contains("add up"), "{e}");
+    assert!(
+        e.contains(&format!("at byte {table_at}")) && e.contains("add up"),
+        "{e}"
+    );
 
     // Sizes that add up but cut frames in the wrong places.
     let mut lie = entries.clone();
@@ -187,7 +193,10 @@ fn lying_tables_and_damaged_frames_are_typed_errors_with_offsets() {
         let mut lie = entries.clone();
         lie[2].decompressed = (lie[2].decompressed as i64 + delta) as u32;
         let e = open_and_read(dir.path(), &with_table(&zst, &lie)).unwrap_err();
-        assert!(e.contains("zstd frame") || e.contains("extent at byte"), "{e}");
+        assert!(
+            e.contains("zstd frame") || e.contains("extent at byte"),
+            "{e}"
+        );
     }
 
     // A table for another stream: more frames than are there.

@@ -16,7 +16,9 @@ fn plain_archive() -> Vec<u8> {
     let mut b = image(3 << 20, 8);
     b[1 << 20..2 << 20].fill(0);
     let mut builder = Builder::new();
-    builder.add_config("qemu-server.conf", b"memory: 512\n").unwrap();
+    builder
+        .add_config("qemu-server.conf", b"memory: 512\n")
+        .unwrap();
     let da = builder.add_device("drive-scsi0", a.len() as u64).unwrap();
     let db = builder.add_device("drive-scsi1", b.len() as u64).unwrap();
     let writer = builder.build(Vec::new()).unwrap();
@@ -91,7 +93,10 @@ fn frames_are_whole_extents_and_decompress_alone() {
         let starts = check_stream(&stream, &plain);
         assert_eq!(starts[0], 0);
         for s in &starts[1..] {
-            assert!(ends.contains(s), "frame starts at {s}, not at an extent boundary");
+            assert!(
+                ends.contains(s),
+                "frame starts at {s}, not at an extent boundary"
+            );
         }
         if frame_size == 1 {
             // Every unit is a frame of its own.

@@ -76,8 +76,7 @@ pub(crate) fn list(file: &Path, json: bool) -> Result<()> {
 }
 
 fn is_random_access(file: &Path) -> bool {
-    crate::input::detect_file(file)
-        .is_ok_and(|c| c == Compression::None || c == Compression::Zstd)
+    crate::input::detect_file(file).is_ok_and(|c| c == Compression::None || c == Compression::Zstd)
 }
 
 pub(crate) fn integrity_json(r: &IntegrityReport) -> serde_json::Value {
