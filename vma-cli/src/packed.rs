@@ -70,7 +70,7 @@ impl Packing {
                     ..ZstdOptions::default()
                 };
                 ZstdWriter::new(sink, options)
-                    .map(Packed::Zstd)
+                    .map(|w| Packed::Zstd(Box::new(w)))
                     .map_err(|e| CliError::new(Exit::Internal, format!("zstd workers: {e}")))
             }
         }
@@ -82,7 +82,7 @@ pub(crate) enum Packed {
     /// Straight into the sink.
     Plain(Sink),
     /// Through the compressor.
-    Zstd(ZstdWriter<Sink>),
+    Zstd(Box<ZstdWriter<Sink>>),
 }
 
 impl Packed {
