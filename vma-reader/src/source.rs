@@ -20,7 +20,7 @@ use std::fmt;
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
 pub use vma_format::seek_table::MAX_FRAME_CONTENT;
 use vma_format::seek_table::{SeekIndex, SeekTableError, ZSTD_FRAME_MAGIC};
@@ -141,6 +141,8 @@ pub(crate) struct ZstdSource {
     file_len: u64,
     index: SeekIndex,
     cache: Mutex<Cache>,
+    /// Signalled whenever a frame's decompression ends.
+    loaded: Condvar,
 }
 
 #[derive(Default)]
@@ -148,6 +150,8 @@ struct Cache {
     /// Frame number, its content (complete, or its first bytes), least recent first.
     frames: Vec<(usize, Arc<Vec<u8>>)>,
     bytes: usize,
+    /// Frames a thread is decompressing.
+    loading: Vec<usize>,
 }
 
 impl ZstdSource {
@@ -168,6 +172,7 @@ impl ZstdSource {
             file_len,
             index,
             cache: Mutex::new(Cache::default()),
+            loaded: Condvar::new(),
         })
     }
 
@@ -196,10 +201,12 @@ impl ZstdSource {
     }
 
     /// At least the first `need` bytes of a frame's content: from the cache, else
-    /// decompressed (only its start when that is all that is needed) and cached.
+    /// decompressed (only its start when that is all that is needed) and cached. A frame
+    /// is decompressed by one thread at a time: others that need it wait for it (an NBD
+    /// client's parallel requests often fall into one frame).
     fn content(&self, frame: usize, need: usize) -> Result<Arc<Vec<u8>>> {
-        {
-            let mut cache = self.lock();
+        let mut cache = self.lock();
+        loop {
             if let Some(i) = cache.frames.iter().position(|(f, _)| *f == frame) {
                 if cache.frames[i].1.len() >= need {
                     let entry = cache.frames.remove(i);
@@ -208,15 +215,26 @@ impl ZstdSource {
                     return Ok(content);
                 }
             }
+            if !cache.loading.contains(&frame) {
+                break;
+            }
+            cache = self
+                .loaded
+                .wait(cache)
+                .unwrap_or_else(PoisonError::into_inner);
         }
+        cache.loading.push(frame);
+        drop(cache);
         let span = self.index.frame(frame).expect("a frame of the index");
         let content = if need <= PREFIX && span.len as usize > 2 * PREFIX {
-            self.decompress_prefix(frame, PREFIX)?
+            self.decompress_prefix(frame, PREFIX)
         } else {
-            self.decompress(frame)?
+            self.decompress(frame)
         };
-        let content = Arc::new(content);
         let mut cache = self.lock();
+        cache.loading.retain(|f| *f != frame);
+        self.loaded.notify_all();
+        let content = Arc::new(content?);
         if let Some(i) = cache.frames.iter().position(|(f, _)| *f == frame) {
             let (_, old) = cache.frames.remove(i);
             cache.bytes -= old.len();
