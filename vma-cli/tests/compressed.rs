@@ -221,3 +221,78 @@ fn a_killed_compressed_create_never_leaves_the_final_name() {
     assert_eq!(left.len(), 1);
     assert!(left[0].starts_with(".a.vma.zst.partial-"), "{left:?}");
 }
+
+/// vec1 in seekable zstd, one frame per extent.
+fn seekable_vec1() -> Vec<u8> {
+    use std::io::Write as _;
+    let options = vma_writer::ZstdOptions {
+        frame_size: 1,
+        ..Default::default()
+    };
+    let mut z = vma_writer::ZstdWriter::new(Vec::new(), options).unwrap();
+    z.write_all(&vectors()[0].bytes()).unwrap();
+    z.finish().unwrap().0
+}
+
+/// Runs `vma ARGS FILE [DEVICE]` on `bytes` and returns its exit code and stderr.
+fn run_on(dir: &Path, bytes: &[u8], args: &[&str], device: Option<&str>) -> (i32, String) {
+    let path = dir.join("hostile.vma.zst");
+    fs::write(&path, bytes).unwrap();
+    let mut cmd = vma();
+    cmd.args(args).arg(&path).args(device);
+    let o = cmd.output().unwrap();
+    let code = o.status.code().expect("an exit code, not a signal");
+    (code, String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+#[test]
+fn hostile_seekable_zstd_files_exit_with_their_error_and_offset() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good = seekable_vec1();
+    let stream_len = good.len() as u64;
+    let table = vma_format::seek_table::SeekIndex::table_len(&good, stream_len).unwrap();
+    let table_at = good.len() - table;
+    let index = vma_format::seek_table::SeekIndex::parse(&good[table_at..], stream_len).unwrap();
+    let device = "drive-scsi0";
+    assert_eq!(run_on(tmp.path(), &good, &["cat"], Some(device)).0, 0);
+
+    // A frame whose bytes were changed: its checksum fails where its data is read.
+    let last_data = index.frame(index.frames() - 2).unwrap();
+    let mut bad = good.clone();
+    bad[(last_data.compressed_offset + last_data.compressed_len as u64 / 2) as usize] ^= 0x40;
+    let (code, err) = run_on(tmp.path(), &bad, &["cat"], Some(device));
+    assert_eq!(code, 3, "{err}");
+    assert!(
+        err.contains(&format!(
+            "at compressed byte {}",
+            last_data.compressed_offset
+        )),
+        "{err}"
+    );
+
+    // A table whose frames do not add up to the bytes before it.
+    let mut lie = good.clone();
+    let first = table_at + 8;
+    let size = u32::from_le_bytes(lie[first..first + 4].try_into().unwrap());
+    lie[first..first + 4].copy_from_slice(&(size + 1).to_le_bytes());
+    for args in [&["verify", "--quick"][..], &["cat"][..]] {
+        let device = (args[0] == "cat").then_some(device);
+        let (code, err) = run_on(tmp.path(), &lie, args, device);
+        assert_eq!(code, 3, "{args:?}: {err}");
+        assert!(err.contains(&format!("at byte {table_at}")), "{err}");
+    }
+    // Stock zstd still reads that file: the table is a skippable frame to it.
+    ok(vma().arg("verify").arg(tmp.path().join("hostile.vma.zst")));
+
+    // Cut short: no table, and so not seekable (a usage error naming what to do); the
+    // streaming reader says the stream is damaged.
+    let cut = &good[..good.len() - 40];
+    let (code, err) = run_on(tmp.path(), cut, &["cat"], Some(device));
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("no seek table") && err.contains("zstd -d"),
+        "{err}"
+    );
+    let (code, err) = run_on(tmp.path(), cut, &["verify"], None);
+    assert_eq!(code, 3, "{err}");
+}
