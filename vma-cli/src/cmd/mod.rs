@@ -140,5 +140,10 @@ pub(crate) fn open_seekable(file: &std::path::Path) -> Result<vma_reader::Seekab
             file.display()
         )));
     }
-    Ok(vma_reader::SeekableArchive::open(file)?)
+    match vma_reader::SeekableArchive::open(file) {
+        Err(e @ vma_reader::Error::NotSeekable { .. }) => {
+            Err(CliError::usage(format!("{}: {e}", file.display())))
+        }
+        other => Ok(other?),
+    }
 }
