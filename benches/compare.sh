@@ -4,8 +4,10 @@
 #
 #   benches/compare.sh [SIZE_MIB] [RUNS] [SECTIONS]  (defaults: 2048 MiB, 3 runs, all)
 #
-# SECTIONS: `all`, `raw` (raw images and archives only) or `qemu` (the QEMU image formats
-# through qemu-storage-daemon, on the mixed image only).
+# SECTIONS: `all`, `raw` (raw images and archives only), `qemu` (the QEMU image formats
+# through qemu-storage-daemon, on the mixed image only) or `zst` (seekable zstd: create
+# X.vma.zst against `zstd -T0` on the plain archive, extract and serve of it against the
+# plain archive's, on a compressible image: a tar of /usr filling half of it, then zeros).
 #
 # Needs: a release build (done here), zstd, /usr/bin/time, python3; for `qemu`, qemu-img
 # and qemu-storage-daemon. Files go under
@@ -132,6 +134,42 @@ if want qemu; then
     "${T[restore-into-qcow2]}" "${T[qemu-img-into-qcow2]}"
 fi
 
+# --- seekable zstd, on a compressible image ------------------------------------------------
+zrr=
+if want zst; then
+  IMG=$DIR/usr.raw
+  { tar cf - -C / usr 2>/dev/null || true; } | head -c $((SIZE_MIB / 2 * 1048576)) > "$IMG"
+  truncate -s "${SIZE_MIB}M" "$IMG"
+  A=$DIR/usr.vma
+  rm -f "$A" "$A.zst" "$DIR/usr.T0.zst"
+  "$VMA" create "$A" -d "format=raw:drive-scsi0=$IMG"
+  "$VMA" create "$A.zst" -d "format=raw:drive-scsi0=$IMG"
+  zstd -q -T0 -3 "$A" -o "$DIR/usr.T0.zst"
+  sync
+  timings \
+    "zstd-T0" "rm -f '$DIR/out.zst'; zstd -q -T0 -3 '$A' -o '$DIR/out.zst'" \
+    "create-zst" "rm -f '$DIR/out.vma.zst'; '$VMA' create '$DIR/out.vma.zst' -d 'format=raw:drive-scsi0=$IMG'"
+  row "create .vma.zst (vs \`zstd -T0 -3\` of the plain archive) usr" "${T[create-zst]}" "${T[zstd-T0]}"
+  ours=$(stat -c %s "$A.zst"); theirs=$(stat -c %s "$DIR/usr.T0.zst")
+  rows+=("| size of the .vma.zst (vs \`zstd -T0 -3\` of the plain archive; bytes) usr | $ours | $theirs | $(python3 -c "print('%.4f' % ($ours/$theirs))") |")
+  timings \
+    "extract-zst" "'$VMA' extract '$A.zst' '$DIR/out'" \
+    "extract-plain" "'$VMA' extract '$A' '$DIR/out'"
+  row "extract our .vma.zst (vs the plain archive's extract) usr" "${T[extract-zst]}" "${T[extract-plain]}"
+  if command -v qemu-img >/dev/null; then
+    "$VMA" serve "$A" --socket "$DIR/plain.sock" 2>/dev/null & sp=$!
+    "$VMA" serve "$A.zst" --socket "$DIR/zst.sock" 2>/dev/null & sz=$!
+    while [ ! -S "$DIR/plain.sock" ] || [ ! -S "$DIR/zst.sock" ]; do sleep 0.1; done
+    timings \
+      "serve-zst" "qemu-img convert -f raw 'nbd+unix:///drive-scsi0?socket=$DIR/zst.sock' -O raw '$DIR/out.raw'" \
+      "serve-plain" "qemu-img convert -f raw 'nbd+unix:///drive-scsi0?socket=$DIR/plain.sock' -O raw '$DIR/out.raw'"
+    row "qemu-img convert through vma serve of our .vma.zst (vs of the plain archive) usr" "${T[serve-zst]}" "${T[serve-plain]}"
+    kill -INT $sp $sz; wait $sp $sz || true
+  fi
+  zrr="Random reads of the seekable .vma.zst: $("$RANDREAD" "$A.zst" "$IMG" 2000)
+Of the plain archive: $("$RANDREAD" "$A" "$IMG" 20000)"
+fi
+
 echo
 echo "## vma vs baselines: ${SIZE_MIB} MiB images, median of $RUNS runs"
 echo
@@ -152,4 +190,8 @@ if want raw; then
   printf '%s\n' "${rss_rows[@]}"
   echo
   echo "$rr"
+fi
+if want zst; then
+  echo
+  echo "$zrr"
 fi

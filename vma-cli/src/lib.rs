@@ -9,6 +9,7 @@ pub mod input;
 pub mod lzop;
 pub mod mapfile;
 mod output;
+mod packed;
 mod progress;
 mod qemu;
 

@@ -272,6 +272,9 @@ enum Input {
     File,
     /// `vzdump-....vma.zst`: `zstd -q -d -c FILE | vma ... -`.
     Zst,
+    /// The same, the file in the seekable format `vma create X.vma.zst` writes
+    /// (independent frames, a seek table in a skippable frame), which stock `zstd` reads.
+    SeekableZst,
     /// `vzdump-....vma.gz`: `zcat FILE | vma ... -`.
     Gz,
     /// `vzdump-....vma.lzo`: `lzop -d -c FILE | vma ... -`.
@@ -284,9 +287,10 @@ enum Input {
 }
 
 impl Input {
-    const ALL: [Input; 6] = [
+    const ALL: [Input; 7] = [
         Input::File,
         Input::Zst,
+        Input::SeekableZst,
         Input::Gz,
         Input::Lzo,
         Input::StdinPipe,
@@ -298,7 +302,7 @@ impl Input {
     /// as it appears in the restore's "restore vma archive:" line.
     fn decompressor(self) -> Option<&'static str> {
         match self {
-            Input::Zst => Some("zstd -q -d -c"),
+            Input::Zst | Input::SeekableZst => Some("zstd -q -d -c"),
             Input::Gz => Some("zcat"),
             Input::Lzo => Some("lzop -d -c"),
             _ => None,
@@ -337,6 +341,17 @@ fn stage(dir: &Path, archive: &[u8], input: Input) -> Staged {
             stdin: Stdin::Null,
         },
         Input::Zst => compress("zst", "zstd", &["-q", "--threads=1", "-c"]),
+        Input::SeekableZst => {
+            use std::io::Write as _;
+            let out = dir.join(format!("{STEM}.vma.zst"));
+            let mut z = vma_writer::ZstdWriter::new(Vec::new(), Default::default()).unwrap();
+            z.write_all(archive).unwrap();
+            fs::write(&out, z.finish().unwrap().0).unwrap();
+            Staged {
+                arg: out,
+                stdin: Stdin::Null,
+            }
+        }
         Input::Gz => compress("gz", "gzip", &["--rsyncable", "-c"]),
         Input::Lzo => compress("lzo", "lzop", &["-c"]),
         Input::StdinPipe => Staged {

@@ -137,6 +137,56 @@ fn every_device_converts_to_raw_and_qcow2_byte_exact() {
     }
 }
 
+/// Every vector compressed as `vma create X.vma.zst` compresses it (frames of one extent,
+/// and of the default size), served in place: `qemu-img convert` gives every device
+/// byte-exact.
+#[test]
+#[ignore = "needs QEMU's tools (qemu-img); scripts/test runs it with --include-ignored"]
+fn every_device_of_a_seekable_vma_zst_converts_byte_exact() {
+    use std::io::Write as _;
+    require("qemu-img");
+    let tmp = tempfile::tempdir().unwrap();
+    for v in vectors() {
+        let devices: Vec<&str> = v
+            .list
+            .iter()
+            .filter_map(|l| l.rsplit_once(" devname: ").map(|(_, n)| n))
+            .collect();
+        if devices.is_empty() {
+            continue;
+        }
+        for frame_size in [1, vma_writer::DEFAULT_FRAME_SIZE] {
+            let options = vma_writer::ZstdOptions {
+                frame_size,
+                ..Default::default()
+            };
+            let mut z = vma_writer::ZstdWriter::new(Vec::new(), options).unwrap();
+            z.write_all(&v.bytes()).unwrap();
+            let zst = tmp.path().join(format!("{}.{frame_size}.zst", v.file));
+            fs::write(&zst, z.finish().unwrap().0).unwrap();
+            let sock = tmp.path().join(format!("{}.{frame_size}.sock", v.file));
+            let mut serve = Serve::start(&zst, &sock, &[]);
+            for dev in &devices {
+                let want = v.file(&format!("disk-{dev}.raw")).unwrap();
+                let raw = tmp.path().join(format!("{dev}.zst.raw"));
+                let _ = fs::remove_file(&raw);
+                qemu_img(&[
+                    "convert",
+                    "-f",
+                    "raw",
+                    &serve.url(dev),
+                    "-O",
+                    "raw",
+                    raw.to_str().unwrap(),
+                ]);
+                assert_eq!(fs::metadata(&raw).unwrap().len(), want.size);
+                assert_eq!(sha256_file(&raw), want.sha256, "{} {dev}", v.file);
+            }
+            assert!(serve.interrupt().success());
+        }
+    }
+}
+
 /// Parses `qemu-io -c 'read -v ...'` hex dumps into bytes.
 fn parse_dump(text: &str) -> Vec<u8> {
     let mut bytes = Vec::new();

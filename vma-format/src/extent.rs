@@ -214,6 +214,15 @@ impl ExtentHeader {
         })
     }
 
+    /// The length of the extent (header plus data) whose header starts `bytes`, from its
+    /// `block_count` alone, without checking anything else: for code that must find
+    /// extent boundaries in a byte stream it passes on (a compressor cutting frames), not
+    /// for reading. `None` while fewer than the field's 8 bytes are there.
+    pub fn len_from_prefix(bytes: &[u8]) -> Option<usize> {
+        let field = bytes.get(off::BLOCK_COUNT..off::BLOCK_COUNT + 2)?;
+        Some(VMA_EXTENT_HEADER_SIZE + BigEndian::read_u16(field) as usize * VMA_BLOCK_SIZE)
+    }
+
     /// Encodes the header with its MD5, exactly as Proxmox's writer does.
     pub fn encode(&self) -> [u8; VMA_EXTENT_HEADER_SIZE] {
         let mut out = [0u8; VMA_EXTENT_HEADER_SIZE];

@@ -11,6 +11,7 @@ mod extent;
 mod header;
 pub mod integrity;
 pub mod names;
+pub mod seek_table;
 
 pub use consts::*;
 pub use error::{BlobField, FormatError, NameProblem, Result};

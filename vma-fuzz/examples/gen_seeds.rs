@@ -238,6 +238,34 @@ fn main() {
         archives.push((name, fs::read(&p).unwrap()));
     }
     archives.extend(writer_archives());
+    // The same archives as `vma create X.vma.zst` writes them: seekable zstd, whose
+    // last bytes are a seek table.
+    let compressed: Vec<(String, Vec<u8>)> = archives
+        .iter()
+        .map(|(name, bytes)| {
+            let options = vma_writer::ZstdOptions {
+                frame_size: 1,
+                ..Default::default()
+            };
+            let mut z = vma_writer::ZstdWriter::new(Vec::new(), options).expect("zstd");
+            std::io::Write::write_all(&mut z, bytes).expect("compress");
+            (format!("{name}.zst"), z.finish().expect("finish").0)
+        })
+        .collect();
+    for (name, bytes) in &compressed {
+        let table = vma_format::seek_table::SeekIndex::table_len(bytes, bytes.len() as u64)
+            .expect("a seek table");
+        // The table with a few bytes of frames in front (the sizes then lie), and whole.
+        put(
+            &corpus.join("seek_table"),
+            name,
+            &bytes[bytes.len() - table - 64.min(bytes.len() - table)..],
+        );
+        if bytes.len() <= MAX_SEED {
+            put(&corpus.join("seek_table"), &format!("{name}.whole"), bytes);
+        }
+    }
+    archives.extend(compressed);
 
     for (name, bytes) in &archives {
         for target in ["stream_verify", "stream_extract", "seekable"] {

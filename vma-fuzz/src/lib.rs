@@ -70,6 +70,48 @@ pub fn check_extract(data: &[u8]) {
     }
 }
 
+/// Parses `data` as a whole zstd stream's seek table (its last bytes) and checks what a
+/// table that parses promises: the frames fill the bytes before the table, each content
+/// offset maps to the frame that holds it, and (with a zero descriptor) encoding the
+/// frames again gives the same table.
+pub fn check_seek_table(data: &[u8]) {
+    use vma_format::seek_table::{self, FrameEntry, SeekIndex};
+    let stream_len = data.len() as u64;
+    let Ok(len) = SeekIndex::table_len(data, stream_len) else {
+        return;
+    };
+    assert!(len <= data.len());
+    let table = &data[data.len() - len..];
+    let Ok(index) = SeekIndex::parse(table, stream_len) else {
+        return;
+    };
+    assert_eq!(index.compressed_len(), stream_len - len as u64);
+    let mut entries = Vec::new();
+    let (mut compressed, mut content) = (0u64, 0u64);
+    for i in 0..index.frames() {
+        let f = index.frame(i).expect("a listed frame");
+        assert_eq!((f.compressed_offset, f.offset), (compressed, content));
+        assert!(f.len <= seek_table::MAX_FRAME_CONTENT && f.compressed_len > 0);
+        if f.len > 0 {
+            assert_eq!(index.frame_at(f.offset), Some(i));
+            assert_eq!(index.frame_at(f.offset + f.len as u64 - 1), Some(i));
+        }
+        compressed += f.compressed_len as u64;
+        content += f.len as u64;
+        entries.push(FrameEntry {
+            compressed: f.compressed_len,
+            decompressed: f.len,
+        });
+    }
+    assert_eq!(index.frame(index.frames()), None);
+    assert_eq!(index.content_len(), content);
+    assert_eq!(index.frame_at(content), None);
+    // The descriptor's unused bits and its checksum flag are not re-encoded.
+    if table[len - 5] == 0 {
+        assert_eq!(seek_table::encode(&entries), table);
+    }
+}
+
 /// Opens `data` as a [`SeekableArchive`] from a temporary file and reads every device
 /// through `read_at` and `allocation`, checking that they agree.
 pub fn check_seekable(data: &[u8]) {

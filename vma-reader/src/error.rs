@@ -256,6 +256,31 @@ pub enum Error {
     /// Another misuse, described.
     #[error("{0}")]
     Usage(String),
+    /// A zstd-compressed archive without a seek table: one zstd stream, as `zstd` (and
+    /// so vzdump) writes it, which cannot be read at random.
+    #[error(
+        "the {stream_len}-byte zstd stream has no seek table (it is compressed as one stream, \
+         as zstd and vzdump write it, or cut short), so it cannot be read at random: \
+         decompress it (zstd -d -o ARCHIVE.vma ARCHIVE.vma.zst), or create it seekable \
+         (vma create ARCHIVE.vma.zst ...)"
+    )]
+    NotSeekable {
+        /// Bytes of the compressed file.
+        stream_len: u64,
+    },
+    /// The seek table of a seekable zstd archive is wrong.
+    #[error("{0}")]
+    SeekTable(vma_format::seek_table::SeekTableError),
+    /// A frame of a seekable zstd archive is damaged or disagrees with the seek table.
+    #[error("zstd frame {frame} at compressed byte {offset}: {reason}")]
+    Frame {
+        /// Index of the frame.
+        frame: u64,
+        /// Offset of the frame in the compressed file.
+        offset: u64,
+        /// What is wrong.
+        reason: String,
+    },
     /// A streaming reader used again after it returned an error.
     #[error("the reader already failed; no more extents can be read")]
     Failed,
@@ -271,6 +296,7 @@ impl Error {
             | Error::OutputExists(_)
             | Error::TargetTooSmall { .. }
             | Error::Usage(_)
+            | Error::NotSeekable { .. }
             | Error::Failed => ErrorKind::Usage,
             _ => ErrorKind::Damaged,
         }

@@ -1,6 +1,8 @@
 //! Random access to the devices of an archive file, without extracting anything.
 //!
-//! Reads go through positional reads ([`FileExt::read_at`]) rather than a memory map:
+//! The archive's bytes come from a [`Source`]: a plain file, or a seekable zstd file
+//! decompressed frame by frame (see the `source` module for its cache's bound).
+//! Reads of a plain file go through positional reads ([`FileExt::read_at`]) rather than a memory map:
 //! the bytes are copied once either way (from the page cache into the caller's buffer),
 //! but a mapped file that shrinks under the reader (another process truncating the
 //! archive) kills the process with `SIGBUS`, while `pread` returns an error the caller
@@ -9,7 +11,6 @@
 
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -24,6 +25,7 @@ use crate::index::{DeviceIndex, MAX_RELATIVE_OFFSET};
 use crate::integrity::IntegrityReport;
 use crate::options::OnDamage;
 use crate::options::ReadOptions;
+use crate::source::{into_io, Packing, Source};
 use crate::stream::read_header;
 use crate::stream::{sealed, IntoArchiveStream, StreamReader};
 use crate::walk::{DataCheck, Step, Walker};
@@ -49,7 +51,7 @@ pub struct SeekableArchive {
 
 #[derive(Debug)]
 struct Shared {
-    file: File,
+    source: Source,
     header: ArchiveHeader,
     header_size: u64,
     file_len: u64,
@@ -87,31 +89,32 @@ impl<'a> From<&'a String> for DeviceRef<'a> {
 }
 
 impl SeekableArchive {
-    /// Opens and indexes the archive at `path`.
+    /// Opens and indexes the archive at `path`: a plain archive, or a seekable zstd one
+    /// (as `vma create ARCHIVE.vma.zst` writes it; a zstd file without a seek table is
+    /// [`Error::NotSeekable`]).
     pub fn open(path: impl AsRef<Path>) -> Result<SeekableArchive> {
         let file = File::open(path.as_ref()).map_err(|source| Error::Read { offset: 0, source })?;
         Self::from_file(file)
     }
 
-    /// Indexes an open archive file.
+    /// Indexes an open archive file, plain or seekable zstd.
     pub fn from_file(file: File) -> Result<SeekableArchive> {
-        let file_len = file
-            .metadata()
-            .map_err(|source| Error::Read { offset: 0, source })?
-            .len();
-        let (header, bytes) = read_header(&mut Positional::new(&file))?;
+        let source = Source::open(file)?;
+        let file_len = source.len();
+        let (header, bytes) = read_header(&mut Positional::new(&source))?;
         let header_size = bytes.len() as u64;
         let walker = Walker::new(&header, &bytes, true, OnDamage::Report);
         drop(bytes);
         check_fits(&header, header_size, file_len)?;
-        let (mut index, integrity) = index_extents(&file, file_len, &header, header_size, walker)?;
+        let (mut index, integrity) =
+            index_extents(&source, file_len, &header, header_size, walker)?;
         for ix in index.iter_mut().flatten() {
             ix.shrink();
         }
         let memory = index.iter().flatten().map(DeviceIndex::memory).sum();
         Ok(SeekableArchive {
             shared: Arc::new(Shared {
-                file,
+                source,
                 header,
                 header_size,
                 file_len,
@@ -127,7 +130,7 @@ impl SeekableArchive {
         &self.shared.header
     }
 
-    /// The archive file's length.
+    /// The archive's length (decompressed, for a compressed file).
     pub fn len(&self) -> u64 {
         self.shared.file_len
     }
@@ -155,9 +158,15 @@ impl SeekableArchive {
         &self.shared.integrity
     }
 
-    /// Bytes of memory the index holds.
+    /// Bytes of memory the index holds (for a compressed file, with the frame index and
+    /// the frames cached at the moment).
     pub fn index_memory(&self) -> usize {
-        self.shared.memory
+        self.shared.memory + self.shared.source.memory()
+    }
+
+    /// How the file is packed.
+    pub fn packing(&self) -> Packing {
+        self.shared.source.packing()
     }
 
     /// A reader of one device.
@@ -191,7 +200,7 @@ impl<'a> IntoArchiveStream for &'a SeekableArchive {
     type Stream = StreamReader<Box<dyn Read + 'a>>;
 
     fn into_stream(self, options: ReadOptions) -> Result<Self::Stream> {
-        StreamReader::with_options(Box::new(Positional::new(&self.shared.file)), options)
+        StreamReader::with_options(Box::new(Positional::new(&self.shared.source)), options)
     }
 }
 
@@ -225,7 +234,7 @@ fn check_fits(header: &ArchiveHeader, header_size: u64, file_len: u64) -> Result
 /// Reads and checks every extent header after the archive header (seeking over the data)
 /// and the seal, and indexes where each cluster's data is (the index by device id).
 fn index_extents(
-    file: &File,
+    file: &Source,
     file_len: u64,
     header: &ArchiveHeader,
     header_size: u64,
@@ -269,7 +278,7 @@ fn index_extents(
 /// Reads extent headers, in windows when extents are small so that an archive of
 /// mostly zero clusters (headers back to back) is scanned in large reads.
 struct Scanner<'f> {
-    file: &'f File,
+    file: &'f Source,
     file_len: u64,
     window: Vec<u8>,
     start: u64,
@@ -277,7 +286,7 @@ struct Scanner<'f> {
 }
 
 impl<'f> Scanner<'f> {
-    fn new(file: &'f File, file_len: u64) -> Scanner<'f> {
+    fn new(file: &'f Source, file_len: u64) -> Scanner<'f> {
         Scanner {
             file,
             file_len,
@@ -301,12 +310,7 @@ impl<'f> Scanner<'f> {
             };
             let len = (want as u64).min(have) as usize;
             self.window.resize(len, 0);
-            self.file
-                .read_exact_at(&mut self.window, pos)
-                .map_err(|source| Error::Read {
-                    offset: pos,
-                    source,
-                })?;
+            self.file.read_exact_at(&mut self.window, pos)?;
             self.start = pos;
         }
         let at = (pos - self.start) as usize;
@@ -314,21 +318,21 @@ impl<'f> Scanner<'f> {
     }
 }
 
-/// A `Read` over a file by positional reads, leaving the file's own offset alone.
+/// A `Read` over a source by positional reads, leaving the file's own offset alone.
 struct Positional<'f> {
-    file: &'f File,
+    file: &'f Source,
     pos: u64,
 }
 
 impl<'f> Positional<'f> {
-    fn new(file: &'f File) -> Self {
+    fn new(file: &'f Source) -> Self {
         Positional { file, pos: 0 }
     }
 }
 
 impl Read for Positional<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.file.read_at(buf, self.pos)?;
+        let n = self.file.read_at(buf, self.pos).map_err(into_io)?;
         self.pos += n as u64;
         Ok(n)
     }
@@ -472,7 +476,7 @@ impl DeviceReader {
             if stored {
                 let before = BlockMask::from_bits_retain(mask.bits() & ((1u16 << j) - 1));
                 let at = data + (before.stored_len() + p % VMA_BLOCK_SIZE) as u64;
-                self.shared.file.read_exact_at(dst, at)?;
+                self.shared.source.read_exact_at(dst, at).map_err(into_io)?;
             } else {
                 dst.fill(0);
             }

@@ -5,6 +5,7 @@
 
 mod bitmap;
 mod builder;
+mod compress;
 mod error;
 mod file;
 mod identity;
@@ -14,6 +15,7 @@ mod source;
 mod writer;
 
 pub use builder::{Builder, Device, RecordedCluster, VmState};
+pub use compress::{ZstdOptions, ZstdSummary, ZstdWriter, DEFAULT_FRAME_SIZE};
 pub use error::{Error, ErrorKind, MissingClusters, Result};
 pub use file::{FileWriter, PartialFile};
 pub use identity::{derived_uuid, uuid_from_name};

@@ -12,6 +12,7 @@ use vma_writer::{round_up_to_sector, source_size, uuid_from_name, Builder, Uuid,
 
 use crate::error::{CliError, Result};
 use crate::output::{self, Sink, Target};
+use crate::packed::Packing;
 use crate::progress::{CreateLines, Progress};
 use crate::qemu;
 
@@ -35,6 +36,11 @@ pub struct Args {
     /// Print progress and per-image statistics on stderr, like Proxmox's tool.
     #[arg(short = 'v')]
     verbose: bool,
+    /// Compress in process on every core: `zstd` or `zstd:LEVEL` (seekable zstd, which
+    /// `zstd -d` reads as usual and `vma serve`/`cat` read in place), or `none`. Default:
+    /// zstd level 3 for a file name ending in `.zst`, else none.
+    #[arg(long, value_name = "zstd[:LEVEL]|none")]
+    compress: Option<String>,
     /// Leave out vma-rs's data checksums and seal (the archive is then laid out exactly
     /// as Proxmox's writer lays it out).
     #[arg(long)]
@@ -224,7 +230,9 @@ pub(crate) fn run(args: Args) -> Result<()> {
     });
 
     let target = Target::parse(&args.file);
+    let packing = Packing::choose(args.compress.as_deref(), &target)?;
     let (sink, mut command) = Sink::open(&target)?;
+    let sink = packing.wrap(sink)?;
     let writer = builder.build(sink)?;
     let failed = write_disks(&writer, &disks, &devices, !args.verbose);
     if let Some((path, e)) = failed {

@@ -49,13 +49,19 @@ pub(crate) fn list(file: &Path, json: bool) -> Result<()> {
     if !json {
         return print_listing(&header);
     }
-    // Integrity is known from the extent headers of a plain file; a stream would have to
-    // be read to its end (that is `vma verify --json`).
-    let integrity = if file.as_os_str() != "-" && is_plain(file) {
-        drop(stream);
-        Some(open_seekable(file)?.integrity().clone())
-    } else {
-        None
+    // Integrity is known from the extent headers of a plain or seekable zstd file; a
+    // stream would have to be read to its end (that is `vma verify --json`).
+    let integrity = match file.as_os_str() != "-" && is_random_access(file) {
+        true => {
+            drop(stream);
+            match open_seekable(file) {
+                Ok(archive) => Some(archive.integrity().clone()),
+                // A zstd file as zstd writes it: listed all the same, without integrity.
+                Err(e) if e.exit == Exit::Usage => None,
+                Err(e) => return Err(e),
+            }
+        }
+        false => None,
     };
     let value = json!({
         "uuid": header.uuid.to_string(),
@@ -69,8 +75,8 @@ pub(crate) fn list(file: &Path, json: bool) -> Result<()> {
     print_json(&value)
 }
 
-fn is_plain(file: &Path) -> bool {
-    crate::input::detect_file(file).is_ok_and(|c| c == Compression::None)
+fn is_random_access(file: &Path) -> bool {
+    crate::input::detect_file(file).is_ok_and(|c| c == Compression::None || c == Compression::Zstd)
 }
 
 pub(crate) fn integrity_json(r: &IntegrityReport) -> serde_json::Value {

@@ -34,7 +34,8 @@ enum Command {
     List {
         /// The archive, or `-` for standard input.
         file: PathBuf,
-        /// Print JSON instead (with integrity information for plain archive files).
+        /// Print JSON instead (with integrity information for plain and seekable zstd archive
+        /// files).
         #[arg(long)]
         json: bool,
     },
@@ -54,7 +55,7 @@ enum Command {
     Verify(verify::Args),
     /// Write one device's raw image to standard output.
     Cat {
-        /// The archive (a plain archive file).
+        /// The archive: a plain or seekable zstd archive file.
         file: PathBuf,
         /// The device's name, e.g. drive-scsi0.
         device: String,
@@ -124,21 +125,30 @@ pub(crate) fn open_stream(
     Ok(vma_reader::PrefetchingReader::with_options(input, options)?)
 }
 
-/// Opens a plain archive file for random access, explaining what to do with a
-/// compressed one or with standard input.
+/// Opens a plain or seekable zstd archive file for random access, explaining what to do
+/// with another compressed one or with standard input.
 pub(crate) fn open_seekable(file: &std::path::Path) -> Result<vma_reader::SeekableArchive> {
     if file.as_os_str() == "-" {
         return Err(CliError::usage(
-            "this needs a plain archive file, not standard input: save it to a file first",
+            "this needs an archive file, not standard input: save it to a file first",
         ));
     }
     let compression =
         crate::input::detect_file(file).map_err(|e| CliError::io(file.display(), e))?;
-    if let Some(hint) = compression.decompress_hint() {
+    if let (Some(hint), false) = (
+        compression.decompress_hint(),
+        compression == crate::input::Compression::Zstd,
+    ) {
         return Err(CliError::usage(format!(
-            "{} is compressed ({compression:?}); random access needs a plain archive: {hint}",
+            "{} is compressed ({compression:?}); random access needs a plain or seekable zstd \
+             archive: {hint}",
             file.display()
         )));
     }
-    Ok(vma_reader::SeekableArchive::open(file)?)
+    match vma_reader::SeekableArchive::open(file) {
+        Err(e @ vma_reader::Error::NotSeekable { .. }) => {
+            Err(CliError::usage(format!("{}: {e}", file.display())))
+        }
+        other => Ok(other?),
+    }
 }

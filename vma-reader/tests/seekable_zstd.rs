@@ -1,0 +1,238 @@
+//! The seekable reader on seekable zstd archives: the same devices, headers and integrity
+//! as the plain archive, and typed errors (with offsets) for every way the compressed
+//! file can lie or be damaged.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use common::{mixed_image, Builder};
+use vma_format::seek_table::{self, FrameEntry, SeekIndex};
+use vma_reader::{verify, Error, Packing, SeekableArchive, VerifyOptions};
+use vma_testkit::{vectors, Rng};
+use vma_writer::{ZstdOptions, ZstdWriter};
+
+/// `plain` compressed as `vma create` does, with frames of at least `frame_size`.
+fn compress(plain: &[u8], frame_size: usize) -> Vec<u8> {
+    let options = ZstdOptions {
+        frame_size,
+        ..ZstdOptions::default()
+    };
+    let mut w = ZstdWriter::new(Vec::new(), options).unwrap();
+    w.write_all(plain).unwrap();
+    w.finish().unwrap().0
+}
+
+fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+/// Every device of both archives, read whole and in random pieces, is the same.
+fn assert_same_devices(plain: &SeekableArchive, zst: &SeekableArchive, seed: u64) {
+    assert_eq!(plain.header(), zst.header());
+    assert_eq!(plain.integrity(), zst.integrity());
+    assert_eq!(plain.len(), zst.len());
+    let mut rng = Rng(seed);
+    for d in plain.devices() {
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        plain.device(d.id).unwrap().read_to_end(&mut a).unwrap();
+        zst.device(d.id).unwrap().read_to_end(&mut b).unwrap();
+        assert!(a == b, "device {} differs", d.name);
+        let reader = zst.device(d.id).unwrap();
+        for _ in 0..50 {
+            let offset = rng.below(d.size + 1);
+            let len = rng.below(300_000) as usize;
+            let mut buf = vec![0xcc; len];
+            let n = reader.read_at(&mut buf, offset).unwrap();
+            let start = offset as usize;
+            let end = (start + len).min(a.len());
+            assert_eq!(n, end - start);
+            assert!(buf[..n] == a[start..end], "{} at {offset}+{len}", d.name);
+        }
+    }
+}
+
+#[test]
+fn every_vector_reads_the_same_compressed() {
+    let dir = tempfile::tempdir().unwrap();
+    for v in vectors() {
+        let plain = SeekableArchive::open(v.path()).unwrap();
+        for frame_size in [1, 64 << 10, 2 << 20] {
+            let zst = compress(&v.bytes(), frame_size);
+            let path = write(dir.path(), &format!("{}.zst", v.file), &zst);
+            let archive = SeekableArchive::open(&path).unwrap();
+            assert!(matches!(
+                archive.packing(),
+                Packing::SeekableZstd { compressed_len, .. } if compressed_len == zst.len() as u64
+            ));
+            assert_same_devices(&plain, &archive, frame_size as u64);
+            let report = verify(&archive, VerifyOptions::new()).unwrap();
+            assert!(report.is_ok(), "{}: {report:?}", v.file);
+        }
+    }
+}
+
+/// An archive of several extents per frame and frames larger than the prefix that
+/// indexing decompresses: 40 MiB of mixed data in two devices, sealed.
+fn large_archive() -> Vec<u8> {
+    let a = mixed_image(30 << 20, 5);
+    let b = mixed_image((10 << 20) + 12345, 6);
+    let mut builder = Builder::new(
+        &[
+            ("drive-scsi0", a.len() as u64),
+            ("drive-scsi1", b.len() as u64),
+        ],
+        &[("qemu-server.conf", b"memory: 512\n")],
+    )
+    .checksums(true);
+    builder.device(2, &b);
+    builder.device(1, &a);
+    builder.finish_sealed()
+}
+
+#[test]
+fn large_frames_and_a_bounded_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let plain_bytes = large_archive();
+    let plain_path = write(dir.path(), "a.vma", &plain_bytes);
+    let plain = SeekableArchive::open(&plain_path).unwrap();
+    for frame_size in [2 << 20, 9 << 20] {
+        let zst = compress(&plain_bytes, frame_size);
+        let path = write(dir.path(), "a.vma.zst", &zst);
+        let archive = SeekableArchive::open(&path).unwrap();
+        assert_same_devices(&plain, &archive, 7);
+        let cache_and_index = archive.index_memory() - plain.index_memory();
+        assert!(
+            cache_and_index <= vma_reader::FRAME_CACHE_BYTES + (16 << 20),
+            "{cache_and_index} bytes held"
+        );
+    }
+}
+
+#[test]
+fn a_stock_zstd_stream_is_not_seekable() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = &vectors()[0];
+    let stock = zstd::stream::encode_all(&v.bytes()[..], 3).unwrap();
+    let path = write(dir.path(), "stock.vma.zst", &stock);
+    let e = SeekableArchive::open(&path).unwrap_err();
+    assert!(
+        matches!(e, Error::NotSeekable { stream_len } if stream_len == stock.len() as u64),
+        "{e}"
+    );
+    assert_eq!(e.kind(), vma_reader::ErrorKind::Usage);
+    assert!(e.to_string().contains("zstd -d"), "{e}");
+}
+
+/// The seek table of a compressed stream: where it starts and its entries.
+fn table_of(zst: &[u8]) -> (usize, Vec<FrameEntry>) {
+    let len = SeekIndex::table_len(zst, zst.len() as u64).unwrap();
+    let at = zst.len() - len;
+    let entries = zst[at + 8..zst.len() - 9]
+        .chunks_exact(8)
+        .map(|e| FrameEntry {
+            compressed: u32::from_le_bytes(e[..4].try_into().unwrap()),
+            decompressed: u32::from_le_bytes(e[4..].try_into().unwrap()),
+        })
+        .collect();
+    (at, entries)
+}
+
+/// `zst` with its seek table replaced by one for `entries`.
+fn with_table(zst: &[u8], entries: &[FrameEntry]) -> Vec<u8> {
+    let (at, _) = table_of(zst);
+    let mut out = zst[..at].to_vec();
+    out.extend_from_slice(&seek_table::encode(entries));
+    out
+}
+
+/// Opens `bytes` and reads every device whole: the first error.
+fn open_and_read(dir: &Path, bytes: &[u8]) -> Result<(), String> {
+    let path = write(dir, "bad.vma.zst", bytes);
+    let archive = SeekableArchive::open(&path).map_err(|e| e.to_string())?;
+    for d in archive.devices() {
+        let mut sink = Vec::new();
+        archive
+            .device(d.id)
+            .unwrap()
+            .read_to_end(&mut sink)
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+#[test]
+fn lying_tables_and_damaged_frames_are_typed_errors_with_offsets() {
+    let dir = tempfile::tempdir().unwrap();
+    let zst = compress(&large_archive(), 1);
+    let (table_at, entries) = table_of(&zst);
+    assert!(entries.len() > 3);
+    assert!(open_and_read(dir.path(), &zst).is_ok());
+
+    // A frame size that does not add up: the frames no longer fill what precedes the table.
+    let mut lie = entries.clone();
+    lie[1].compressed += 1;
+    let e = open_and_read(dir.path(), &with_table(&zst, &lie)).unwrap_err();
+    assert!(
+        e.contains(&format!("at byte {table_at}")) && e.contains("add up"),
+        "{e}"
+    );
+
+    // Sizes that add up but cut frames in the wrong places.
+    let mut lie = entries.clone();
+    lie[1].compressed += 1;
+    lie[2].compressed -= 1;
+    let e = open_and_read(dir.path(), &with_table(&zst, &lie)).unwrap_err();
+    assert!(e.contains("zstd frame"), "{e}");
+
+    // Content sizes that lie: more, or fewer, than a frame holds.
+    for delta in [4096i64, -4096] {
+        let mut lie = entries.clone();
+        lie[2].decompressed = (lie[2].decompressed as i64 + delta) as u32;
+        let e = open_and_read(dir.path(), &with_table(&zst, &lie)).unwrap_err();
+        assert!(
+            e.contains("zstd frame") || e.contains("extent at byte"),
+            "{e}"
+        );
+    }
+
+    // A table for another stream: more frames than are there.
+    let mut lie = entries.clone();
+    lie.push(lie[0]);
+    let e = open_and_read(dir.path(), &with_table(&zst, &lie)).unwrap_err();
+    assert!(e.contains("add up"), "{e}");
+
+    // A frame count past the start of the file.
+    let mut lie = zst.clone();
+    let f = lie.len() - 9;
+    lie[f..f + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+    let e = open_and_read(dir.path(), &lie).unwrap_err();
+    assert!(e.contains("frames"), "{e}");
+
+    // Cut short: the table is gone, which is what the error says.
+    let e = open_and_read(dir.path(), &zst[..zst.len() - 100]).unwrap_err();
+    assert!(e.contains("no seek table"), "{e}");
+}
+
+#[test]
+fn a_damaged_frame_fails_its_checksum_with_its_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let plain_bytes = large_archive();
+    let zst = compress(&plain_bytes, 2 << 20);
+    let (_, entries) = table_of(&zst);
+    // Flip a byte in the middle of the last data frame: the prefix read at open may not
+    // see it; reading the data must.
+    let frame = entries.len() - 2;
+    let start: u64 = entries[..frame].iter().map(|e| e.compressed as u64).sum();
+    let mut bad = zst.clone();
+    let at = start as usize + entries[frame].compressed as usize / 2;
+    bad[at] ^= 0x55;
+    let e = open_and_read(dir.path(), &bad).unwrap_err();
+    assert!(
+        e.contains(&format!("zstd frame {frame} at compressed byte {start}")),
+        "{e}"
+    );
+}
