@@ -485,7 +485,6 @@ enum JobEnd {
 /// Starts the transaction and waits for every job's end, cancelling the
 /// jobs when archiving fails or the user interrupts. Returns whether the
 /// guest was frozen for the transaction, and warnings (a failed thaw).
-#[allow(clippy::too_many_lines)] // reason: being split in a parallel change (issue 19)
 fn run_jobs(
     opts: &BackupOptions,
     qmp: &mut Qmp,
