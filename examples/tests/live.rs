@@ -85,7 +85,9 @@ fn archive_holds_disks_as_of_backup_start_despite_guest_writes() {
     assert_eq!(report.drives.len(), 2);
     for (d, before) in report.drives.iter().zip(&fx.before) {
         assert_eq!(d.drive.size, before.len() as u64);
-        assert_eq!(d.data_bytes + d.zero_request_bytes, d.drive.size);
+        // Every byte arrives at least once; with the copy-before-write filter (the
+        // default) a pushed cluster arrives again from the copy, and is stored once.
+        assert!(d.data_bytes + d.zero_request_bytes >= d.drive.size, "{d:?}");
     }
     assert_eq!(report.drives[1].drive.size % 65536, 12800);
     assert_eq!(report.drives[0].drive.device_name, "drive-vd0");

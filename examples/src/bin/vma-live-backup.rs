@@ -25,7 +25,8 @@ Exit codes (0 to 5 mean what they mean for the vma command):
   2    usage: the command line or the options cannot work
   3    (not used: vma's code for an invalid or damaged archive)
   4    I/O error: a config file cannot be read; the archive already exists or
-       cannot be created, written or finished (a full filesystem included)
+       cannot be created, written or finished (a full filesystem included); the
+       archive did not take a guest write's old data within --cbw-timeout
   5    a drive asked for with --drive is not in the VM, or it has no drive
   6    QEMU or QMP failed: the QMP socket cannot be reached, QEMU refused a
        command or sent something that is not QMP, a backup job failed, QEMU
@@ -73,6 +74,19 @@ struct Cli {
     /// gives a qemu-server.conf
     #[arg(long, value_name = "ID", default_value = "local")]
     pve_storage: String,
+    /// Bound, in seconds, on how long a guest write waits for the archive to take the
+    /// old data of the area it overwrites (copy-before-write): the guest's writes go
+    /// through a copy-before-write filter of this program's (on-cbw-error=break-snapshot,
+    /// cbw-timeout=SECS), so an archive writer that stalls longer makes the backup fail
+    /// (exit 4) instead of stalling the guest. 0: QEMU's own filter, which waits as long
+    /// as the archive takes. Needs every drive attached to a guest device
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = vma_live::DEFAULT_CBW_TIMEOUT,
+        value_parser = clap::value_parser!(u32).range(0..=3600)
+    )]
+    cbw_timeout: u32,
     /// Compress the archive with zstd (name it .vma.zst)
     #[arg(long)]
     zstd: bool,
@@ -149,6 +163,7 @@ impl Cli {
         opts.progress = !self.no_progress;
         opts.guest_agent = self.guest_agent;
         opts.pve_storage = self.pve_storage;
+        opts.cbw_timeout = (self.cbw_timeout > 0).then_some(self.cbw_timeout);
         Mode::Backup(Box::new(opts))
     }
 }
@@ -292,6 +307,11 @@ mod tests {
         assert!(o.write_delay.is_none() && o.x_perf.is_none());
         assert!(o.guest_agent.is_none());
         assert_eq!(o.pve_storage, "local");
+        assert_eq!(o.cbw_timeout, Some(vma_live::DEFAULT_CBW_TIMEOUT));
+        let o = backup(&["--qmp", "/q", "-o", "/o", "--cbw-timeout", "0"]);
+        assert_eq!(o.cbw_timeout, None);
+        let o = backup(&["--qmp", "/q", "-o", "/o", "--cbw-timeout=2"]);
+        assert_eq!(o.cbw_timeout, Some(2));
 
         let o = backup(&[
             "--qmp=/run/q",
@@ -357,6 +377,8 @@ mod tests {
             &["--qmp", "/q", "-o", "/o", "--config", "=f"],
             &["--qmp", "/q", "-o", "/o", "--config", "n="],
             &["--qmp", "/q", "-o", "/o", "--throttle", "soon"],
+            &["--qmp", "/q", "-o", "/o", "--cbw-timeout", "-1"],
+            &["--qmp", "/q", "-o", "/o", "--cbw-timeout", "3601"],
             &["--measure", "--size-mib", "15"],
             &["--measure", "--size-mib", "65537"],
             &["--qmp"],
