@@ -49,6 +49,14 @@ use crate::Error;
 /// Name of the config entry describing the backed-up drives.
 pub const DRIVES_CONFIG_NAME: &str = "vma-live-backup.json";
 
+/// The default of [`BackupOptions::x_perf`]: 4 parallel copy requests of at
+/// most 1 MiB, chosen by measurement (benches/RESULTS.md: with QEMU's 64 the
+/// background copy queues ahead of the guest's writes).
+pub const DEFAULT_X_PERF: XPerf = XPerf {
+    max_workers: 4,
+    max_chunk: 1 << 20,
+};
+
 /// The default of [`BackupOptions::cbw_timeout`], in seconds.
 pub const DEFAULT_CBW_TIMEOUT: u32 = 5;
 
@@ -85,7 +93,8 @@ pub struct BackupOptions {
     pub progress: bool,
     /// Sleep this long in the export before storing each data write.
     pub write_delay: Option<Duration>,
-    /// Pass `x-perf` to the backup jobs.
+    /// Pass `x-perf` to the backup jobs ([`DEFAULT_X_PERF`] unless changed;
+    /// `None`: QEMU's own, 64 requests).
     pub x_perf: Option<XPerf>,
     /// Set to cancel the backup (e.g. from a Ctrl-C handler).
     pub cancel: Arc<AtomicBool>,
@@ -117,7 +126,7 @@ impl BackupOptions {
             zstd: false,
             progress: false,
             write_delay: None,
-            x_perf: None,
+            x_perf: Some(DEFAULT_X_PERF),
             cancel: Arc::new(AtomicBool::new(false)),
             guest_agent: None,
             pve_storage: "local".into(),

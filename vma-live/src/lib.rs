@@ -15,6 +15,7 @@ pub mod qmp;
 
 pub use backup::{
     run_backup, BackupOptions, BackupReport, Consistency, DriveReport, XPerf, DEFAULT_CBW_TIMEOUT,
+    DEFAULT_X_PERF,
 };
 pub use drives::Drive;
 pub use error::{Error, ErrorKind, JobFailure};

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use vma_live::{run_backup, BackupOptions, Error, ErrorKind};
+use vma_live::{run_backup, BackupOptions, Error, ErrorKind, XPerf};
 
 const USAGE: &str = "vma-live-backup --qmp SOCKET --output FILE [OPTIONS]
        vma-live-backup --demo
@@ -87,6 +87,11 @@ struct Cli {
         value_parser = clap::value_parser!(u32).range(0..=3600)
     )]
     cbw_timeout: u32,
+    /// QEMU's x-perf for the background copy: at most WORKERS parallel requests of at
+    /// most CHUNK_KIB KiB each, or `qemu` for QEMU's own (64 requests). Fewer requests
+    /// queue less ahead of the guest's writes
+    #[arg(long, value_name = "WORKERS,CHUNK_KIB", default_value = "4,1024", value_parser = parse_x_perf)]
+    x_perf: XPerfArg,
     /// Compress the archive with zstd (name it .vma.zst)
     #[arg(long)]
     zstd: bool,
@@ -115,6 +120,29 @@ struct Cli {
         value_parser = clap::value_parser!(u64).range(16..=65536)
     )]
     size_mib: u64,
+}
+
+/// `--x-perf`: `qemu`, or `WORKERS,CHUNK_KIB`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct XPerfArg(Option<XPerf>);
+
+fn parse_x_perf(v: &str) -> Result<XPerfArg, String> {
+    if v == "qemu" {
+        return Ok(XPerfArg(None));
+    }
+    let bad = || format!("expected `qemu` or WORKERS,CHUNK_KIB (e.g. 4,1024), not {v:?}");
+    let (w, k) = v.split_once(',').ok_or_else(bad)?;
+    let max_workers: u32 = w.parse().map_err(|_| bad())?;
+    let kib: u64 = k.parse().map_err(|_| bad())?;
+    if !(1..=256).contains(&max_workers) || !(64..=65536).contains(&kib) || kib % 64 != 0 {
+        return Err(format!(
+            "{v:?}: WORKERS must be 1 to 256, CHUNK_KIB a multiple of 64 from 64 to 65536"
+        ));
+    }
+    Ok(XPerfArg(Some(XPerf {
+        max_workers,
+        max_chunk: kib << 10,
+    })))
 }
 
 /// `NAME=FILE`, both non-empty.
@@ -154,6 +182,7 @@ impl Cli {
             unreachable!("clap checks --qmp and --output")
         };
         let mut opts = BackupOptions::new(qmp, output);
+        opts.x_perf = self.x_perf.0;
         if let Some(ms) = self.throttle {
             opts = opts.throttle(Duration::from_millis(ms));
         }
@@ -304,7 +333,8 @@ mod tests {
         assert_eq!(o.output, PathBuf::from("/b/vm.vma"));
         assert!(o.configs.is_empty() && o.drives.is_empty());
         assert!(!o.zstd && o.progress);
-        assert!(o.write_delay.is_none() && o.x_perf.is_none());
+        assert!(o.write_delay.is_none());
+        assert_eq!(o.x_perf, Some(vma_live::DEFAULT_X_PERF));
         assert!(o.guest_agent.is_none());
         assert_eq!(o.pve_storage, "local");
         assert_eq!(o.cbw_timeout, Some(vma_live::DEFAULT_CBW_TIMEOUT));
@@ -312,6 +342,16 @@ mod tests {
         assert_eq!(o.cbw_timeout, None);
         let o = backup(&["--qmp", "/q", "-o", "/o", "--cbw-timeout=2"]);
         assert_eq!(o.cbw_timeout, Some(2));
+        let o = backup(&["--qmp", "/q", "-o", "/o", "--x-perf", "qemu"]);
+        assert_eq!(o.x_perf, None);
+        let o = backup(&["--qmp", "/q", "-o", "/o", "--x-perf=2,256"]);
+        assert_eq!(
+            o.x_perf,
+            Some(XPerf {
+                max_workers: 2,
+                max_chunk: 256 << 10
+            })
+        );
 
         let o = backup(&[
             "--qmp=/run/q",
@@ -379,6 +419,10 @@ mod tests {
             &["--qmp", "/q", "-o", "/o", "--throttle", "soon"],
             &["--qmp", "/q", "-o", "/o", "--cbw-timeout", "-1"],
             &["--qmp", "/q", "-o", "/o", "--cbw-timeout", "3601"],
+            &["--qmp", "/q", "-o", "/o", "--x-perf", "4"],
+            &["--qmp", "/q", "-o", "/o", "--x-perf", "0,1024"],
+            &["--qmp", "/q", "-o", "/o", "--x-perf", "4,100"],
+            &["--qmp", "/q", "-o", "/o", "--x-perf", "4,x"],
             &["--measure", "--size-mib", "15"],
             &["--measure", "--size-mib", "65537"],
             &["--qmp"],
