@@ -134,7 +134,8 @@ fn parse_x_perf(v: &str) -> Result<XPerfArg, String> {
     let (w, k) = v.split_once(',').ok_or_else(bad)?;
     let max_workers: u32 = w.parse().map_err(|_| bad())?;
     let kib: u64 = k.parse().map_err(|_| bad())?;
-    if !(1..=256).contains(&max_workers) || !(64..=65536).contains(&kib) || kib % 64 != 0 {
+    if !(1..=256).contains(&max_workers) || !(64..=65536).contains(&kib) || !kib.is_multiple_of(64)
+    {
         return Err(format!(
             "{v:?}: WORKERS must be 1 to 256, CHUNK_KIB a multiple of 64 from 64 to 65536"
         ));
