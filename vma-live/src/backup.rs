@@ -29,7 +29,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -287,6 +287,32 @@ pub fn job_index(job_id: &str) -> Option<usize> {
         return None;
     }
     index.parse().ok()
+}
+
+/// VMs this process has paused (`stop`) to insert its filters, right now.
+static PAUSES: AtomicUsize = AtomicUsize::new(0);
+
+/// How many VMs this process holds paused while it puts its copy-before-write
+/// filters in (milliseconds each): a signal handler that would exit at once
+/// should wait while this is not 0, so no VM is left paused.
+pub fn pauses_held() -> usize {
+    PAUSES.load(Ordering::SeqCst)
+}
+
+/// Counts one paused VM in [`PAUSES`] while it lives.
+struct Paused;
+
+impl Paused {
+    fn new() -> Paused {
+        PAUSES.fetch_add(1, Ordering::SeqCst);
+        Paused
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        PAUSES.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Tells target nodes and jobs of concurrent backups apart.
@@ -587,6 +613,8 @@ fn device_path(d: &Drive) -> Result<String, Error> {
 fn insert_filters(qmp: &mut Qmp, graph: &mut Graph<'_>, secs: u32) -> Result<(), Error> {
     let status = qmp.execute("query-status", Value::Null)?;
     let running = status.get("running").and_then(Value::as_bool) == Some(true);
+    // Counted before the `stop` is sent, uncounted after the `cont` answered.
+    let paused = running.then(Paused::new);
     if running {
         qmp.execute("stop", Value::Null)?;
     }
@@ -618,6 +646,7 @@ fn insert_filters(qmp: &mut Qmp, graph: &mut Graph<'_>, secs: u32) -> Result<(),
     } else {
         Ok(())
     };
+    drop(paused);
     attached?;
     resumed?;
     for t in graph.targets {

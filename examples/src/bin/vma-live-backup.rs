@@ -201,15 +201,16 @@ impl Cli {
 /// SIGINT, SIGTERM and SIGHUP set the returned flag: the backup cancels its jobs,
 /// removes its target nodes and temporary file, and exits 130. A second signal while
 /// that runs exits at once (a `.partial` file may then be left, never an archive under
-/// its final name), but not while the guest's filesystems are frozen: it waits for the
-/// thaw (bounded, see vma_live::agent), so no signal leaves a guest frozen.
+/// its final name), but not while the guest's filesystems are frozen or the VM is paused
+/// for the filters' insertion: it waits for the thaw (bounded, see vma_live::agent) and
+/// the resume, so no signal leaves a guest frozen or paused.
 fn cancel_on_signals() -> Result<Arc<AtomicBool>, ctrlc::Error> {
     let cancel = Arc::new(AtomicBool::new(false));
     let flag = Arc::clone(&cancel);
     // ctrlc runs this on a thread of its own, not in the signal handler.
     ctrlc::set_handler(move || {
         if flag.swap(true, Ordering::SeqCst) {
-            while vma_live::agent::freezes_held() > 0 {
+            while vma_live::agent::freezes_held() > 0 || vma_live::pauses_held() > 0 {
                 std::thread::sleep(Duration::from_millis(10));
             }
             std::process::exit(130);
