@@ -7,9 +7,9 @@
 //! CLOCK_MONOTONIC (so writes land on areas a running backup has and has not
 //! copied yet). In one run, phases back to back: no backup; QEMU's own
 //! `blockdev-backup` of the data disk into a raw file on the same filesystem;
-//! `vma-live-backup` of the data disk (default options, then with `x-perf`
-//! one worker and 64 KiB requests, fewer and smaller background copies); no
-//! backup again. The
+//! `vma-live-backup` of the data disk (with its copy-before-write filter,
+//! `--cbw-timeout` 5 s) with QEMU's `x-perf` and then with fewer and smaller
+//! background copy requests ([`OURS`]); no backup again. The
 //! probe reports p50, p99 and max per phase. Figures, not asserts.
 
 use std::fmt;
@@ -26,6 +26,41 @@ use vma_live::{run_backup, BackupOptions, Qmp, XPerf};
 use crate::guest::{self, BootOptions, Guest};
 use crate::qemu::Disk;
 use crate::Result;
+
+/// Our backups, by `x-perf` setting (`None`: QEMU's, 64 workers and 1 MiB
+/// requests), fewest and smallest background requests last.
+/// The first runs with QEMU's own copy-before-write filter (`--cbw-timeout 0`),
+/// the others with ours (the 5 s default).
+const OURS: &[(&str, bool, Option<XPerf>)] = &[
+    (
+        "vma-live-backup --cbw-timeout 0, QEMU's x-perf",
+        false,
+        None,
+    ),
+    ("vma-live-backup, QEMU's x-perf (64 × 1 MiB)", true, None),
+    (
+        "vma-live-backup, x-perf 4 workers × 1 MiB",
+        true,
+        Some(xperf(4, 1 << 20)),
+    ),
+    (
+        "vma-live-backup, x-perf 2 workers × 256 KiB",
+        true,
+        Some(xperf(2, 256 << 10)),
+    ),
+    (
+        "vma-live-backup, x-perf 1 worker × 64 KiB",
+        true,
+        Some(xperf(1, 64 << 10)),
+    ),
+];
+
+const fn xperf(max_workers: u32, max_chunk: u64) -> XPerf {
+    XPerf {
+        max_workers,
+        max_chunk,
+    }
+}
 
 /// How long each phase without a backup lasts.
 const IDLE: Duration = Duration::from_secs(5);
@@ -158,25 +193,29 @@ pub fn run(size_mib: u64, cancel: Arc<AtomicBool>) -> Result<GuestLatency> {
         latency: lat(&mut g)?,
     });
     stop(&cancel)?;
-    phases.push(ours(&mut g, "vma-live-backup", None, &cancel, dir.path())?);
-    stop(&cancel)?;
-    let gentle = XPerf {
-        max_workers: 1,
-        max_chunk: 65536,
-    };
-    let name = "vma-live-backup, x-perf 1 worker × 64 KiB";
-    phases.push(ours(&mut g, name, Some(gentle), &cancel, dir.path())?);
+    for (name, filter, x_perf) in OURS {
+        let cbw_timeout = filter.then_some(vma_live::DEFAULT_CBW_TIMEOUT);
+        phases.push(ours(
+            &mut g,
+            name,
+            (cbw_timeout, *x_perf),
+            &cancel,
+            dir.path(),
+        )?);
+        stop(&cancel)?;
+    }
     phases.push(idle(&mut g, "no backup again")?);
     drop(ctl);
     g.poweroff()?;
     Ok(GuestLatency { size, phases })
 }
 
-/// One backup of the data disk by [`run_backup`], with `x_perf` if given.
+/// One backup of the data disk by [`run_backup`], with this `cbw_timeout` and
+/// this `x_perf`.
 fn ours(
     g: &mut Guest,
     name: &'static str,
-    x_perf: Option<XPerf>,
+    (cbw_timeout, x_perf): (Option<u32>, Option<XPerf>),
     cancel: &Arc<AtomicBool>,
     dir: &Path,
 ) -> Result<Phase> {
@@ -185,6 +224,7 @@ fn ours(
     let mut opts = BackupOptions::new(&g.vm.qmp_path, &archive);
     opts.drives = vec!["data".into()];
     opts.x_perf = x_perf;
+    opts.cbw_timeout = cbw_timeout;
     opts.cancel = Arc::clone(cancel);
     lat(g)?;
     let report = thread::spawn(move || run_backup(&opts))

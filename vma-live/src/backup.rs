@@ -6,7 +6,21 @@
 //! virtual size); `blockdev-add` one NBD target node per drive; one
 //! `transaction` of `blockdev-backup` actions with grouped completion (all
 //! drives share one point in time); wait for each job's end event;
-//! `blockdev-del` the targets; finish the archive. With a guest agent, the
+//! `blockdev-del` the targets; finish the archive.
+//!
+//! With a copy-before-write bound ([`BackupOptions::cbw_timeout`], the
+//! default) the guest's writes go through a `copy-before-write` filter node of
+//! our own, with `on-cbw-error=break-snapshot` and `cbw-timeout`: a push the
+//! archive does not take within the bound drops the snapshot (the backup fails)
+//! instead of stalling the guest. QEMU 10.0's `blockdev-backup` takes neither
+//! option and its own filter cannot be reopened, so per drive: a second NBD
+//! target node; `blockdev-add` the filter over the drive's node (its target the
+//! first NBD node); `qom-set` the guest device's `drive` to the filter (with the
+//! VM paused for these steps when it runs, so every drive's snapshot has the
+//! same instant); `blockdev-add` a `snapshot-access` node over the filter; and
+//! the transaction backs up from those nodes into the second NBD nodes, with
+//! `discard-source` (areas already copied are no longer pushed). Afterwards the
+//! device's `drive` is set back and the nodes are removed. With a guest agent, the
 //! guest's filesystems are frozen right before the transaction and thawed
 //! right after it, as Proxmox does ([`crate::agent`]). On any failure the jobs
 //! are cancelled, the targets removed and the archive abandoned: the VM runs
@@ -15,7 +29,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -34,6 +48,17 @@ use crate::Error;
 
 /// Name of the config entry describing the backed-up drives.
 pub const DRIVES_CONFIG_NAME: &str = "vma-live-backup.json";
+
+/// The default of [`BackupOptions::x_perf`]: 4 parallel copy requests of at
+/// most 1 MiB, chosen by measurement (benches/RESULTS.md: with QEMU's 64 the
+/// background copy queues ahead of the guest's writes).
+pub const DEFAULT_X_PERF: XPerf = XPerf {
+    max_workers: 4,
+    max_chunk: 1 << 20,
+};
+
+/// The default of [`BackupOptions::cbw_timeout`], in seconds.
+pub const DEFAULT_CBW_TIMEOUT: u32 = 5;
 
 /// How long to wait for the jobs' end events after cancelling them.
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -68,7 +93,8 @@ pub struct BackupOptions {
     pub progress: bool,
     /// Sleep this long in the export before storing each data write.
     pub write_delay: Option<Duration>,
-    /// Pass `x-perf` to the backup jobs.
+    /// Pass `x-perf` to the backup jobs ([`DEFAULT_X_PERF`] unless changed;
+    /// `None`: QEMU's own, 64 requests).
     pub x_perf: Option<XPerf>,
     /// Set to cancel the backup (e.g. from a Ctrl-C handler).
     pub cancel: Arc<AtomicBool>,
@@ -80,6 +106,12 @@ pub struct BackupOptions {
     /// drive to (as raw; [`crate::pve`]). No config is derived when
     /// [`configs`](Self::configs) has a `qemu-server.conf`.
     pub pve_storage: String,
+    /// The copy-before-write bound in seconds: a guest write to an area not
+    /// yet copied waits at most this long for the archive to take the old
+    /// data; past it the backup fails ([`Error::SnapshotBroken`]) and the
+    /// guest goes on. `None`: QEMU's own filter, which waits as long as it
+    /// takes. Needs every drive attached to a guest device (`qdev`).
+    pub cbw_timeout: Option<u32>,
 }
 
 impl BackupOptions {
@@ -94,10 +126,11 @@ impl BackupOptions {
             zstd: false,
             progress: false,
             write_delay: None,
-            x_perf: None,
+            x_perf: Some(DEFAULT_X_PERF),
             cancel: Arc::new(AtomicBool::new(false)),
             guest_agent: None,
             pve_storage: "local".into(),
+            cbw_timeout: Some(DEFAULT_CBW_TIMEOUT),
         }
     }
 
@@ -256,12 +289,86 @@ pub fn job_index(job_id: &str) -> Option<usize> {
     index.parse().ok()
 }
 
+/// VMs this process has paused (`stop`) to insert its filters, right now.
+static PAUSES: AtomicUsize = AtomicUsize::new(0);
+
+/// How many VMs this process holds paused while it puts its copy-before-write
+/// filters in (milliseconds each): a signal handler that would exit at once
+/// should wait while this is not 0, so no VM is left paused.
+pub fn pauses_held() -> usize {
+    PAUSES.load(Ordering::SeqCst)
+}
+
+/// Counts one paused VM in [`PAUSES`] while it lives.
+struct Paused;
+
+impl Paused {
+    fn new() -> Paused {
+        PAUSES.fetch_add(1, Ordering::SeqCst);
+        Paused
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        PAUSES.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Tells target nodes and jobs of concurrent backups apart.
 static NEXT_BACKUP: AtomicU64 = AtomicU64::new(0);
 
+/// The nodes and the job of one drive (the filter nodes only with a
+/// copy-before-write bound).
 struct Target {
+    /// The NBD node the job writes to (and, with a bound, the filter pushes to).
     node: String,
     job: String,
+    /// With a bound: the NBD node the job copies into.
+    copy: String,
+    /// With a bound: our `copy-before-write` node.
+    filter: String,
+    /// With a bound: the `snapshot-access` node the job reads.
+    snapshot: String,
+}
+
+impl Target {
+    fn new(tag: &str, i: usize) -> Target {
+        Target {
+            node: format!("{tag}-target{i}"),
+            job: format!("{tag}-job{i}"),
+            copy: format!("{tag}-copy{i}"),
+            filter: format!("{tag}-cbw{i}"),
+            snapshot: format!("{tag}-snap{i}"),
+        }
+    }
+}
+
+/// What has to be undone in QEMU, in reverse order.
+#[derive(Debug)]
+enum Undo {
+    /// `blockdev-del` this node.
+    Del(String),
+    /// `qom-set` the device's `drive` back to this node.
+    Attach { device: String, node: String },
+}
+
+/// Undoes `undo` from the last step to the first; returns the first error.
+fn undo_all(qmp: &mut Qmp, undo: Vec<Undo>) -> Result<(), Error> {
+    let mut first_err = None;
+    for step in undo.into_iter().rev() {
+        let done = match step {
+            Undo::Del(node) => qmp.execute("blockdev-del", json!({ "node-name": node })),
+            Undo::Attach { device, node } => qmp.execute(
+                "qom-set",
+                json!({ "path": device, "property": "drive", "value": node }),
+            ),
+        };
+        if let Err(e) = done {
+            first_err.get_or_insert(e);
+        }
+    }
+    first_err.map_or(Ok(()), Err)
 }
 
 /// Runs a live backup as `opts` describes.
@@ -373,15 +480,10 @@ fn serve_and_copy(
         std::process::id(),
         NEXT_BACKUP.fetch_add(1, Ordering::Relaxed)
     );
-    let targets: Vec<Target> = (0..drives.len())
-        .map(|i| Target {
-            node: format!("{tag}-target{i}"),
-            job: format!("{tag}-job{i}"),
-        })
-        .collect();
+    let targets: Vec<Target> = (0..drives.len()).map(|i| Target::new(&tag, i)).collect();
 
-    let mut added = 0;
-    let mut result = add_targets(qmp, drives, &targets, &sock, &mut added);
+    let mut undo = Vec::new();
+    let mut result = add_targets(qmp, opts, drives, &targets, &sock, &mut undo);
     let mut copy_time = Duration::ZERO;
     let mut copy_start = Instant::now();
     let mut warnings = Vec::new();
@@ -394,7 +496,12 @@ fn serve_and_copy(
             .collect();
         let progress = Progress::new(opts.progress, &progress_rows);
         copy_start = Instant::now();
-        result = run_jobs(opts, qmp, drives, &targets, latch, progress.as_ref()).map(|s| {
+        let graph = Graph {
+            drives,
+            targets: &targets,
+            undo: &mut undo,
+        };
+        result = run_jobs(opts, qmp, graph, latch, progress.as_ref()).map(|s| {
             // The copy starts with the transaction, not with the freeze before it.
             copy_start = s.at;
             consistency = s.consistency;
@@ -405,14 +512,14 @@ fn serve_and_copy(
             p.finish(result.is_ok());
         }
     }
-    let del = del_targets(qmp, &targets[..added]);
+    let del = undo_all(qmp, undo);
     let stopped = handle.shutdown().map_err(Error::Nbd);
     result?;
     // Every job completed, so every byte was received and acknowledged: a
     // target QEMU would not remove does not spoil the archive.
     if let Err(e) = del {
         warnings.push(format!(
-            "blockdev-del of the NBD target: {e} (remove the node by hand)"
+            "removing our block nodes: {e} (remove them by hand)"
         ));
     }
     stopped?;
@@ -439,40 +546,116 @@ struct Copied {
     warnings: Vec<String>,
 }
 
+/// The drives, their nodes and what to undo, as the jobs are started.
+struct Graph<'a> {
+    drives: &'a [Drive],
+    targets: &'a [Target],
+    undo: &'a mut Vec<Undo>,
+}
+
+/// `blockdev-add` the NBD target node(s) of each drive (two with a
+/// copy-before-write bound: one connection each to the drive's export).
 fn add_targets(
     qmp: &mut Qmp,
+    opts: &BackupOptions,
     drives: &[Drive],
     targets: &[Target],
     sock: &Path,
-    added: &mut usize,
+    undo: &mut Vec<Undo>,
 ) -> Result<(), Error> {
     let sock_str = sock
         .to_str()
         .ok_or_else(|| Error::SocketPath(sock.to_path_buf()))?;
+    if opts.cbw_timeout.is_some() {
+        // Before any node is added: every drive needs its device.
+        for d in drives {
+            device_path(d)?;
+        }
+    }
     for (d, t) in drives.iter().zip(targets) {
-        let args = json!({
-            "driver": "raw",
-            "node-name": t.node,
-            "file": {
-                "driver": "nbd",
-                "server": { "type": "unix", "path": sock_str },
-                "export": d.node_name,
-            },
-        });
-        qmp.execute("blockdev-add", args)?;
-        *added += 1;
+        let nodes = if opts.cbw_timeout.is_some() {
+            vec![&t.node, &t.copy]
+        } else {
+            vec![&t.node]
+        };
+        for node in nodes {
+            let args = json!({
+                "driver": "raw",
+                "node-name": node,
+                "file": {
+                    "driver": "nbd",
+                    "server": { "type": "unix", "path": sock_str },
+                    "export": d.node_name,
+                },
+            });
+            qmp.execute("blockdev-add", args)?;
+            undo.push(Undo::Del(node.clone()));
+        }
     }
     Ok(())
 }
 
-fn del_targets(qmp: &mut Qmp, targets: &[Target]) -> Result<(), Error> {
-    let mut first_err = None;
-    for t in targets {
-        if let Err(e) = qmp.execute("blockdev-del", json!({ "node-name": t.node })) {
-            first_err.get_or_insert(e);
-        }
+/// The QOM path of the guest device a drive is attached to.
+fn device_path(d: &Drive) -> Result<String, Error> {
+    match d.qdev.as_deref() {
+        Some(q) if q.starts_with('/') => Ok(q.to_string()),
+        Some(id) if !id.is_empty() => Ok(format!("/machine/peripheral/{id}")),
+        _ => Err(Error::NoGuestDevice {
+            node: d.node_name.clone(),
+        }),
     }
-    first_err.map_or(Ok(()), Err)
+}
+
+/// Puts our `copy-before-write` filter between each guest device and its
+/// drive, and a `snapshot-access` node over each filter. The snapshot of
+/// every drive is taken as its filter is attached; a running VM is paused
+/// for that (`stop` drains its I/O), and resumed whatever happened.
+fn insert_filters(qmp: &mut Qmp, graph: &mut Graph<'_>, secs: u32) -> Result<(), Error> {
+    let status = qmp.execute("query-status", Value::Null)?;
+    let running = status.get("running").and_then(Value::as_bool) == Some(true);
+    // Counted before the `stop` is sent, uncounted after the `cont` answered.
+    let paused = running.then(Paused::new);
+    if running {
+        qmp.execute("stop", Value::Null)?;
+    }
+    let mut attach = || -> Result<(), Error> {
+        for (d, t) in graph.drives.iter().zip(graph.targets) {
+            let device = device_path(d)?;
+            let filter = json!({
+                "driver": "copy-before-write",
+                "node-name": t.filter,
+                "file": d.node_name,
+                "target": t.node,
+                "on-cbw-error": "break-snapshot",
+                "cbw-timeout": secs,
+            });
+            qmp.execute("blockdev-add", filter)?;
+            graph.undo.push(Undo::Del(t.filter.clone()));
+            let set = json!({ "path": device, "property": "drive", "value": t.filter });
+            qmp.execute("qom-set", set)?;
+            graph.undo.push(Undo::Attach {
+                device,
+                node: d.node_name.clone(),
+            });
+        }
+        Ok(())
+    };
+    let attached = attach();
+    let resumed = if running {
+        qmp.execute("cont", Value::Null).map(drop)
+    } else {
+        Ok(())
+    };
+    drop(paused);
+    attached?;
+    resumed?;
+    for t in graph.targets {
+        let args =
+            json!({ "driver": "snapshot-access", "node-name": t.snapshot, "file": t.filter });
+        qmp.execute("blockdev-add", args)?;
+        graph.undo.push(Undo::Del(t.snapshot.clone()));
+    }
+    Ok(())
 }
 
 #[derive(Debug)]
@@ -485,19 +668,18 @@ enum JobEnd {
 /// Starts the transaction and waits for every job's end, cancelling the
 /// jobs when archiving fails or the user interrupts. Returns whether the
 /// guest was frozen for the transaction, and warnings (a failed thaw).
-#[allow(clippy::too_many_lines)] // reason: being split in a parallel change (issue 19)
 fn run_jobs(
     opts: &BackupOptions,
     qmp: &mut Qmp,
-    drives: &[Drive],
-    targets: &[Target],
+    mut graph: Graph<'_>,
     latch: &Latch,
     progress: Option<&Progress>,
 ) -> Result<Started, Error> {
     if opts.cancel.load(Ordering::SeqCst) {
         return Err(Error::Interrupted);
     }
-    let started = start_jobs_frozen(opts, qmp, drives, targets)?;
+    let started = start_jobs_frozen(opts, qmp, &mut graph)?;
+    let targets = graph.targets;
     let mut ends: BTreeMap<&str, JobEnd> = BTreeMap::new();
     let mut abort: Option<(Error, Instant)> = None;
     while ends.len() < targets.len() {
@@ -532,7 +714,24 @@ fn run_jobs(
         // interrupted backup leaves no archive.
         return Err(Error::Interrupted);
     }
-    jobs_result(ends).map(|()| started)
+    jobs_result(ends)
+        .map_err(|e| snapshot_broken(e, opts.cbw_timeout))
+        .map(|()| started)
+}
+
+/// A job failure that means our filter dropped the snapshot: a read of the
+/// `snapshot-access` node after a push timed out fails with `EACCES`.
+fn snapshot_broken(e: Error, cbw_timeout: Option<u32>) -> Error {
+    match (e, cbw_timeout) {
+        (Error::JobFailed { failures }, Some(secs))
+            if failures
+                .iter()
+                .any(|f| f.error.contains("Permission denied")) =>
+        {
+            Error::SnapshotBroken { secs, failures }
+        }
+        (e, _) => e,
+    }
 }
 
 /// How the jobs were started.
@@ -562,12 +761,11 @@ fn not_frozen(opts: &BackupOptions) -> Consistency {
 fn start_jobs_frozen(
     opts: &BackupOptions,
     qmp: &mut Qmp,
-    drives: &[Drive],
-    targets: &[Target],
+    graph: &mut Graph<'_>,
 ) -> Result<Started, Error> {
     let mut warnings = Vec::new();
     let Some(path) = &opts.guest_agent else {
-        let at = start_jobs(opts, qmp, drives, targets)?;
+        let at = start_jobs(opts, qmp, graph)?;
         let consistency = not_frozen(opts);
         return Ok(Started {
             consistency,
@@ -578,7 +776,7 @@ fn start_jobs_frozen(
     let agent = match GuestAgent::connect(path, agent::SYNC_TIMEOUT) {
         Ok(a) => a,
         Err(e) => {
-            let at = start_jobs(opts, qmp, drives, targets)?;
+            let at = start_jobs(opts, qmp, graph)?;
             let reason = format!("{e}; no freeze");
             let consistency = Consistency::CrashConsistent { reason };
             return Ok(Started {
@@ -591,7 +789,7 @@ fn start_jobs_frozen(
     let since = Instant::now();
     let frozen = agent.freeze(agent::FREEZE_TIMEOUT);
     let (started, filesystems) = match frozen.frozen() {
-        Ok(n) => (Some(start_jobs(opts, qmp, drives, targets)), Ok(n)),
+        Ok(n) => (Some(start_jobs(opts, qmp, graph)), Ok(n)),
         // Thawed first: the transaction must not wait on a half-frozen guest.
         Err(e) => (None, Err(e.to_string())),
     };
@@ -604,7 +802,7 @@ fn start_jobs_frozen(
     }
     let at = match started {
         Some(at) => at?,
-        None => start_jobs(opts, qmp, drives, targets)?,
+        None => start_jobs(opts, qmp, graph)?,
     };
     let consistency = match filesystems {
         // Frozen at the backup's instant even if the thaw failed; the warning says so.
@@ -627,19 +825,32 @@ fn start_jobs_frozen(
 fn start_jobs(
     opts: &BackupOptions,
     qmp: &mut Qmp,
-    drives: &[Drive],
-    targets: &[Target],
+    graph: &mut Graph<'_>,
 ) -> Result<Instant, Error> {
-    let actions: Vec<Value> = drives
+    let at = Instant::now();
+    if let Some(secs) = opts.cbw_timeout {
+        insert_filters(qmp, graph, secs)?;
+    }
+    let actions: Vec<Value> = graph
+        .drives
         .iter()
-        .zip(targets)
+        .zip(graph.targets)
         .map(|(d, t)| {
-            let mut data = json!({
-                "device": d.node_name,
-                "target": t.node,
-                "sync": "full",
-                "job-id": t.job,
-            });
+            let mut data = match opts.cbw_timeout {
+                None => json!({
+                    "device": d.node_name,
+                    "target": t.node,
+                    "sync": "full",
+                    "job-id": t.job,
+                }),
+                Some(_) => json!({
+                    "device": t.snapshot,
+                    "target": t.copy,
+                    "sync": "full",
+                    "job-id": t.job,
+                    "discard-source": true,
+                }),
+            };
             if let Some(x) = opts.x_perf {
                 data["x-perf"] = json!({
                     "max-workers": x.max_workers,
@@ -649,7 +860,6 @@ fn start_jobs(
             json!({ "type": "blockdev-backup", "data": data })
         })
         .collect();
-    let at = Instant::now();
     qmp.execute(
         "transaction",
         json!({
@@ -821,12 +1031,7 @@ mod tests {
     }
 
     fn targets() -> Vec<Target> {
-        (0..2)
-            .map(|i| Target {
-                node: format!("vmalb1x0-target{i}"),
-                job: format!("vmalb1x0-job{i}"),
-            })
-            .collect()
+        (0..2).map(|i| Target::new("vmalb1x0", i)).collect()
     }
 
     fn event(name: &str, data: Value) -> Event {

@@ -176,6 +176,31 @@ pub enum Error {
         /// Each failed job with QEMU's error.
         failures: Vec<JobFailure>,
     },
+    /// The archive did not take a copy-before-write push within the bound:
+    /// our filter dropped the snapshot so the guest's write could go on, and
+    /// the jobs failed.
+    #[error(
+        "the archive did not take the old data of a guest write within {secs} s \
+         (--cbw-timeout): the snapshot was dropped so the guest could go on, and the \
+         backup failed ({})",
+        join(.failures, "; ")
+    )]
+    SnapshotBroken {
+        /// The bound in seconds.
+        secs: u32,
+        /// QEMU's job errors.
+        failures: Vec<JobFailure>,
+    },
+    /// A drive is not attached to a guest device, so no copy-before-write
+    /// filter can be put in front of it.
+    #[error(
+        "drive {node:?} is attached to no guest device (query-block gives no qdev): \
+         a --cbw-timeout filter cannot be inserted (back up without it: --cbw-timeout 0)"
+    )]
+    NoGuestDevice {
+        /// The drive's node name.
+        node: String,
+    },
     /// A job was cancelled by someone other than this crate.
     #[error("QEMU's backup job failed: job {job} was cancelled outside this program")]
     JobCancelled {
@@ -251,6 +276,8 @@ impl Error {
             | E::JobFailed { .. }
             | E::JobCancelled { .. }
             | E::CancelTimeout { .. } => ErrorKind::Qemu,
+            E::SnapshotBroken { .. } => ErrorKind::Io,
+            E::NoGuestDevice { .. } => ErrorKind::Usage,
             E::ArchiveFailed { source } => source.kind(),
             E::Writer(e) => writer_kind(e),
             E::Nbd(vma_nbd::Error::Bind { .. }) => ErrorKind::Io,
@@ -419,6 +446,14 @@ mod tests {
                 K::Qemu,
             ),
             (Error::JobCancelled { job: "j0".into() }, K::Qemu),
+            (
+                Error::SnapshotBroken {
+                    secs: 5,
+                    failures: vec![],
+                },
+                K::Io,
+            ),
+            (Error::NoGuestDevice { node: "d0".into() }, K::Usage),
             (
                 Error::CancelTimeout {
                     source: Box::new(Error::Interrupted),

@@ -6,6 +6,13 @@
 //! but handing the data to the archive writer. When archiving fails, the
 //! first error is latched, every later write is acknowledged and dropped,
 //! and the orchestrator (polling [`Latch::failed`]) cancels the jobs.
+//!
+//! With a copy-before-write filter of our own ([`crate::backup`]), the
+//! guest's pushes and the background copy reach an export over two
+//! connections and may both send a 64 KiB cluster (with the same data: the
+//! background copy reads pushed clusters back from the push target, which
+//! answers zeroes). The first write of each cluster is stored, later ones
+//! are acknowledged and dropped.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -99,6 +106,8 @@ pub struct DriveExport {
     size: u64,
     delay: Option<Duration>,
     counters: Arc<Counters>,
+    /// One bit per 64 KiB cluster: stored (or being stored) already.
+    claimed: Vec<AtomicU64>,
 }
 
 impl std::fmt::Debug for DriveExport {
@@ -131,7 +140,36 @@ impl DriveExport {
             size,
             delay,
             counters: Arc::new(Counters::default()),
+            claimed: (0..size.div_ceil(CLUSTER).div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
         }
+    }
+
+    /// Claims the clusters of `offset..offset + len`; returns the runs of
+    /// clusters not claimed before, as byte ranges (relative to `offset`).
+    fn claim(&self, offset: u64, len: u64) -> Vec<(u64, u64)> {
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        let end = offset.saturating_add(len).min(self.size);
+        let mut at = offset;
+        while at < end {
+            let next = (at / CLUSTER + 1) * CLUSTER;
+            let cluster = at / CLUSTER;
+            let bit = 1u64 << (cluster % 64);
+            let word = usize::try_from(cluster / 64)
+                .ok()
+                .and_then(|w| self.claimed.get(w));
+            let fresh = word.is_some_and(|w| w.fetch_or(bit, Ordering::AcqRel) & bit == 0);
+            let piece_end = next.min(end);
+            if fresh {
+                match runs.last_mut() {
+                    Some(run) if run.0 + run.1 == at - offset => run.1 += piece_end - at,
+                    _ => runs.push((at - offset, piece_end - at)),
+                }
+            }
+            at = piece_end;
+        }
+        runs
     }
 
     /// The export's counters.
@@ -185,7 +223,17 @@ impl Export for DriveExport {
         }
         let len = data.len() as u64;
         self.counters.note(offset, offset + len);
-        self.store(offset, len, || self.sink.write(self.device, offset, data));
+        self.store(offset, len, || {
+            for (at, n) in self.claim(offset, len) {
+                let piece = usize::try_from(at)
+                    .ok()
+                    .zip(usize::try_from(at + n).ok())
+                    .and_then(|(a, b)| data.get(a..b))
+                    .unwrap_or_default();
+                self.sink.write(self.device, offset + at, piece)?;
+            }
+            Ok(())
+        });
         self.counters.data_bytes.fetch_add(len, Ordering::Relaxed);
         Ok(())
     }
@@ -193,7 +241,10 @@ impl Export for DriveExport {
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         self.counters.note(offset, offset + len);
         self.store(offset, len, || {
-            self.sink.write_zeroes(self.device, offset, len)
+            for (at, n) in self.claim(offset, len) {
+                self.sink.write_zeroes(self.device, offset + at, n)?;
+            }
+            Ok(())
         });
         self.counters.zero_bytes.fetch_add(len, Ordering::Relaxed);
         Ok(())
@@ -280,5 +331,31 @@ mod tests {
         e.write_at(&[1], 1).unwrap();
         assert!(latch.take().unwrap().is_no_space());
         assert!(e.flush().is_ok());
+    }
+
+    #[test]
+    fn each_cluster_is_stored_once() {
+        let rec = Arc::new(Recorder::default());
+        let latch = Arc::new(Latch::default());
+        let size = 6 * CLUSTER + 512;
+        let e = DriveExport::new(rec.clone(), latch.clone(), 0, size, None);
+        // A push of cluster 2, then a background copy of clusters 0..6
+        // overlapping it, then a zero request over 4..end, then the tail.
+        e.write_at(&vec![2; CLUSTER as usize], 2 * CLUSTER).unwrap();
+        e.write_at(&vec![1; 5 * CLUSTER as usize], 0).unwrap();
+        e.write_zeroes(4 * CLUSTER, 2 * CLUSTER + 512).unwrap();
+        e.write_at(&[9; 512], 6 * CLUSTER).unwrap();
+        assert!(!latch.failed());
+        assert_eq!(
+            *rec.calls.lock().unwrap(),
+            [
+                (0, 2 * CLUSTER, CLUSTER, false),
+                (0, 0, 2 * CLUSTER, false),
+                (0, 3 * CLUSTER, 2 * CLUSTER, false),
+                (0, 5 * CLUSTER, CLUSTER + 512, true),
+            ]
+        );
+        // The bytes QEMU sent are all counted, stored or not.
+        assert_eq!(e.counters().received(), 8 * CLUSTER + 1024);
     }
 }

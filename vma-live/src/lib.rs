@@ -13,7 +13,10 @@ mod progress;
 pub mod pve;
 pub mod qmp;
 
-pub use backup::{run_backup, BackupOptions, BackupReport, Consistency, DriveReport, XPerf};
+pub use backup::{
+    pauses_held, run_backup, BackupOptions, BackupReport, Consistency, DriveReport, XPerf,
+    DEFAULT_CBW_TIMEOUT, DEFAULT_X_PERF,
+};
 pub use drives::Drive;
 pub use error::{Error, ErrorKind, JobFailure};
 pub use qmp::{Event, Qmp};

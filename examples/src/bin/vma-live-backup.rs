@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use vma_live::{run_backup, BackupOptions, Error, ErrorKind};
+use vma_live::{run_backup, BackupOptions, Error, ErrorKind, XPerf};
 
 const USAGE: &str = "vma-live-backup --qmp SOCKET --output FILE [OPTIONS]
        vma-live-backup --demo
@@ -25,7 +25,8 @@ Exit codes (0 to 5 mean what they mean for the vma command):
   2    usage: the command line or the options cannot work
   3    (not used: vma's code for an invalid or damaged archive)
   4    I/O error: a config file cannot be read; the archive already exists or
-       cannot be created, written or finished (a full filesystem included)
+       cannot be created, written or finished (a full filesystem included); the
+       archive did not take a guest write's old data within --cbw-timeout
   5    a drive asked for with --drive is not in the VM, or it has no drive
   6    QEMU or QMP failed: the QMP socket cannot be reached, QEMU refused a
        command or sent something that is not QMP, a backup job failed, QEMU
@@ -73,6 +74,24 @@ struct Cli {
     /// gives a qemu-server.conf
     #[arg(long, value_name = "ID", default_value = "local")]
     pve_storage: String,
+    /// Bound, in seconds, on how long a guest write waits for the archive to take the
+    /// old data of the area it overwrites (copy-before-write): the guest's writes go
+    /// through a copy-before-write filter of this program's (on-cbw-error=break-snapshot,
+    /// cbw-timeout=SECS), so an archive writer that stalls longer makes the backup fail
+    /// (exit 4) instead of stalling the guest. 0: QEMU's own filter, which waits as long
+    /// as the archive takes. Needs every drive attached to a guest device
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = vma_live::DEFAULT_CBW_TIMEOUT,
+        value_parser = clap::value_parser!(u32).range(0..=3600)
+    )]
+    cbw_timeout: u32,
+    /// QEMU's x-perf for the background copy: at most WORKERS parallel requests of at
+    /// most CHUNK_KIB KiB each, or `qemu` for QEMU's own (64 requests). Fewer requests
+    /// queue less ahead of the guest's writes
+    #[arg(long, value_name = "WORKERS,CHUNK_KIB", default_value = "4,1024", value_parser = parse_x_perf)]
+    x_perf: XPerfArg,
     /// Compress the archive with zstd (name it .vma.zst)
     #[arg(long)]
     zstd: bool,
@@ -101,6 +120,30 @@ struct Cli {
         value_parser = clap::value_parser!(u64).range(16..=65536)
     )]
     size_mib: u64,
+}
+
+/// `--x-perf`: `qemu`, or `WORKERS,CHUNK_KIB`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct XPerfArg(Option<XPerf>);
+
+fn parse_x_perf(v: &str) -> Result<XPerfArg, String> {
+    if v == "qemu" {
+        return Ok(XPerfArg(None));
+    }
+    let bad = || format!("expected `qemu` or WORKERS,CHUNK_KIB (e.g. 4,1024), not {v:?}");
+    let (w, k) = v.split_once(',').ok_or_else(bad)?;
+    let max_workers: u32 = w.parse().map_err(|_| bad())?;
+    let kib: u64 = k.parse().map_err(|_| bad())?;
+    if !(1..=256).contains(&max_workers) || !(64..=65536).contains(&kib) || !kib.is_multiple_of(64)
+    {
+        return Err(format!(
+            "{v:?}: WORKERS must be 1 to 256, CHUNK_KIB a multiple of 64 from 64 to 65536"
+        ));
+    }
+    Ok(XPerfArg(Some(XPerf {
+        max_workers,
+        max_chunk: kib << 10,
+    })))
 }
 
 /// `NAME=FILE`, both non-empty.
@@ -140,6 +183,7 @@ impl Cli {
             unreachable!("clap checks --qmp and --output")
         };
         let mut opts = BackupOptions::new(qmp, output);
+        opts.x_perf = self.x_perf.0;
         if let Some(ms) = self.throttle {
             opts = opts.throttle(Duration::from_millis(ms));
         }
@@ -149,6 +193,7 @@ impl Cli {
         opts.progress = !self.no_progress;
         opts.guest_agent = self.guest_agent;
         opts.pve_storage = self.pve_storage;
+        opts.cbw_timeout = (self.cbw_timeout > 0).then_some(self.cbw_timeout);
         Mode::Backup(Box::new(opts))
     }
 }
@@ -156,15 +201,16 @@ impl Cli {
 /// SIGINT, SIGTERM and SIGHUP set the returned flag: the backup cancels its jobs,
 /// removes its target nodes and temporary file, and exits 130. A second signal while
 /// that runs exits at once (a `.partial` file may then be left, never an archive under
-/// its final name), but not while the guest's filesystems are frozen: it waits for the
-/// thaw (bounded, see vma_live::agent), so no signal leaves a guest frozen.
+/// its final name), but not while the guest's filesystems are frozen or the VM is paused
+/// for the filters' insertion: it waits for the thaw (bounded, see vma_live::agent) and
+/// the resume, so no signal leaves a guest frozen or paused.
 fn cancel_on_signals() -> Result<Arc<AtomicBool>, ctrlc::Error> {
     let cancel = Arc::new(AtomicBool::new(false));
     let flag = Arc::clone(&cancel);
     // ctrlc runs this on a thread of its own, not in the signal handler.
     ctrlc::set_handler(move || {
         if flag.swap(true, Ordering::SeqCst) {
-            while vma_live::agent::freezes_held() > 0 {
+            while vma_live::agent::freezes_held() > 0 || vma_live::pauses_held() > 0 {
                 std::thread::sleep(Duration::from_millis(10));
             }
             std::process::exit(130);
@@ -289,9 +335,25 @@ mod tests {
         assert_eq!(o.output, PathBuf::from("/b/vm.vma"));
         assert!(o.configs.is_empty() && o.drives.is_empty());
         assert!(!o.zstd && o.progress);
-        assert!(o.write_delay.is_none() && o.x_perf.is_none());
+        assert!(o.write_delay.is_none());
+        assert_eq!(o.x_perf, Some(vma_live::DEFAULT_X_PERF));
         assert!(o.guest_agent.is_none());
         assert_eq!(o.pve_storage, "local");
+        assert_eq!(o.cbw_timeout, Some(vma_live::DEFAULT_CBW_TIMEOUT));
+        let o = backup(&["--qmp", "/q", "-o", "/o", "--cbw-timeout", "0"]);
+        assert_eq!(o.cbw_timeout, None);
+        let o = backup(&["--qmp", "/q", "-o", "/o", "--cbw-timeout=2"]);
+        assert_eq!(o.cbw_timeout, Some(2));
+        let o = backup(&["--qmp", "/q", "-o", "/o", "--x-perf", "qemu"]);
+        assert_eq!(o.x_perf, None);
+        let o = backup(&["--qmp", "/q", "-o", "/o", "--x-perf=2,256"]);
+        assert_eq!(
+            o.x_perf,
+            Some(XPerf {
+                max_workers: 2,
+                max_chunk: 256 << 10
+            })
+        );
 
         let o = backup(&[
             "--qmp=/run/q",
@@ -357,6 +419,12 @@ mod tests {
             &["--qmp", "/q", "-o", "/o", "--config", "=f"],
             &["--qmp", "/q", "-o", "/o", "--config", "n="],
             &["--qmp", "/q", "-o", "/o", "--throttle", "soon"],
+            &["--qmp", "/q", "-o", "/o", "--cbw-timeout", "-1"],
+            &["--qmp", "/q", "-o", "/o", "--cbw-timeout", "3601"],
+            &["--qmp", "/q", "-o", "/o", "--x-perf", "4"],
+            &["--qmp", "/q", "-o", "/o", "--x-perf", "0,1024"],
+            &["--qmp", "/q", "-o", "/o", "--x-perf", "4,100"],
+            &["--qmp", "/q", "-o", "/o", "--x-perf", "4,x"],
             &["--measure", "--size-mib", "15"],
             &["--measure", "--size-mib", "65537"],
             &["--qmp"],
