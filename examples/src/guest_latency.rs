@@ -9,7 +9,7 @@
 //! `blockdev-backup` of the data disk into a raw file on the same filesystem;
 //! `vma-live-backup` of the data disk (with its copy-before-write filter,
 //! `--cbw-timeout` 5 s) with QEMU's `x-perf` and then with fewer and smaller
-//! background copy requests ([`OURS`]); no backup again. The
+//! background copy requests (the `OURS` table of settings); no backup again. The
 //! probe reports p50, p99 and max per phase. Figures, not asserts.
 
 use std::fmt;
