@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
-# How much each backup adds to a deduplicating store (restic), for archives of a VM disk
-# backed up twice with 1 % of its clusters changed in between (issue 18).
+# How much each backup adds to a deduplicating store (restic, or borg), for archives of a
+# VM disk backed up twice with 1 % of its clusters changed in between (issue 18).
 #
 #   benches/dedup.sh [SIZE_MIB] [RUN_CLUSTERS] [KINDS]   (defaults: 2048 MiB, 1, all)
+#   DEDUP_STORE=borg [BORG_CHUNKER=buzhash,12,18,14,4095] benches/dedup.sh ...
+#
+# DEDUP_STORE: restic (default; its chunks are 0.5-8 MiB, about 1 MiB on average, and
+# cannot be made smaller) or borg with BORG_CHUNKER as its --chunker-params (default:
+# 4 KiB to 256 KiB chunks, 16 KiB on average), "added" then being borg's deduplicated
+# size of each archive (borg create --json, compression none).
 #
 # The image is random data (nothing compresses, nothing is zero, so every byte counts).
 # Between the two backups, 1 % of its 64 KiB clusters change, chosen at random, in runs of
@@ -21,7 +27,7 @@
 # the last column divides by its figure).
 # Then it times `vma create` against `vma create --reproducible` on the first image.
 #
-# Needs restic (installed here with apt-get when missing and run as root), python3 and
+# Needs restic or borg (installed here with apt-get when missing and run as root), python3 and
 # /usr/bin/time; builds the release binaries. Files go under $BENCH_DIR (default: a fresh
 # folder in /var/tmp), removed at the end.
 set -euo pipefail
@@ -32,14 +38,25 @@ RUN=${2:-1}
 KINDS=${3:-all}
 [ "$KINDS" = all ] && KINDS="vzdump create reproducible reproducible-noint uuid reorder"
 KINDS="raw ${KINDS//raw/}"
-if ! command -v restic >/dev/null; then
+STORE=${DEDUP_STORE:-restic}
+BORG_CHUNKER=${BORG_CHUNKER:-buzhash,12,18,14,4095}
+case $STORE in
+  restic) tool=restic pkg=restic ;;
+  borg) tool=borg pkg=borgbackup ;;
+  *) echo "DEDUP_STORE must be restic or borg, not $STORE" >&2; exit 2 ;;
+esac
+if ! command -v "$tool" >/dev/null; then
   if [ "$(id -u)" = 0 ]; then
-    apt-get install -y -q restic >/dev/null
+    apt-get install -y -q "$pkg" >/dev/null
   else
-    echo "missing restic (apt-get install restic)" >&2
+    echo "missing $tool (apt-get install $pkg)" >&2
     exit 1
   fi
 fi
+case $STORE in
+  restic) STORE_DESC="restic $(restic version | cut -d' ' -f2)" ;;
+  borg) STORE_DESC="$(borg --version), --chunker-params $BORG_CHUNKER" ;;
+esac
 for t in python3 /usr/bin/time; do command -v "$t" >/dev/null || { echo "missing $t" >&2; exit 1; }; done
 cargo build --release --locked -q -p vma-cli -p vma-benches
 TARGET=${CARGO_TARGET_DIR:-$PWD/target}
@@ -50,6 +67,7 @@ DIR=${BENCH_DIR:-$(mktemp -d /var/tmp/vma-dedup.XXXXXX)}
 mkdir -p "$DIR"
 trap 'rm -rf "$DIR"' EXIT
 export RESTIC_PASSWORD=dedup-bench RESTIC_CACHE_DIR=$DIR/cache
+export BORG_BASE_DIR=$DIR/borg BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK=yes
 
 # --- the two images -----------------------------------------------------------------------
 CHANGED=$(python3 - "$DIR" "$SIZE_MIB" "$RUN" <<'PY'
@@ -75,13 +93,28 @@ sync
 
 raw_data() { restic -r "$1" stats --mode raw-data --json -q | python3 -c 'import json,sys; print(json.load(sys.stdin)["total_size"])'; }
 
+# init REPO: a new, empty repository.
+init() {
+  case $STORE in
+    restic) restic -r "$1" init -q --repository-version 2 >/dev/null ;;
+    borg) borg init -e none "$1" ;;
+  esac
+}
+
 # backup REPO FILE: prints the bytes the backup added to the repository.
 backup() {
   local before after
-  before=$(raw_data "$1")
-  restic -r "$1" backup -q --force "$2" >/dev/null
-  after=$(raw_data "$1")
-  echo $((after - before))
+  case $STORE in
+    restic)
+      before=$(raw_data "$1")
+      restic -r "$1" backup -q --force "$2" >/dev/null
+      after=$(raw_data "$1")
+      echo $((after - before)) ;;
+    borg)
+      borg create --json --compression none --chunker-params "$BORG_CHUNKER" \
+        "$1::b$RANDOM$RANDOM" "$2" |
+        python3 -c 'import json,sys; print(json.load(sys.stdin)["archive"]["stats"]["deduplicated_size"])' ;;
+  esac
 }
 
 # make KIND IMAGE OUT: the archive of IMAGE as KIND makes it (raw: the image itself).
@@ -102,7 +135,7 @@ make_archive() {
 
 mib() { python3 -c "print(f'{$1 / 1048576:.1f}')"; }
 
-echo "image: $SIZE_MIB MiB of random data; changed: $(mib "$CHANGED") MiB ($((CHANGED / 65536)) clusters in runs of $RUN); restic $(restic version | cut -d' ' -f2)"
+echo "image: $SIZE_MIB MiB of random data; changed: $(mib "$CHANGED") MiB ($((CHANGED / 65536)) clusters in runs of $RUN); $STORE_DESC"
 echo
 echo "| archive | size (MiB) | 1st backup adds (MiB) | 2nd backup adds (MiB) | 2nd / changed bytes | 2nd / raw image's 2nd |"
 echo "|---|---|---|---|---|---|"
@@ -117,7 +150,7 @@ declare -A LABEL=(
 )
 for kind in $KINDS; do
   repo=$DIR/repo-$kind
-  restic -r "$repo" init -q --repository-version 2 >/dev/null
+  init "$repo"
   mkdir -p "$DIR/$kind"
   make_archive "$kind" "$DIR/v1.raw" "$DIR/$kind/vzdump-qemu-100.vma"
   size=$(stat -c %s "$DIR/$kind/vzdump-qemu-100.vma")
