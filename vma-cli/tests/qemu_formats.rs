@@ -66,14 +66,10 @@ impl Scratch {
         out
     }
 
+    /// `vma ARGS`, which must succeed and leave no daemon and no socket.
     fn vma_ok(&self, args: &[&str]) -> Output {
-        let out = self.vma(args);
-        assert!(
-            out.status.success(),
-            "vma {args:?}: {}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = vma_testkit::run_ok(&mut self.command(args));
+        self.assert_clean(args);
         out
     }
 
@@ -225,6 +221,14 @@ fn zero_runs(mib: usize) -> Vec<u64> {
 }
 
 /// An archive with the device as drive-scsi0, made from the raw image.
+/// A scratch folder holding `dev.raw`, a device image of about `mib` MiB.
+fn with_device(mib: usize) -> (Scratch, PathBuf) {
+    let s = Scratch::new();
+    let raw = s.path("dev.raw");
+    device_image(&raw, mib);
+    (s, raw)
+}
+
 /// A scratch folder holding `dev.raw`, a device image of about `mib` MiB (whose bytes are
 /// returned too), and its archive.
 fn with_archive(mib: usize) -> (Scratch, PathBuf, Vec<u8>, PathBuf) {
@@ -525,9 +529,7 @@ fn assert_backs_up(s: &Scratch, image: &Path, format: &str, label: &str) {
 #[test]
 #[ignore = "needs qemu-utils"]
 fn create_from_every_format_and_a_backing_chain() {
-    let s = Scratch::new();
-    let raw = s.path("dev.raw");
-    device_image(&raw, 5);
+    let (s, raw) = with_device(5);
     for format in ["qcow2", "vmdk", "vdi", "vhdx", "qed", "vpc"] {
         let image = s.path(&format!("src.{format}"));
         convert(&raw, "raw", &image, format);
@@ -895,9 +897,7 @@ fn a_full_disk_under_the_target() {
 #[test]
 #[ignore = "needs qemu-utils"]
 fn reproducible_create_whose_first_source_dies_fails_without_hanging() {
-    let s = Scratch::new();
-    let raw = s.path("dev.raw");
-    device_image(&raw, 48);
+    let (s, raw) = with_device(48);
     let qcow = s.path("src.qcow2");
     convert(&raw, "raw", &qcow, "qcow2");
     let second = s.path("second.raw");
