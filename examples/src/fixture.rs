@@ -331,3 +331,24 @@ pub fn check_archive(path: &Path, zstd: bool, into: &Path) -> Result<ArchiveChec
         sealed,
     })
 }
+
+/// Waits (up to `timeout` for each event) until block job `job` ends: `Ok` when it
+/// completed without error, an error naming `what` when it failed, was cancelled or did
+/// not end.
+pub fn wait_for_job_end(ctl: &mut Qmp, job: &str, timeout: Duration, what: &str) -> Result<()> {
+    loop {
+        let Some(ev) = ctl.next_event(timeout)? else {
+            return Err(format!("{what} did not end").into());
+        };
+        if ev.data.get("device").and_then(Value::as_str) != Some(job) {
+            continue;
+        }
+        match ev.name.as_str() {
+            "BLOCK_JOB_COMPLETED" if ev.data.get("error").is_none() => return Ok(()),
+            "BLOCK_JOB_COMPLETED" | "BLOCK_JOB_CANCELLED" => {
+                return Err(format!("{what} failed: {}", ev.data).into())
+            }
+            _ => {}
+        }
+    }
+}

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde_json::json;
 use vma_live::{run_backup, BackupOptions, Qmp, XPerf};
 
 use crate::guest::{self, BootOptions, Guest};
@@ -271,21 +271,7 @@ fn stock_backup(ctl: &mut Qmp, dir: &Path, size: u64) -> Result<Duration> {
         "blockdev-backup",
         json!({"device": "data", "target": "stocktarget", "sync": "full", "job-id": "stock"}),
     )?;
-    loop {
-        let ev = ctl
-            .next_event(Duration::from_secs(600))?
-            .ok_or("the stock backup did not end")?;
-        if ev.data.get("device").and_then(Value::as_str) != Some("stock") {
-            continue;
-        }
-        match ev.name.as_str() {
-            "BLOCK_JOB_COMPLETED" if ev.data.get("error").is_none() => break,
-            "BLOCK_JOB_COMPLETED" | "BLOCK_JOB_CANCELLED" => {
-                return Err(format!("the stock backup failed: {}", ev.data).into())
-            }
-            _ => {}
-        }
-    }
+    crate::fixture::wait_for_job_end(ctl, "stock", Duration::from_secs(600), "the stock backup")?;
     let time = start.elapsed();
     ctl.execute("blockdev-del", json!({ "node-name": "stocktarget" }))?;
     let _ = std::fs::remove_file(&target);

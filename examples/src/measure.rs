@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 
 use vma_live::{run_backup, BackupOptions, Qmp};
 
-use crate::fixture::{job_offset, wait_for_jobs};
+use crate::fixture::{job_offset, wait_for_job_end, wait_for_jobs};
 use crate::qemu::{self, Disk, Vm};
 use crate::Result;
 
@@ -252,21 +252,7 @@ fn raw_round(
         }))
     })?;
     m.raw_latency.extend(samples);
-    loop {
-        let Some(ev) = ctl.next_event(Duration::from_secs(120))? else {
-            return Err("the raw-file backup did not end".into());
-        };
-        if ev.data.get("device").and_then(Value::as_str) != Some(job.as_str()) {
-            continue;
-        }
-        match ev.name.as_str() {
-            "BLOCK_JOB_COMPLETED" if ev.data.get("error").is_none() => break,
-            "BLOCK_JOB_COMPLETED" | "BLOCK_JOB_CANCELLED" => {
-                return Err(format!("raw-file backup failed: {}", ev.data).into())
-            }
-            _ => {}
-        }
-    }
+    wait_for_job_end(ctl, &job, Duration::from_secs(120), "the raw-file backup")?;
     m.raw_copy.push(start.elapsed());
     ctl.execute("blockdev-del", json!({ "node-name": node }))?;
     m.raw_durable.push(start.elapsed());

@@ -4,7 +4,7 @@
 //! These tests never skip: without QEMU they fail, saying how to install it
 //! (scripts/install-deps). Every VM is killed when its fixture drops.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::Ordering;
 use std::thread;
@@ -51,6 +51,21 @@ fn run_bin(args: &[&str]) -> Output {
         .args(args)
         .stdin(Stdio::null())
         .output()
+        .unwrap()
+}
+
+/// Starts the binary backing up the fixture's VM into `archive`, throttled to 4 MiB/s so
+/// that its jobs are still running when the test acts, with `extra` arguments; stderr
+/// piped.
+fn start_throttled(fx: &Fixture, archive: &Path, extra: &[&str]) -> std::process::Child {
+    Command::new(bin())
+        .args(["--qmp", fx.vm.qmp_path.to_str().unwrap(), "--throttle", "4"])
+        .args(extra)
+        .arg("--output")
+        .arg(archive)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap()
 }
 
@@ -289,19 +304,8 @@ fn stalled_archive_writer_fails_the_backup_not_the_guest() {
     let status =
         |ctl: &mut Qmp| ctl.execute("query-status", Value::Null).unwrap()["status"].clone();
     let before = status(&mut ctl);
-    let child = Command::new(bin())
-        .args(["--qmp", fx.vm.qmp_path.to_str().unwrap(), "--throttle", "4"])
-        .args([
-            "--cbw-timeout",
-            &BOUND.as_secs().to_string(),
-            "--no-progress",
-        ])
-        .arg("--output")
-        .arg(&archive)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let bound = BOUND.as_secs().to_string();
+    let child = start_throttled(&fx, &archive, &["--cbw-timeout", &bound, "--no-progress"]);
     wait_for_jobs(&mut ctl, 2, Duration::from_secs(30)).unwrap();
     // The whole backup process stops: archive writer, NBD server and all.
     let pid = child.id();
@@ -362,14 +366,7 @@ fn interrupt_cancels_jobs_and_vm_keeps_running() {
     assert_vm_clean(&mut ctl);
 
     // The binary on SIGINT.
-    let child = Command::new(bin())
-        .args(["--qmp", fx.vm.qmp_path.to_str().unwrap(), "--throttle", "4"])
-        .arg("--output")
-        .arg(&archive)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = start_throttled(&fx, &archive, &[]);
     wait_for_jobs(&mut ctl, 2, Duration::from_secs(30)).unwrap();
     let st = Command::new("kill")
         .args(["-INT", &child.id().to_string()])

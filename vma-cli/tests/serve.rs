@@ -84,6 +84,22 @@ fn qemu_img(args: &[&str]) {
     );
 }
 
+/// The vectors with devices (QEMU's qemu-img required), each with the device names
+/// Proxmox's `vma list` printed for it.
+fn vectors_with_devices() -> Vec<(vma_testkit::Vector, Vec<String>)> {
+    require("qemu-img");
+    vectors()
+        .into_iter()
+        .map(|v| {
+            let names = (v.list.iter())
+                .filter_map(|l| l.rsplit_once(" devname: ").map(|(_, n)| n.to_string()))
+                .collect();
+            (v, names)
+        })
+        .filter(|(_, names): &(_, Vec<String>)| !names.is_empty())
+        .collect()
+}
+
 /// `qemu-img convert -f FROM_FORMAT FROM -O TO_FORMAT TO`.
 fn convert(from_format: &str, from: &str, to_format: &str, to: &str) {
     qemu_img(&["convert", "-f", from_format, from, "-O", to_format, to]);
@@ -92,20 +108,11 @@ fn convert(from_format: &str, from: &str, to_format: &str, to: &str) {
 #[test]
 #[ignore = "needs QEMU's tools (qemu-img, qemu-io); scripts/test runs it with --include-ignored"]
 fn every_device_converts_to_raw_and_qcow2_byte_exact() {
-    require("qemu-img");
     let tmp = tempfile::tempdir().unwrap();
-    for v in vectors() {
-        let devices: Vec<&str> = v
-            .list
-            .iter()
-            .filter_map(|l| l.rsplit_once(" devname: ").map(|(_, n)| n))
-            .collect();
-        if devices.is_empty() {
-            continue;
-        }
+    for (v, devices) in vectors_with_devices() {
         let sock = tmp.path().join(format!("{}.sock", v.file));
         let mut serve = Serve::start(&v.path(), &sock, &[]);
-        for dev in devices {
+        for dev in &devices {
             let want = v.file(&format!("disk-{dev}.raw")).unwrap();
             let raw = tmp.path().join(format!("{dev}.raw"));
             convert("raw", &serve.url(dev), "raw", raw.to_str().unwrap());
@@ -144,17 +151,8 @@ fn every_device_converts_to_raw_and_qcow2_byte_exact() {
 #[ignore = "needs QEMU's tools (qemu-img); scripts/test runs it with --include-ignored"]
 fn every_device_of_a_seekable_vma_zst_converts_byte_exact() {
     use std::io::Write as _;
-    require("qemu-img");
     let tmp = tempfile::tempdir().unwrap();
-    for v in vectors() {
-        let devices: Vec<&str> = v
-            .list
-            .iter()
-            .filter_map(|l| l.rsplit_once(" devname: ").map(|(_, n)| n))
-            .collect();
-        if devices.is_empty() {
-            continue;
-        }
+    for (v, devices) in vectors_with_devices() {
         for frame_size in [1, vma_writer::DEFAULT_FRAME_SIZE] {
             let options = vma_writer::ZstdOptions {
                 frame_size,

@@ -369,6 +369,13 @@ mod tests {
         }
     }
 
+    /// What the agent hears in a freeze that is thawed.
+    const SYNC_FREEZE_THAW: [&str; 3] = [
+        "guest-sync-delimited",
+        "guest-fsfreeze-freeze",
+        "guest-fsfreeze-thaw",
+    ];
+
     #[test]
     fn freeze_and_thaw() {
         let (_dir, path, agent) = fake_agent(standard);
@@ -378,14 +385,7 @@ mod tests {
         // Other tests freeze in parallel: only a lower bound holds here.
         assert!(freezes_held() >= 1);
         frozen.thaw().unwrap();
-        assert_eq!(
-            agent.join().unwrap(),
-            [
-                "guest-sync-delimited",
-                "guest-fsfreeze-freeze",
-                "guest-fsfreeze-thaw"
-            ]
-        );
+        assert_eq!(agent.join().unwrap(), SYNC_FREEZE_THAW);
     }
 
     #[test]
@@ -439,14 +439,7 @@ mod tests {
         );
         assert!(t.elapsed() < Duration::from_secs(3));
         frozen.thaw().unwrap();
-        assert_eq!(
-            agent.join().unwrap(),
-            [
-                "guest-sync-delimited",
-                "guest-fsfreeze-freeze",
-                "guest-fsfreeze-thaw"
-            ]
-        );
+        assert_eq!(agent.join().unwrap(), SYNC_FREEZE_THAW);
     }
 
     #[test]
