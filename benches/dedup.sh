@@ -21,6 +21,8 @@
 #   vma create         today's default: random uuid, clusters in order (one disk)
 #   reproducible       --reproducible, SOURCE_DATE_EPOCH fixed: the same derived uuid
 #   reproducible-noint the same with --no-integrity (no CRC32C in the extent headers)
+#   reproducible-zst   --reproducible --compress zstd: seekable .vma.zst, frames of at least
+#                      2 MiB cut at extent boundaries (a changed cluster changes its frame)
 #   uuid               --uuid-from: one uuid for the series, the ctime of each backup
 #   reorder            the vzdump-style archive put through `vma reorder --uuid-from`
 # KINDS: a space-separated list of these, `all` for every one (raw always comes first:
@@ -36,7 +38,7 @@ cd "$(dirname "$0")/.."
 SIZE_MIB=${1:-2048}
 RUN=${2:-1}
 KINDS=${3:-all}
-[ "$KINDS" = all ] && KINDS="vzdump create reproducible reproducible-noint uuid reorder"
+[ "$KINDS" = all ] && KINDS="vzdump create reproducible reproducible-noint reproducible-zst uuid reorder"
 KINDS="raw ${KINDS//raw/}"
 STORE=${DEDUP_STORE:-restic}
 BORG_CHUNKER=${BORG_CHUNKER:-buzhash,12,18,14,4095}
@@ -125,6 +127,7 @@ make_archive() {
     create) "$VMA" create "$3" -d "format=raw:drive-scsi0=$2" ;;
     reproducible) SOURCE_DATE_EPOCH=1700000000 "$VMA" create --reproducible "$3" -d "format=raw:drive-scsi0=$2" ;;
     reproducible-noint) SOURCE_DATE_EPOCH=1700000000 "$VMA" create --reproducible --no-integrity "$3" -d "format=raw:drive-scsi0=$2" ;;
+    reproducible-zst) SOURCE_DATE_EPOCH=1700000000 "$VMA" create --reproducible --compress zstd "$3" -d "format=raw:drive-scsi0=$2" ;;
     uuid) "$VMA" create --uuid-from vm-100 "$3" -d "format=raw:drive-scsi0=$2" ;;
     reorder)
       "$SHUFFLED" "$3.in" "$2" "$RANDOM$RANDOM"
@@ -145,6 +148,7 @@ declare -A LABEL=(
   [create]="\`vma create\` (random uuid, in order)"
   [reproducible]="\`vma create --reproducible\` (SOURCE_DATE_EPOCH fixed)"
   [reproducible-noint]="\`vma create --reproducible --no-integrity\`"
+  [reproducible-zst]="\`vma create --reproducible --compress zstd\` (.vma.zst)"
   [uuid]="\`vma create --uuid-from vm-100\`"
   [reorder]="vzdump-style + \`vma reorder --uuid-from vm-100\`"
 )
