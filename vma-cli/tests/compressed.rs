@@ -296,3 +296,41 @@ fn hostile_seekable_zstd_files_exit_with_their_error_and_offset() {
     let (code, err) = run_on(tmp.path(), cut, &["verify"], None);
     assert_eq!(code, 3, "{err}");
 }
+
+/// A `.vma.zst` as Proxmox's vzdump makes it (`zstd --rsyncable --threads=N`, one frame,
+/// no seek table): the in-place commands refuse it as not seekable (exit 2, saying what
+/// to do), while extract and verify stream it.
+#[test]
+fn a_vzdump_made_vma_zst_is_refused_in_place_and_streamed() {
+    require_tool("zstd");
+    let tmp = tempfile::tempdir().unwrap();
+    let v = vectors()
+        .into_iter()
+        .find(|v| v.file.starts_with("vec1"))
+        .unwrap();
+    let zst = tmp.path().join("vzdump-qemu-100.vma.zst");
+    ok(Command::new("zstd")
+        .args(["-q", "--rsyncable", "--threads=2", "-o"])
+        .arg(&zst)
+        .arg(v.path()));
+    let bytes = fs::read(&zst).unwrap();
+    let sock = tmp.path().join("nbd.sock");
+    let serve = ["serve", "--once", "--socket", sock.to_str().unwrap()];
+    for args in [&["cat"][..], &["verify", "--quick"][..], &serve[..]] {
+        let device = (args[0] == "cat").then_some("drive-scsi0");
+        let (code, err) = run_on(tmp.path(), &bytes, args, device);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(
+            err.contains("no seek table") && err.contains("zstd -d"),
+            "{args:?}: {err}"
+        );
+    }
+    ok(vma().arg("verify").arg(&zst));
+    let out = tmp.path().join("out");
+    ok(vma().arg("extract").arg(&zst).arg(&out));
+    let files = dir_entries(&out);
+    assert!(
+        files.iter().any(|f| f == "disk-drive-scsi0.raw"),
+        "{files:?}"
+    );
+}
