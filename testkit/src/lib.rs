@@ -8,6 +8,9 @@ use std::path::PathBuf;
 
 use sha2::{Digest, Sha256};
 
+pub mod serve;
+pub use serve::Serve;
+
 /// The vectors' folder, `spec/vectors` at the repository root.
 pub fn vectors_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
