@@ -63,12 +63,13 @@ fn qemu_error(image: &Path, e: vma_nbd::Error) -> CliError {
     CliError::new(Exit::Io, message)
 }
 
-/// Starts a daemon serving `image` as `format`.
 /// Starts a daemon that opens `image` as `format` and connects to it, with up to
-/// [`WINDOW`] requests in flight.
+/// [`WINDOW`] requests in flight. The daemon dies with this process, however it ends
+/// (SIGKILL included): every caller starts it on the main thread, which lives as long.
 fn open(image: &Path, format: &str, writable: bool) -> Result<(StorageDaemon, Client)> {
     let daemon = StorageDaemon::builder(image, format)
         .writable(writable)
+        .die_with_parent(true)
         .start()
         .map_err(|e| qemu_error(image, e))?;
     let client = daemon

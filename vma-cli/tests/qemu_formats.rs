@@ -935,3 +935,49 @@ fn reproducible_create_whose_first_source_dies_fails_without_hanging() {
     assert!(err.contains(qcow.to_str().unwrap()), "{err}");
     assert!(!err.contains("aborted"), "the abort, not its cause: {err}");
 }
+
+/// `vma` killed with SIGKILL (no cleanup of its own can run) takes its daemon with it:
+/// the daemon is started with a parent-death signal.
+#[test]
+#[ignore = "needs qemu-utils"]
+fn vma_killed_takes_its_daemon_with_it() {
+    let (s, raw, _, a) = with_archive(48);
+    let bytes = fs::read(&a).unwrap();
+    let target = s.path("t.qcow2");
+    let map = qcow2_target(&s, &target, &raw, 1);
+    let into = s.path("r");
+    let args = [
+        "extract",
+        "-r",
+        map.to_str().unwrap(),
+        "-",
+        into.to_str().unwrap(),
+    ];
+    let mut child = s.spawn_piped(&args);
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(&bytes[..bytes.len() / 2]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while daemons_under(&s.tmp()).is_empty() {
+        assert!(Instant::now() < deadline, "no daemon came up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGKILL)
+    );
+    drop(stdin);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = daemons_under(&s.tmp());
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "vma was killed and its daemons {left:?} live on"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -20,6 +20,9 @@ use crate::{Client, ClientBuilder, Error};
 pub const STORAGE_DAEMON: &str = "qemu-storage-daemon";
 /// The image tool's program name, looked up on `PATH`.
 pub const QEMU_IMG: &str = "qemu-img";
+/// util-linux's tool that starts a program with a parent-death signal
+/// ([`StorageDaemonBuilder::die_with_parent`]), looked up on `PATH`.
+pub const SETPRIV: &str = "setpriv";
 /// Most bytes of the daemon's standard error kept for error messages.
 const MAX_STDERR: usize = 16 * 1024;
 /// Longest unix socket path (`sun_path` holds 108 bytes with the NUL).
@@ -47,6 +50,7 @@ pub struct StorageDaemonBuilder {
     program: OsString,
     startup_timeout: Duration,
     temp_dir: Option<PathBuf>,
+    die_with_parent: bool,
 }
 
 impl StorageDaemonBuilder {
@@ -94,6 +98,19 @@ impl StorageDaemonBuilder {
     /// 107 bytes.
     pub fn temp_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.temp_dir = Some(dir.into());
+        self
+    }
+
+    /// Have the kernel kill the daemon (SIGKILL) when the thread that
+    /// starts it ends, the process killed included (default off). Without
+    /// it a process killed by SIGKILL leaves its daemon running:
+    /// qemu-storage-daemon does not quit when its monitor's input closes.
+    /// The daemon is started through util-linux's [`SETPRIV`]
+    /// (`setpriv --pdeathsig KILL`), so that must be installed. The signal
+    /// follows the starting *thread*: start the daemon from a thread that
+    /// outlives it (the main thread, say).
+    pub fn die_with_parent(mut self, yes: bool) -> Self {
+        self.die_with_parent = yes;
         self
     }
 
@@ -172,7 +189,22 @@ impl StorageDaemonBuilder {
 
     fn spawn(&self, socket: &Path) -> Result<StorageDaemon, Error> {
         let program = self.program.to_string_lossy().into_owned();
-        let mut command = Command::new(&self.program);
+        let mut command = if self.die_with_parent {
+            // setpriv would report a missing daemon only as its own exit
+            // status: look both up first, so each gets its own error.
+            let daemon = on_path(&self.program).ok_or_else(|| Error::ToolMissing {
+                program: program.clone(),
+            })?;
+            let setpriv = on_path(OsStr::new(SETPRIV)).ok_or_else(|| Error::Spawn {
+                program: format!("{SETPRIV} (util-linux), to tie the daemon to this process"),
+                source: std::io::ErrorKind::NotFound.into(),
+            })?;
+            let mut c = Command::new(setpriv);
+            c.args(["--pdeathsig", "KILL", "--"]).arg(daemon);
+            c
+        } else {
+            Command::new(&self.program)
+        };
         if std::env::var_os("GLIBC_TUNABLES").is_none() {
             command.env("GLIBC_TUNABLES", MALLOC_TUNABLES);
         }
@@ -205,6 +237,23 @@ impl StorageDaemonBuilder {
             writable: self.writable,
         })
     }
+}
+
+/// Where `program` is: itself if it names a path, else the first executable
+/// file of that name in a `PATH` directory.
+fn on_path(program: &OsStr) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.as_bytes().contains(&b'/') {
+        let p = PathBuf::from(program);
+        return executable(&p).then_some(p);
+    }
+    let paths = std::env::var_os("PATH")?;
+    std::env::split_paths(&paths)
+        .map(|dir| dir.join(program))
+        .find(|p| executable(p))
 }
 
 fn opt(s: &str) -> OsString {
@@ -341,6 +390,7 @@ impl StorageDaemon {
             program: STORAGE_DAEMON.into(),
             startup_timeout: Duration::from_secs(30),
             temp_dir: None,
+            die_with_parent: false,
         }
     }
 
