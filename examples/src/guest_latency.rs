@@ -237,8 +237,8 @@ fn ours(
     })
 }
 
-/// Asks the probe for its figures since the last ask.
-fn lat(g: &mut Guest) -> Result<Latency> {
+/// Asks the guest's write probe for its figures since the last ask.
+pub fn lat(g: &mut Guest) -> Result<Latency> {
     g.console.send("lat")?;
     let line = g.console.wait_for("lat ", guest::COMMAND_TIMEOUT)?;
     Latency::parse(&line).ok_or_else(|| format!("the probe said {line:?}").into())

@@ -1,5 +1,5 @@
 //! Live backups of a real QEMU (qemu-system-x86_64, TCG): a VM without guest OS, and a
-//! real Linux guest (scripts/build-guest) writing while it is backed up.
+//! real Linux guest (scripts/build-guest) writing while it is backed up, faults included.
 //!
 //! These tests never skip: without QEMU they fail, saying how to install it
 //! (scripts/install-deps). Every VM is killed when its fixture drops.
@@ -12,7 +12,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use vma_examples::fixture::{check_archive, job_offset, wait_for_jobs, Fixture};
+use vma_examples::guest::{self, BootOptions, Guest};
 use vma_examples::guest_backup::{self, Outcome, Plan};
+use vma_examples::guest_latency;
+use vma_live::agent::{self, GuestAgent};
 use vma_live::{run_backup, BackupOptions, Consistency, Error, ErrorKind, Qmp};
 use vma_testkit::dir_entries;
 
@@ -392,6 +395,176 @@ fn demo_without_qemu_says_what_is_missing() {
     assert!(
         stderr.contains("qemu-system-x86_64 not found") && stderr.contains("install-deps"),
         "{stderr}"
+    );
+}
+
+/// What the guest agent says of the guest's filesystems (`thawed`, `frozen`).
+fn freeze_status(g: &Guest) -> String {
+    let mut agent = GuestAgent::connect(&g.agent_socket, agent::SYNC_TIMEOUT).unwrap();
+    let status = agent
+        .execute("guest-fsfreeze-status", agent::THAW_TIMEOUT)
+        .unwrap();
+    status.as_str().unwrap_or_default().to_string()
+}
+
+/// After a backup of the real guest ended, failed or not: the VM runs, its filesystems
+/// are thawed, no job and no node of ours is left, and its workload goes on.
+fn assert_guest_unharmed(g: &mut Guest, ctl: &mut Qmp, after: &str) {
+    assert_vm_clean(ctl);
+    let status = ctl.execute("query-status", Value::Null).unwrap();
+    assert_eq!(status["status"], "running", "after {after}: {status}");
+    assert_eq!(freeze_status(g), "thawed", "after {after}");
+    let meta = g.console.last_count("meta");
+    g.console
+        .wait_count("meta", meta, guest::COMMAND_TIMEOUT)
+        .unwrap_or_else(|e| panic!("after {after} the guest's file workload stopped: {e}"));
+}
+
+/// Faults during live backups of one real Linux guest that writes all along (files on its
+/// ext4 root, O_DIRECT writes on its data disk), each backup with its filesystems frozen
+/// through the agent: a full filesystem under the archive, the archive writer stopped for
+/// 10 s, an agent that does not answer, and QEMU killed. After each the guest runs on,
+/// thawed, with nothing of the backup left.
+#[test]
+#[ignore = "boots a Linux guest under QEMU (qemu-system-x86); scripts/test runs it with --include-ignored"]
+fn faults_during_backups_of_a_real_writing_guest_leave_it_running_and_thawed() {
+    // The cbw bound, how long the archive writer stays stopped, and the slack a guest
+    // write may take beyond the bound (TCG on a loaded host).
+    const BOUND: Duration = Duration::from_secs(1);
+    const STALL: Duration = Duration::from_secs(10);
+    const MARGIN: Duration = Duration::from_secs(2);
+    let image = guest::image().unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("vma-live-faults-")
+        .tempdir()
+        .unwrap();
+    let disks = guest::make_disks(dir.path(), &image).unwrap();
+    let opts = BootOptions {
+        agent: true,
+        work: true,
+    };
+    let mut g = Guest::boot(dir.path(), &image, disks, opts).unwrap();
+    g.console.wait_for("probe", guest::COMMAND_TIMEOUT).unwrap();
+    let qmp = g.vm.qmp_path.to_str().unwrap().to_string();
+    let agent_path = g.agent_socket.to_str().unwrap().to_string();
+    let mut ctl = g.vm.control().unwrap();
+    let out_dir = dir.path().join("out");
+    std::fs::create_dir(&out_dir).unwrap();
+
+    // A full filesystem under the archive.
+    let full = Tmpfs::mount(dir.path().join("small"), "8m");
+    let archive = full.0.join("vm.vma");
+    let out = run_bin(&[
+        "--qmp",
+        &qmp,
+        "--guest-agent",
+        &agent_path,
+        "--no-progress",
+        "--output",
+        archive.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    assert!(stderr.contains("No space left"), "{stderr}");
+    assert!(
+        dir_entries(&full.0).is_empty(),
+        "{:?}",
+        dir_entries(&full.0)
+    );
+    assert_guest_unharmed(&mut g, &mut ctl, "a full filesystem");
+    drop(full);
+
+    // The whole backup process stopped for 10 s: archive writer, NBD server and all.
+    let archive = out_dir.join("stalled.vma");
+    let child = Command::new(bin())
+        .args([
+            "--qmp",
+            &qmp,
+            "--guest-agent",
+            &agent_path,
+            "--throttle",
+            "4",
+        ])
+        .args([
+            "--cbw-timeout",
+            &BOUND.as_secs().to_string(),
+            "--no-progress",
+        ])
+        .arg("--output")
+        .arg(&archive)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_jobs(&mut ctl, 2, Duration::from_secs(60)).unwrap();
+    guest_latency::lat(&mut g).unwrap();
+    let pid = child.id();
+    signal(pid, "STOP");
+    let probes = g.console.last_count("probe");
+    thread::sleep(STALL);
+    let probes_stalled = g.console.last_count("probe");
+    signal(pid, "CONT");
+    let lat = guest_latency::lat(&mut g).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("guest writes while the archive writer was stopped: {probes} -> {probes_stalled} probes, {lat:?} (us)");
+    assert!(
+        probes_stalled > probes,
+        "the guest's probe wrote nothing while the archive writer was stopped"
+    );
+    assert!(
+        lat.max < u64::try_from((BOUND + MARGIN).as_micros()).unwrap(),
+        "a guest write took {} us with the archive stopped for {STALL:?}: {lat:?}",
+        lat.max
+    );
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    assert!(stderr.contains("--cbw-timeout"), "{stderr}");
+    assert!(
+        dir_entries(&out_dir).is_empty(),
+        "{:?}",
+        dir_entries(&out_dir)
+    );
+    assert_guest_unharmed(&mut g, &mut ctl, "a stalled archive writer");
+
+    // An agent that takes the connection and never answers: crash-consistent, said so,
+    // within the agent's bound; not an error.
+    let silent = dir.path().join("silent-agent.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&silent).unwrap();
+    let holder = thread::spawn(move || listener.accept().map(|(stream, _)| stream));
+    let archive = out_dir.join("silent.vma");
+    let mut opts = BackupOptions::new(&g.vm.qmp_path, &archive);
+    opts.guest_agent = Some(silent.clone());
+    let t = Instant::now();
+    let report = run_backup(&opts).unwrap();
+    let took = t.elapsed();
+    drop(holder.join().unwrap());
+    assert!(
+        matches!(&report.consistency, Consistency::CrashConsistent { reason } if reason.contains("no freeze")),
+        "{report}"
+    );
+    assert!(
+        took < agent::SYNC_TIMEOUT + Duration::from_secs(60),
+        "{took:?}"
+    );
+    assert!(archive.is_file());
+    std::fs::remove_file(&archive).unwrap();
+    assert_guest_unharmed(&mut g, &mut ctl, "a silent agent");
+
+    // QEMU killed mid-backup, the guest frozen and thawed before: a clean error, no archive.
+    let mut opts = BackupOptions::new(&g.vm.qmp_path, out_dir.join("killed.vma")).throttle(DELAY);
+    opts.guest_agent = Some(g.agent_socket.clone());
+    let backup = thread::spawn(move || run_backup(&opts));
+    wait_for_jobs(&mut ctl, 2, Duration::from_secs(60)).unwrap();
+    thread::sleep(Duration::from_millis(200));
+    let t = Instant::now();
+    g.vm.kill();
+    let err = backup.join().unwrap().unwrap_err();
+    assert!(matches!(err, Error::QmpClosed), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    assert!(
+        dir_entries(&out_dir).is_empty(),
+        "{:?}",
+        dir_entries(&out_dir)
     );
 }
 
