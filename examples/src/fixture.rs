@@ -307,7 +307,8 @@ pub fn check_archive(path: &Path, zstd: bool, into: &Path) -> Result<ArchiveChec
             }
         }
     }
-    if !zstd {
+    {
+        // Plain or seekable zstd (`--zstd`): both open in place.
         let vma = vma_reader::SeekableArchive::open(path)?;
         for d in &devices {
             let mut reader = vma.device(d.name.as_str())?;

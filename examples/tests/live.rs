@@ -179,6 +179,27 @@ fn binary_zstd_selected_drive_with_config() {
         &std::fs::read(&archive).unwrap()[..4],
         &[0x28, 0xb5, 0x2f, 0xfd]
     );
+    // Seekable: opened in place, as `vma create X.vma.zst` writes it, and stock zstd
+    // reads it as one stream.
+    let seekable = vma_reader::SeekableArchive::open(&archive).unwrap();
+    assert!(
+        matches!(seekable.packing(), vma_reader::Packing::SeekableZstd { .. }),
+        "{:?}",
+        seekable.packing()
+    );
+    let mut served = Vec::new();
+    std::io::Read::read_to_end(&mut seekable.device("drive-vd1").unwrap(), &mut served).unwrap();
+    assert!(
+        served == fx.before[1],
+        "the seekable reader reads the drive as it was"
+    );
+    let t = Command::new("zstd")
+        .arg("-q")
+        .arg("-t")
+        .arg(&archive)
+        .status()
+        .unwrap();
+    assert!(t.success(), "zstd -t");
 
     let into = fx.dir().join("x");
     std::fs::create_dir(&into).unwrap();

@@ -3,15 +3,21 @@
 //!
 //! Plain archives use the writer's own file helper ([`vma_writer::FileWriter`]).
 //! Compressed ones (`--zstd`) go through the writer's generic `Write` sink:
-//! a zstd encoder around a temporary file created the same way
-//! (`.NAME.partial-XXXXXX` next to the target), finished, fsynced and renamed
-//! without replacing an existing file here. Either way an aborted or failed
-//! backup removes the temporary file.
+//! vma-writer's seekable zstd compressor ([`ZstdWriter`]: independent frames
+//! cut at extent boundaries and a seek table, as `vma create X.vma.zst`
+//! writes, so `vma serve`/`cat` read the backup in place and `zstd -d` and
+//! Proxmox's restore read it as any `.vma.zst`) around a temporary file
+//! created the same way (`.NAME.partial-XXXXXX` next to the target),
+//! finished, fsynced and renamed without replacing an existing file here.
+//! Either way an aborted or failed backup removes the temporary file.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use vma_writer::{Builder, Device, FileWriter, PartialFile, Summary, Writer, WriterHandle};
+use vma_writer::{
+    Builder, Device, FileWriter, PartialFile, Summary, Writer, WriterHandle, ZstdOptions,
+    ZstdWriter,
+};
 
 use crate::export::RangeSink;
 use crate::Error;
@@ -19,7 +25,13 @@ use crate::Error;
 /// zstd level: the same default as `zstd` and vzdump.
 const ZSTD_LEVEL: i32 = 3;
 
-type ZstdFile = zstd::stream::write::Encoder<'static, PartialFile>;
+type ZstdFile = ZstdWriter<PartialFile>;
+
+/// Compressing threads: half the cores, at least one (vzdump's default for
+/// its zstd), so that the guest beside the backup keeps a core.
+fn zstd_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
+}
 
 enum Output {
     File(FileWriter),
@@ -83,7 +95,7 @@ impl Archive {
             Output::File(w) => Ok(w.finish()?),
             Output::Zstd(writer) => {
                 let (summary, encoder) = writer.finish()?;
-                let file = encoder.finish().map_err(|source| Error::Compress {
+                let (file, _) = encoder.finish().map_err(|source| Error::Compress {
                     path: self.path,
                     op: "zstd finish",
                     source,
@@ -110,7 +122,12 @@ impl Archive {
 
 fn create_zstd(builder: Builder, path: &Path) -> Result<Writer<ZstdFile>, Error> {
     let file = PartialFile::create(path)?;
-    let encoder = ZstdFile::new(file, ZSTD_LEVEL).map_err(|source| Error::Compress {
+    let options = ZstdOptions {
+        level: ZSTD_LEVEL,
+        threads: zstd_threads(),
+        ..ZstdOptions::default()
+    };
+    let encoder = ZstdFile::new(file, options).map_err(|source| Error::Compress {
         path: path.to_path_buf(),
         op: "zstd setup",
         source,

@@ -92,7 +92,7 @@ struct Cli {
     /// queue less ahead of the guest's writes
     #[arg(long, value_name = "WORKERS,CHUNK_KIB", default_value = "4,1024", value_parser = parse_x_perf)]
     x_perf: XPerfArg,
-    /// Compress the archive with zstd (name it .vma.zst)
+    /// Compress the archive into seekable zstd, on half the cores (name it .vma.zst)
     #[arg(long)]
     zstd: bool,
     /// Slow the backup: one 64 KiB copy at a time, MS milliseconds each
