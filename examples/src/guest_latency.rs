@@ -8,8 +8,9 @@
 //! copied yet). In one run, phases back to back: no backup; QEMU's own
 //! `blockdev-backup` of the data disk into a raw file on the same filesystem;
 //! `vma-live-backup` of the data disk (with its copy-before-write filter,
-//! `--cbw-timeout` 5 s) with QEMU's `x-perf` and then with fewer and smaller
-//! background copy requests (the `OURS` table of settings); no backup again. The
+//! `--cbw-timeout` 5 s) with QEMU's `x-perf`, with and without its push
+//! buffer, and then with fewer and smaller background copy requests (the
+//! `OURS` table of settings); no backup again. The
 //! probe reports p50, p99 and max per phase. Figures, not asserts.
 
 use std::fmt;
@@ -27,32 +28,80 @@ use crate::guest::{self, BootOptions, Guest};
 use crate::qemu::Disk;
 use crate::Result;
 
-/// Our backups, by `x-perf` setting (`None`: QEMU's, 64 workers and 1 MiB
-/// requests), fewest and smallest background requests last.
-/// The first runs with QEMU's own copy-before-write filter (`--cbw-timeout 0`),
-/// the others with ours (the 5 s default).
-const OURS: &[(&str, bool, Option<XPerf>)] = &[
-    (
-        "vma-live-backup --cbw-timeout 0, QEMU's x-perf",
-        false,
-        None,
-    ),
-    ("vma-live-backup, QEMU's x-perf (64 × 1 MiB)", true, None),
-    (
-        "vma-live-backup, x-perf 4 workers × 1 MiB",
-        true,
-        Some(xperf(4, 1 << 20)),
-    ),
-    (
-        "vma-live-backup, x-perf 2 workers × 256 KiB",
-        true,
-        Some(xperf(2, 256 << 10)),
-    ),
-    (
-        "vma-live-backup, x-perf 1 worker × 64 KiB",
-        true,
-        Some(xperf(1, 64 << 10)),
-    ),
+/// One of our backups the measurement runs.
+struct Setting {
+    name: &'static str,
+    /// Our copy-before-write filter (the 5 s `--cbw-timeout` default), or
+    /// QEMU's own (`--cbw-timeout 0`).
+    own_filter: bool,
+    /// `None`: QEMU's, 64 workers and 1 MiB requests.
+    x_perf: Option<XPerf>,
+    /// `--cbw-buffer`, MiB.
+    cbw_buffer_mib: usize,
+    /// `--bwlimit`, bytes per second.
+    bwlimit: Option<u64>,
+}
+
+/// Our backups: QEMU's filter first, then ours; with and without the push
+/// buffer; fewer and smaller background requests; a bandwidth limit with
+/// and without the push buffer.
+const OURS: &[Setting] = &[
+    Setting {
+        name: "vma-live-backup --cbw-timeout 0, QEMU's x-perf",
+        own_filter: false,
+        x_perf: None,
+        cbw_buffer_mib: 0,
+        bwlimit: None,
+    },
+    Setting {
+        name: "vma-live-backup, QEMU's x-perf (64 × 1 MiB), --cbw-buffer 64",
+        own_filter: true,
+        x_perf: None,
+        cbw_buffer_mib: 64,
+        bwlimit: None,
+    },
+    Setting {
+        name: "vma-live-backup, x-perf 4 workers × 1 MiB, --cbw-buffer 0",
+        own_filter: true,
+        x_perf: Some(xperf(4, 1 << 20)),
+        cbw_buffer_mib: 0,
+        bwlimit: None,
+    },
+    Setting {
+        name: "vma-live-backup, x-perf 4 workers × 1 MiB, --cbw-buffer 64 (defaults)",
+        own_filter: true,
+        x_perf: Some(xperf(4, 1 << 20)),
+        cbw_buffer_mib: 64,
+        bwlimit: None,
+    },
+    Setting {
+        name: "vma-live-backup, x-perf 2 workers × 256 KiB, --cbw-buffer 64",
+        own_filter: true,
+        x_perf: Some(xperf(2, 256 << 10)),
+        cbw_buffer_mib: 64,
+        bwlimit: None,
+    },
+    Setting {
+        name: "vma-live-backup, x-perf 1 worker × 64 KiB, --cbw-buffer 64",
+        own_filter: true,
+        x_perf: Some(xperf(1, 64 << 10)),
+        cbw_buffer_mib: 64,
+        bwlimit: None,
+    },
+    Setting {
+        name: "vma-live-backup, defaults, --bwlimit 51200 (50 MiB/s), --cbw-buffer 0",
+        own_filter: true,
+        x_perf: Some(xperf(4, 1 << 20)),
+        cbw_buffer_mib: 0,
+        bwlimit: Some(50 << 20),
+    },
+    Setting {
+        name: "vma-live-backup, defaults, --bwlimit 51200 (50 MiB/s), --cbw-buffer 64",
+        own_filter: true,
+        x_perf: Some(xperf(4, 1 << 20)),
+        cbw_buffer_mib: 64,
+        bwlimit: Some(50 << 20),
+    },
 ];
 
 const fn xperf(max_workers: u32, max_chunk: u64) -> XPerf {
@@ -107,6 +156,8 @@ pub struct Phase {
     pub time: Duration,
     /// The guest's writes meanwhile.
     pub latency: Latency,
+    /// Our backups: the most bytes of pushes their buffer held at once.
+    pub push_peak: Option<u64>,
 }
 
 /// The figures `--measure-guest` prints.
@@ -127,9 +178,9 @@ impl fmt::Display for GuestLatency {
         )?;
         writeln!(
             f,
-            "| phase | time | backup MiB/s | writes | writes/s | p50 | p99 | max |"
+            "| phase | time | backup MiB/s | writes | writes/s | p50 | p99 | max | pushes buffered, most MiB |"
         )?;
-        writeln!(f, "|---|---|---|---|---|---|---|---|")?;
+        writeln!(f, "|---|---|---|---|---|---|---|---|---|")?;
         for p in &self.phases {
             let secs = p.time.as_secs_f64().max(1e-9);
             let rate = if p.name.starts_with("no backup") {
@@ -138,9 +189,12 @@ impl fmt::Display for GuestLatency {
                 format!("{:.1}", mib / secs)
             };
             let ms = |us: u64| format!("{:.2} ms", us as f64 / 1000.0);
+            let peak = p.push_peak.map_or("—".to_string(), |b| {
+                format!("{:.1}", b as f64 / f64::from(1 << 20))
+            });
             writeln!(
                 f,
-                "| {} | {secs:.2} s | {rate} | {} | {:.0} | {} | {} | {} |",
+                "| {} | {secs:.2} s | {rate} | {} | {:.0} | {} | {} | {} | {peak} |",
                 p.name,
                 p.latency.writes,
                 p.latency.writes as f64 / secs,
@@ -191,17 +245,11 @@ pub fn run(size_mib: u64, cancel: Arc<AtomicBool>) -> Result<GuestLatency> {
         name: "stock blockdev-backup to a raw file",
         time,
         latency: lat(&mut g)?,
+        push_peak: None,
     });
     stop(&cancel)?;
-    for (name, filter, x_perf) in OURS {
-        let cbw_timeout = filter.then_some(vma_live::DEFAULT_CBW_TIMEOUT);
-        phases.push(ours(
-            &mut g,
-            name,
-            (cbw_timeout, *x_perf),
-            &cancel,
-            dir.path(),
-        )?);
+    for setting in OURS {
+        phases.push(ours(&mut g, setting, &cancel, dir.path())?);
         stop(&cancel)?;
     }
     phases.push(idle(&mut g, "no backup again")?);
@@ -210,30 +258,26 @@ pub fn run(size_mib: u64, cancel: Arc<AtomicBool>) -> Result<GuestLatency> {
     Ok(GuestLatency { size, phases })
 }
 
-/// One backup of the data disk by [`run_backup`], with this `cbw_timeout` and
-/// this `x_perf`.
-fn ours(
-    g: &mut Guest,
-    name: &'static str,
-    (cbw_timeout, x_perf): (Option<u32>, Option<XPerf>),
-    cancel: &Arc<AtomicBool>,
-    dir: &Path,
-) -> Result<Phase> {
+/// One backup of the data disk by [`run_backup`] with `setting`.
+fn ours(g: &mut Guest, setting: &Setting, cancel: &Arc<AtomicBool>, dir: &Path) -> Result<Phase> {
     let archive = dir.join("vm.vma");
     let _ = std::fs::remove_file(&archive);
     let mut opts = BackupOptions::new(&g.vm.qmp_path, &archive);
     opts.drives = vec!["data".into()];
-    opts.x_perf = x_perf;
-    opts.cbw_timeout = cbw_timeout;
+    opts.x_perf = setting.x_perf;
+    opts.cbw_timeout = setting.own_filter.then_some(vma_live::DEFAULT_CBW_TIMEOUT);
+    opts.cbw_buffer = setting.cbw_buffer_mib << 20;
+    opts.bwlimit = setting.bwlimit;
     opts.cancel = Arc::clone(cancel);
     lat(g)?;
     let report = thread::spawn(move || run_backup(&opts))
         .join()
         .map_err(|_| "the backup thread panicked")??;
     Ok(Phase {
-        name,
+        name: setting.name,
         time: report.copy_time,
         latency: lat(g)?,
+        push_peak: Some(report.push_buffer_peak),
     })
 }
 
@@ -253,6 +297,7 @@ fn idle(g: &mut Guest, name: &'static str) -> Result<Phase> {
         name,
         time: start.elapsed(),
         latency,
+        push_peak: None,
     })
 }
 

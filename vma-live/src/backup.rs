@@ -40,7 +40,7 @@ use crate::agent::{self, GuestAgent};
 use crate::archive::Archive;
 use crate::drives::{self, Drive};
 use crate::error::JobFailure;
-use crate::export::{Counters, DriveExport, Latch};
+use crate::export::{Counters, Drain, DriveExport, Latch, PushBuffer, RangeSink, RateLimited};
 use crate::progress::Progress;
 use crate::pve;
 use crate::qmp::{Event, Qmp};
@@ -59,6 +59,8 @@ pub const DEFAULT_X_PERF: XPerf = XPerf {
 
 /// The default of [`BackupOptions::cbw_timeout`], in seconds.
 pub const DEFAULT_CBW_TIMEOUT: u32 = 5;
+/// The default of [`BackupOptions::cbw_buffer`]: 64 MiB.
+pub const DEFAULT_CBW_BUFFER: usize = 64 << 20;
 
 /// How long to wait for the jobs' end events after cancelling them.
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -112,6 +114,15 @@ pub struct BackupOptions {
     /// guest goes on. `None`: QEMU's own filter, which waits as long as it
     /// takes. Needs every drive attached to a guest device (`qdev`).
     pub cbw_timeout: Option<u32>,
+    /// Bytes of memory that acknowledge the guest's copy-before-write pushes
+    /// before the archive writer takes them ([`crate::export::PushBuffer`];
+    /// default [`DEFAULT_CBW_BUFFER`]); 0: each push waits for the writer.
+    /// Only with our own filter ([`cbw_timeout`](Self::cbw_timeout) set).
+    pub cbw_buffer: usize,
+    /// Store at most this many bytes of data per second into the archive, as
+    /// vzdump's `bwlimit` ([`crate::export::RateLimited`]); `None`: no limit.
+    /// Copy-before-write pushes beyond what the buffer holds wait for it.
+    pub bwlimit: Option<u64>,
 }
 
 impl BackupOptions {
@@ -131,6 +142,8 @@ impl BackupOptions {
             guest_agent: None,
             pve_storage: "local".into(),
             cbw_timeout: Some(DEFAULT_CBW_TIMEOUT),
+            cbw_buffer: DEFAULT_CBW_BUFFER,
+            bwlimit: None,
         }
     }
 
@@ -219,6 +232,9 @@ pub struct BackupReport {
     pub total_time: Duration,
     /// Whether the guest's filesystems were frozen.
     pub consistency: Consistency,
+    /// The most bytes of copy-before-write pushes held in memory at once
+    /// ([`BackupOptions::cbw_buffer`]; 0 without a buffer).
+    pub push_buffer_peak: u64,
     /// Problems that did not affect the archive (e.g. a target node QEMU
     /// would not remove after the jobs completed, a thaw that failed).
     pub warnings: Vec<String>,
@@ -271,6 +287,13 @@ impl fmt::Display for BackupReport {
             mib(self.archive_bytes),
             self.total_time.as_secs_f64()
         )?;
+        if self.push_buffer_peak > 0 {
+            write!(
+                f,
+                "; pushes buffered: {:.1} MiB at most",
+                mib(self.push_buffer_peak)
+            )?;
+        }
         write!(f, "\n  {}", self.consistency)?;
         for w in &self.warnings {
             write!(f, "\n  warning: {w}")?;
@@ -439,7 +462,59 @@ pub fn run_backup(opts: &BackupOptions) -> Result<BackupReport, Error> {
         durable_time: copied.copy_start.elapsed(),
         total_time: started.elapsed(),
         consistency: copied.consistency,
+        push_buffer_peak: copied.push_peak,
         warnings: copied.warnings,
+    })
+}
+
+/// The NBD server of a backup, before it listens.
+struct Exports {
+    server: Server,
+    counters: Vec<Arc<Counters>>,
+    /// The push buffer and its drain thread, when pushes are buffered.
+    pushes: Option<(Arc<PushBuffer>, Drain)>,
+}
+
+/// One export per drive into the archive (rate-limited with a `bwlimit`),
+/// and with buffered pushes a push export per drive beside it.
+fn exports(
+    opts: &BackupOptions,
+    drives: &[Drive],
+    archive: &Archive,
+    latch: &Arc<Latch>,
+) -> Result<Exports, Error> {
+    let sink = match opts.bwlimit {
+        Some(rate) => Arc::new(RateLimited::new(archive.sink(), rate)) as Arc<dyn RangeSink>,
+        None => archive.sink(),
+    };
+    let pushes = match (opts.cbw_timeout, opts.cbw_buffer) {
+        (Some(_), bytes) if bytes > 0 => Some(
+            PushBuffer::start(bytes, Arc::clone(&sink), Arc::clone(latch))
+                .map_err(Error::PushThread)?,
+        ),
+        _ => None,
+    };
+    let mut builder = Server::builder();
+    let mut counters = Vec::new();
+    for (i, d) in drives.iter().enumerate() {
+        let export = DriveExport::new(
+            Arc::clone(&sink),
+            Arc::clone(latch),
+            i,
+            d.size,
+            opts.write_delay,
+        );
+        counters.push(export.counters());
+        if let Some((buffer, _)) = &pushes {
+            let push = export.pushes(Arc::clone(buffer));
+            builder = builder.export(push_export(d), Arc::new(push) as Arc<dyn Export>);
+        }
+        builder = builder.export(d.node_name.clone(), Arc::new(export) as Arc<dyn Export>);
+    }
+    Ok(Exports {
+        server: builder.build().map_err(Error::Nbd)?,
+        counters,
+        pushes,
     })
 }
 
@@ -458,21 +533,11 @@ fn serve_and_copy(
         .tempdir()
         .map_err(Error::SocketDir)?;
     let sock = sock_dir.path().join("nbd.sock");
-    let sink = archive.sink();
-    let mut builder = Server::builder();
-    let mut counters = Vec::new();
-    for (i, d) in drives.iter().enumerate() {
-        let export = DriveExport::new(
-            Arc::clone(&sink),
-            Arc::clone(latch),
-            i,
-            d.size,
-            opts.write_delay,
-        );
-        counters.push(export.counters());
-        builder = builder.export(d.node_name.clone(), Arc::new(export) as Arc<dyn Export>);
-    }
-    let server = builder.build().map_err(Error::Nbd)?;
+    let Exports {
+        server,
+        counters,
+        pushes,
+    } = exports(opts, drives, archive, latch)?;
     let handle = server.listen_unix(&sock).map_err(Error::Nbd)?;
 
     let tag = format!(
@@ -514,6 +579,16 @@ fn serve_and_copy(
     }
     let del = undo_all(qmp, undo);
     let stopped = handle.shutdown().map_err(Error::Nbd);
+    let (buffer, drain) = pushes.unzip();
+    if result.is_ok() && stopped.is_ok() {
+        // No push can arrive any more: store what the buffer holds.
+        if let Some(d) = drain {
+            d.finish();
+        }
+    } else {
+        drop(drain);
+    }
+    let push_peak = buffer.map_or(0, |b| b.peak());
     result?;
     // Every job completed, so every byte was received and acknowledged: a
     // target QEMU would not remove does not spoil the archive.
@@ -530,6 +605,7 @@ fn serve_and_copy(
     }
     Ok(Copied {
         counters,
+        push_peak,
         copy_start,
         copy_time,
         consistency,
@@ -537,9 +613,17 @@ fn serve_and_copy(
     })
 }
 
+/// The export the copy-before-write filter of drive `d` pushes into, when
+/// pushes are buffered.
+fn push_export(d: &Drive) -> String {
+    format!("{}.pushes", d.node_name)
+}
+
 /// What a successful copy leaves for the report.
 struct Copied {
     counters: Vec<Arc<Counters>>,
+    /// The most bytes of pushes the buffer held at once.
+    push_peak: u64,
     copy_start: Instant,
     copy_time: Duration,
     consistency: Consistency,
@@ -554,7 +638,8 @@ struct Graph<'a> {
 }
 
 /// `blockdev-add` the NBD target node(s) of each drive (two with a
-/// copy-before-write bound: one connection each to the drive's export).
+/// copy-before-write bound: one connection each to the drive's export, the
+/// filter's to the drive's push export when pushes are buffered).
 fn add_targets(
     qmp: &mut Qmp,
     opts: &BackupOptions,
@@ -573,19 +658,24 @@ fn add_targets(
         }
     }
     for (d, t) in drives.iter().zip(targets) {
-        let nodes = if opts.cbw_timeout.is_some() {
-            vec![&t.node, &t.copy]
-        } else {
-            vec![&t.node]
+        let nodes = match opts.cbw_timeout {
+            Some(_) if opts.cbw_buffer > 0 => {
+                vec![(&t.node, push_export(d)), (&t.copy, d.node_name.clone())]
+            }
+            Some(_) => vec![
+                (&t.node, d.node_name.clone()),
+                (&t.copy, d.node_name.clone()),
+            ],
+            None => vec![(&t.node, d.node_name.clone())],
         };
-        for node in nodes {
+        for (node, export) in nodes {
             let args = json!({
                 "driver": "raw",
                 "node-name": node,
                 "file": {
                     "driver": "nbd",
                     "server": { "type": "unix", "path": sock_str },
-                    "export": d.node_name,
+                    "export": export,
                 },
             });
             qmp.execute("blockdev-add", args)?;

@@ -245,6 +245,9 @@ pub enum Error {
     /// The NBD socket's path cannot be given to QEMU.
     #[error("the NBD socket path {} is not UTF-8", .0.display())]
     SocketPath(PathBuf),
+    /// The thread storing buffered copy-before-write pushes could not start.
+    #[error("starting the copy-before-write buffer's thread: {0}")]
+    PushThread(#[source] io::Error),
     /// The NBD server failed to start or to stop.
     #[error("NBD server: {0}")]
     Nbd(#[source] vma_nbd::Error),
@@ -281,7 +284,7 @@ impl Error {
             E::ArchiveFailed { source } => source.kind(),
             E::Writer(e) => writer_kind(e),
             E::Nbd(vma_nbd::Error::Bind { .. }) => ErrorKind::Io,
-            E::Nbd(_) | E::NoDevice(_) => ErrorKind::Internal,
+            E::Nbd(_) | E::NoDevice(_) | E::PushThread(_) => ErrorKind::Internal,
             E::Interrupted => ErrorKind::Interrupted,
         }
     }
@@ -478,6 +481,7 @@ mod tests {
             ),
             (Error::NoDevice(3), K::Internal),
             (Error::SocketDir(os(libc::EACCES)), K::Io),
+            (Error::PushThread(os(libc::EAGAIN)), K::Internal),
             (Error::SocketPath("/tmp/\u{fffd}".into()), K::Usage),
             (Error::Nbd(vma_nbd::Error::Config("x".into())), K::Internal),
             (Error::Interrupted, K::Interrupted),

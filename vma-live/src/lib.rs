@@ -15,7 +15,7 @@ pub mod qmp;
 
 pub use backup::{
     pauses_held, run_backup, BackupOptions, BackupReport, Consistency, DriveReport, XPerf,
-    DEFAULT_CBW_TIMEOUT, DEFAULT_X_PERF,
+    DEFAULT_CBW_BUFFER, DEFAULT_CBW_TIMEOUT, DEFAULT_X_PERF,
 };
 pub use drives::Drive;
 pub use error::{Error, ErrorKind, JobFailure};

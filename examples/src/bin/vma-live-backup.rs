@@ -87,6 +87,22 @@ struct Cli {
         value_parser = clap::value_parser!(u32).range(0..=3600)
     )]
     cbw_timeout: u32,
+    /// MiB of memory that acknowledge the guest's copy-before-write pushes before the
+    /// archive writer takes them (the writer stores them behind the background copy; when
+    /// the buffer is full a guest write waits, as with 0). 0: every push waits for the
+    /// archive writer. Only with our filter (--cbw-timeout above 0)
+    #[arg(
+        long,
+        value_name = "MIB",
+        default_value_t = (vma_live::DEFAULT_CBW_BUFFER >> 20) as u32,
+        value_parser = clap::value_parser!(u32).range(0..=65536)
+    )]
+    cbw_buffer: u32,
+    /// Store at most KIB KiB of data per second into the archive (as vzdump's --bwlimit);
+    /// guest writes to areas not yet copied then wait for the archive once the
+    /// --cbw-buffer is full. 0: no limit
+    #[arg(long, value_name = "KIB", default_value_t = 0)]
+    bwlimit: u64,
     /// QEMU's x-perf for the background copy: at most WORKERS parallel requests of at
     /// most CHUNK_KIB KiB each, or `qemu` for QEMU's own (64 requests). Fewer requests
     /// queue less ahead of the guest's writes
@@ -194,6 +210,8 @@ impl Cli {
         opts.guest_agent = self.guest_agent;
         opts.pve_storage = self.pve_storage;
         opts.cbw_timeout = (self.cbw_timeout > 0).then_some(self.cbw_timeout);
+        opts.cbw_buffer = (self.cbw_buffer as usize) << 20;
+        opts.bwlimit = (self.bwlimit > 0).then(|| self.bwlimit.saturating_mul(1024));
         Mode::Backup(Box::new(opts))
     }
 }
@@ -344,6 +362,14 @@ mod tests {
         assert_eq!(o.cbw_timeout, None);
         let o = backup(&["--qmp", "/q", "-o", "/o", "--cbw-timeout=2"]);
         assert_eq!(o.cbw_timeout, Some(2));
+        assert_eq!(o.cbw_buffer, vma_live::DEFAULT_CBW_BUFFER);
+        let o = backup(&["--qmp", "/q", "-o", "/o", "--cbw-buffer", "0"]);
+        assert_eq!(o.cbw_buffer, 0);
+        let o = backup(&["--qmp", "/q", "-o", "/o", "--cbw-buffer=256"]);
+        assert_eq!(o.cbw_buffer, 256 << 20);
+        assert_eq!(o.bwlimit, None);
+        let o = backup(&["--qmp", "/q", "-o", "/o", "--bwlimit", "51200"]);
+        assert_eq!(o.bwlimit, Some(50 << 20));
         let o = backup(&["--qmp", "/q", "-o", "/o", "--x-perf", "qemu"]);
         assert_eq!(o.x_perf, None);
         let o = backup(&["--qmp", "/q", "-o", "/o", "--x-perf=2,256"]);
@@ -421,6 +447,9 @@ mod tests {
             &["--qmp", "/q", "-o", "/o", "--throttle", "soon"],
             &["--qmp", "/q", "-o", "/o", "--cbw-timeout", "-1"],
             &["--qmp", "/q", "-o", "/o", "--cbw-timeout", "3601"],
+            &["--qmp", "/q", "-o", "/o", "--cbw-buffer", "-1"],
+            &["--qmp", "/q", "-o", "/o", "--cbw-buffer", "65537"],
+            &["--qmp", "/q", "-o", "/o", "--bwlimit", "-5"],
             &["--qmp", "/q", "-o", "/o", "--x-perf", "4"],
             &["--qmp", "/q", "-o", "/o", "--x-perf", "0,1024"],
             &["--qmp", "/q", "-o", "/o", "--x-perf", "4,100"],
