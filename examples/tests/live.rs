@@ -444,8 +444,8 @@ fn assert_guest_unharmed(g: &mut Guest, ctl: &mut Qmp, after: &str) {
 /// Faults during live backups of one real Linux guest that writes all along (files on its
 /// ext4 root, O_DIRECT writes on its data disk), each backup with its filesystems frozen
 /// through the agent: a full filesystem under the archive, the archive writer stopped for
-/// 10 s, an agent that does not answer, and QEMU killed. After each the guest runs on,
-/// thawed, with nothing of the backup left.
+/// 10 s, an agent that does not answer, the backup interrupted (cancel flag, SIGINT)
+/// and QEMU killed. After each the guest runs on, thawed, with nothing of the backup left.
 #[test]
 #[ignore = "boots a Linux guest under QEMU (qemu-system-x86); scripts/test runs it with --include-ignored"]
 fn faults_during_backups_of_a_real_writing_guest_leave_it_running_and_thawed() {
@@ -570,6 +570,51 @@ fn faults_during_backups_of_a_real_writing_guest_leave_it_running_and_thawed() {
     assert!(archive.is_file());
     std::fs::remove_file(&archive).unwrap();
     assert_guest_unharmed(&mut g, &mut ctl, "a silent agent");
+
+    // Interrupted mid-backup, the guest frozen and thawed before: in process through the
+    // cancel flag, then the binary on SIGINT (exit 130); the jobs cancelled, no archive.
+    let mut opts =
+        BackupOptions::new(&g.vm.qmp_path, out_dir.join("cancelled.vma")).throttle(DELAY);
+    opts.guest_agent = Some(g.agent_socket.clone());
+    let cancel = opts.cancel.clone();
+    let backup = thread::spawn(move || run_backup(&opts));
+    wait_for_jobs(&mut ctl, 2, Duration::from_secs(60)).unwrap();
+    cancel.store(true, Ordering::SeqCst);
+    let err = backup.join().unwrap().unwrap_err();
+    assert!(matches!(err, Error::Interrupted), "{err}");
+    assert!(
+        dir_entries(&out_dir).is_empty(),
+        "{:?}",
+        dir_entries(&out_dir)
+    );
+    assert_guest_unharmed(&mut g, &mut ctl, "a cancelled backup");
+    let child = Command::new(bin())
+        .args([
+            "--qmp",
+            &qmp,
+            "--guest-agent",
+            &agent_path,
+            "--throttle",
+            "4",
+            "--no-progress",
+        ])
+        .arg("--output")
+        .arg(out_dir.join("interrupted.vma"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_jobs(&mut ctl, 2, Duration::from_secs(60)).unwrap();
+    signal(child.id(), "INT");
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(
+        dir_entries(&out_dir).is_empty(),
+        "{:?}",
+        dir_entries(&out_dir)
+    );
+    assert_guest_unharmed(&mut g, &mut ctl, "a backup interrupted by SIGINT");
 
     // QEMU killed mid-backup, the guest frozen and thawed before: a clean error, no archive.
     let mut opts = BackupOptions::new(&g.vm.qmp_path, out_dir.join("killed.vma")).throttle(DELAY);
