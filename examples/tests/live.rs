@@ -444,8 +444,9 @@ fn assert_guest_unharmed(g: &mut Guest, ctl: &mut Qmp, after: &str) {
 /// Faults during live backups of one real Linux guest that writes all along (files on its
 /// ext4 root, O_DIRECT writes on its data disk), each backup with its filesystems frozen
 /// through the agent: a full filesystem under the archive, the archive writer stopped for
-/// 10 s, an agent that does not answer, the backup interrupted (cancel flag, SIGINT)
-/// and QEMU killed. After each the guest runs on, thawed, with nothing of the backup left.
+/// 10 s, an agent that does not answer (a socket that never answers, then the guest's own
+/// qemu-ga stopped), the backup interrupted (cancel flag, SIGINT) and QEMU killed. After
+/// each the guest runs on, thawed, with nothing of the backup left.
 #[test]
 #[ignore = "boots a Linux guest under QEMU (qemu-system-x86); scripts/test runs it with --include-ignored"]
 fn faults_during_backups_of_a_real_writing_guest_leave_it_running_and_thawed() {
@@ -570,6 +571,46 @@ fn faults_during_backups_of_a_real_writing_guest_leave_it_running_and_thawed() {
     assert!(archive.is_file());
     std::fs::remove_file(&archive).unwrap();
     assert_guest_unharmed(&mut g, &mut ctl, "a silent agent");
+
+    // The guest's own agent stopped inside the guest (SIGSTOP to qemu-ga): the binary
+    // backs up crash-consistent and says so, exit 0, within the agent's bound.
+    g.console.send("agent STOP").unwrap();
+    g.console
+        .wait_for("agent STOP", guest::COMMAND_TIMEOUT)
+        .unwrap();
+    let archive = out_dir.join("agent-stopped.vma");
+    let t = Instant::now();
+    let out = run_bin(&[
+        "--qmp",
+        &qmp,
+        "--guest-agent",
+        &agent_path,
+        "--no-progress",
+        "--output",
+        archive.to_str().unwrap(),
+    ]);
+    let took = t.elapsed();
+    g.console.send("agent CONT").unwrap();
+    g.console
+        .wait_for("agent CONT", guest::COMMAND_TIMEOUT)
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(0), "{said}");
+    assert!(
+        said.contains("crash-consistent only") && said.contains("no freeze"),
+        "{said}"
+    );
+    assert!(
+        took < agent::SYNC_TIMEOUT + Duration::from_secs(60),
+        "{took:?}"
+    );
+    assert!(archive.is_file());
+    std::fs::remove_file(&archive).unwrap();
+    assert_guest_unharmed(&mut g, &mut ctl, "the guest's agent stopped");
 
     // Interrupted mid-backup, the guest frozen and thawed before: in process through the
     // cancel flag, then the binary on SIGINT (exit 130); the jobs cancelled, no archive.
