@@ -32,21 +32,27 @@ fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_vma-live-backup")
 }
 
-/// The VM answers, runs no job, and holds none of our NBD target nodes.
+/// The VM answers, runs no job, and holds none of our nodes (NBD targets, filters) and no
+/// copy-before-write filter or NBD client node of any name.
 fn assert_vm_clean(qmp: &mut Qmp) {
     let status = qmp.execute("query-status", Value::Null).unwrap();
     assert!(status.get("status").is_some(), "{status}");
     let jobs = qmp.execute("query-block-jobs", Value::Null).unwrap();
     assert_eq!(jobs, json!([]), "jobs left behind");
     let nodes = qmp.execute("query-named-block-nodes", Value::Null).unwrap();
-    let ours: Vec<&str> = nodes
+    let left: Vec<(&str, &str)> = nodes
         .as_array()
         .unwrap()
         .iter()
-        .filter_map(|n| n.get("node-name").and_then(Value::as_str))
-        .filter(|n| n.starts_with("vmalb"))
+        .map(|n| {
+            let name = n.get("node-name").and_then(Value::as_str).unwrap_or("");
+            (name, n.get("drv").and_then(Value::as_str).unwrap_or(""))
+        })
+        .filter(|(name, drv)| {
+            name.starts_with("vmalb") || matches!(*drv, "copy-before-write" | "nbd")
+        })
         .collect();
-    assert!(ours.is_empty(), "target nodes left behind: {ours:?}");
+    assert!(left.is_empty(), "nodes left behind: {left:?}");
 }
 
 fn run_bin(args: &[&str]) -> Output {
@@ -519,6 +525,18 @@ fn faults_during_backups_of_a_real_writing_guest_leave_it_running_and_thawed() {
         .spawn()
         .unwrap();
     wait_for_jobs(&mut ctl, 2, Duration::from_secs(60)).unwrap();
+    // What assert_vm_clean looks for is there while the backup runs: our filter on each
+    // drive (named vmalb...), and the backup jobs' own copy-before-write nodes.
+    let nodes = ctl.execute("query-named-block-nodes", Value::Null).unwrap();
+    let filters: Vec<&str> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n.get("drv").and_then(Value::as_str) == Some("copy-before-write"))
+        .filter_map(|n| n.get("node-name").and_then(Value::as_str))
+        .collect();
+    let ours = filters.iter().filter(|n| n.starts_with("vmalb")).count();
+    assert!(ours == 2 && filters.len() > ours, "{filters:?}");
     guest_latency::lat(&mut g).unwrap();
     let pid = child.id();
     signal(pid, "STOP");
