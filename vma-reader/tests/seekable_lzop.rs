@@ -79,7 +79,11 @@ fn with_compressed_sums(lzo: &[u8]) -> Vec<u8> {
     let version = u16::from_be_bytes([lzo[9], lzo[10]]);
     assert!(version >= 0x0940, "lzop header version {version:#x}");
     let flags = u32::from_be_bytes(lzo[17..21].try_into().unwrap());
-    assert_eq!(flags & 0x1303, F_ADLER32_D, "{flags:#x}: Adler-32 of the data only");
+    assert_eq!(
+        flags & 0x1303,
+        F_ADLER32_D,
+        "{flags:#x}: Adler-32 of the data only"
+    );
     let name_len = lzo[33] as usize;
     let sum_at = 34 + name_len;
     let mut out = lzo[..sum_at].to_vec();
@@ -256,7 +260,13 @@ fn hostile_block_lengths_are_typed_errors_with_their_offset() {
         ("zero compressed length", 1, b1, 4, 0),
         ("compressed longer than uncompressed", 1, b1, 4, b1.len + 1),
         ("compressed length past the end", n, last, 4, past_end),
-        ("uncompressed length over lzop's max", 1, b1, 0, MAX_BLOCK_SIZE + 1),
+        (
+            "uncompressed length over lzop's max",
+            1,
+            b1,
+            0,
+            MAX_BLOCK_SIZE + 1,
+        ),
     ];
     for (what, n, block, field, value) in cases {
         let at = block.header_offset;
@@ -267,7 +277,10 @@ fn hostile_block_lengths_are_typed_errors_with_their_offset() {
             matches!(e, LzopError::BadBlock { block, offset, .. } if offset == at && block == n as u64),
             "{what}: {e}"
         );
-        assert!(e.to_string().contains(&format!("at byte {at}")), "{what}: {e}");
+        assert!(
+            e.to_string().contains(&format!("at byte {at}")),
+            "{what}: {e}"
+        );
         let e = open_and_read(dir.path(), &bad);
         assert!(matches!(e, LzopError::BadBlock { .. }), "{what}: {e}");
         assert_eq!(e.offset(), at, "{what}: {e}");
@@ -337,7 +350,10 @@ fn failing_checksums_are_typed_errors_with_their_offset() {
             .expect("vec1 has both kinds of blocks")
     };
     let mut rng = Rng(3);
-    for (n, kind) in [(first(false), "compressed Adler-32"), (first(true), "Adler-32")] {
+    for (n, kind) in [
+        (first(false), "compressed Adler-32"),
+        (first(true), "Adler-32"),
+    ] {
         let b = *index.block(n).unwrap();
         let mut bad = lzo.clone();
         let at = b.header_offset + u64::from(b.header_len) + rng.below(b.compressed_len.into());
@@ -352,7 +368,10 @@ fn failing_checksums_are_typed_errors_with_their_offset() {
             }
             Err(text) => text,
         };
-        let expected = format!("lzop block {n} at byte {}: {kind} checksum", b.header_offset);
+        let expected = format!(
+            "lzop block {n} at byte {}: {kind} checksum",
+            b.header_offset
+        );
         assert!(text.contains(&expected), "{text}");
     }
 }
