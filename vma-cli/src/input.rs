@@ -7,7 +7,7 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::path::Path;
 
-use crate::lzop::{LzopReader, LZOP_MAGIC};
+use vma_reader::lzop::{LzopReader, LZOP_MAGIC};
 
 /// How the archive bytes are packed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +34,15 @@ impl Compression {
         } else {
             Compression::None
         }
+    }
+
+    /// Whether the seekable reader can open such a file in place (zstd only when it has a
+    /// seek table, which the reader finds out).
+    pub fn is_random_access(self) -> bool {
+        matches!(
+            self,
+            Compression::None | Compression::Zstd | Compression::Lzop
+        )
     }
 
     /// The command that turns such a file into a plain archive, for messages.

@@ -6,7 +6,6 @@ mod cmd;
 pub mod ctime;
 mod error;
 pub mod input;
-pub mod lzop;
 pub mod mapfile;
 mod output;
 mod packed;

@@ -325,6 +325,7 @@ fn main() {
     }
 
     lzop_seeds(&corpus.join("lzop"));
+    lzop_seeds(&corpus.join("lzop_index"));
 
     for (i, s) in nbd_sessions().iter().enumerate() {
         put(&corpus.join("nbd_session"), &format!("session{i}"), s);

@@ -7,7 +7,7 @@ use std::io::Read;
 const CAP: usize = 64 << 20;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(mut reader) = vma_cli::lzop::LzopReader::new(data) else {
+    let Ok(mut reader) = vma_reader::lzop::LzopReader::new(data) else {
         return;
     };
     let mut buf = vec![0u8; 256 * 1024];

@@ -112,6 +112,84 @@ pub fn check_seek_table(data: &[u8]) {
     }
 }
 
+/// Indexes `data` as a whole lzop file ([`vma_reader::lzop::LzopIndex`]) and checks what
+/// an index that scans promises: blocks follow each other in the file and in the content,
+/// each within lzop's limits, every content offset maps to the block that holds it; and
+/// it agrees with the streaming reader: decoding every block gives what
+/// [`vma_reader::lzop::LzopReader`] gives, and the streaming reader fails exactly when a
+/// block fails to decode or the index does not scan. At most 16 MiB of content is decoded.
+pub fn check_lzop_index(data: &[u8]) {
+    use std::io::{Cursor, Read};
+    use vma_reader::lzop::{LzopIndex, LzopReader, MAX_BLOCK_SIZE};
+    const CAP: u64 = 16 << 20;
+    let streamed = LzopReader::new(data).and_then(|mut r| {
+        let mut out = Vec::new();
+        match (&mut r).take(CAP + 1).read_to_end(&mut out) {
+            Ok(_) => Ok(out),
+            Err(e) => Err(vma_reader::lzop::LzopError::Io {
+                offset: 0,
+                source: e,
+            }),
+        }
+    });
+    let index = match LzopIndex::scan(Cursor::new(data), data.len() as u64) {
+        Ok(index) => index,
+        Err(e) => {
+            assert!(e.offset() <= data.len() as u64, "{e}");
+            // What does not index does not stream either (the index reads the same
+            // headers, and a stream ends where its data runs out).
+            if let Ok(out) = &streamed {
+                assert!(out.len() as u64 > CAP, "streams but does not index: {e}");
+            }
+            return;
+        }
+    };
+    let (mut at, mut content) = (None, 0u64);
+    for n in 0..index.blocks() {
+        let b = *index.block(n).expect("a listed block");
+        assert!(b.len > 0 && b.len <= MAX_BLOCK_SIZE);
+        assert!(b.compressed_len > 0 && b.compressed_len <= b.len);
+        assert!(b.header_offset + b.file_len() <= data.len() as u64);
+        if let Some(next) = at {
+            assert_eq!(b.header_offset, next);
+        }
+        assert_eq!(b.offset, content);
+        assert_eq!(index.block_at(b.offset), Some(n));
+        assert_eq!(index.block_at(b.offset + u64::from(b.len) - 1), Some(n));
+        at = Some(b.header_offset + b.file_len());
+        content += u64::from(b.len);
+    }
+    assert_eq!(index.block(index.blocks()), None);
+    assert_eq!(index.content_len(), content);
+    assert_eq!(index.block_at(content), None);
+    if content > CAP {
+        return;
+    }
+    let mut decoded = Vec::new();
+    let mut failed = false;
+    for n in 0..index.blocks() {
+        let b = *index.block(n).expect("a listed block");
+        let start = b.header_offset as usize;
+        match index.decode(n, &data[start..start + b.file_len() as usize]) {
+            Ok(block) => {
+                assert_eq!(block.len(), b.len as usize);
+                decoded.extend_from_slice(&block);
+            }
+            Err(e) => {
+                assert_eq!(e.offset(), b.header_offset, "{e}");
+                failed = true;
+                break;
+            }
+        }
+    }
+    match (&streamed, failed) {
+        (Ok(out), false) => assert!(*out == decoded, "the index and the stream differ"),
+        (Err(_), true) => {}
+        (Ok(_), true) => panic!("a block fails to decode but the stream reads"),
+        (Err(e), false) => panic!("every block decodes but the stream fails: {e}"),
+    }
+}
+
 /// Opens `data` as a [`SeekableArchive`] from a temporary file and reads every device
 /// through `read_at` and `allocation`, checking that they agree.
 pub fn check_seekable(data: &[u8]) {

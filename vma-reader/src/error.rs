@@ -281,6 +281,10 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// An lzop archive's container is damaged: a block header that lies, a truncated
+    /// block, a checksum that fails (the error names the byte offset).
+    #[error("{0}")]
+    Lzop(crate::lzop::LzopError),
     /// A streaming reader used again after it returned an error.
     #[error("the reader already failed; no more extents can be read")]
     Failed,

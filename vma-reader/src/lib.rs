@@ -3,10 +3,12 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), warn(clippy::too_many_lines))]
 
+mod cache;
 mod error;
 mod extract;
 mod index;
 mod integrity;
+pub mod lzop;
 mod names;
 mod options;
 mod prefetch;

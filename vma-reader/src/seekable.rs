@@ -25,7 +25,7 @@ use crate::index::{DeviceIndex, MAX_RELATIVE_OFFSET};
 use crate::integrity::IntegrityReport;
 use crate::options::OnDamage;
 use crate::options::ReadOptions;
-use crate::source::{into_io, Packing, Source};
+use crate::source::{from_io, into_io, Packing, Source};
 use crate::stream::read_header;
 use crate::stream::{sealed, IntoArchiveStream, StreamReader};
 use crate::walk::{DataCheck, Step, Walker};
@@ -89,19 +89,19 @@ impl<'a> From<&'a String> for DeviceRef<'a> {
 }
 
 impl SeekableArchive {
-    /// Opens and indexes the archive at `path`: a plain archive, or a seekable zstd one
-    /// (as `vma create ARCHIVE.vma.zst` writes it; a zstd file without a seek table is
-    /// [`Error::NotSeekable`]).
+    /// Opens and indexes the archive at `path`: a plain archive, a seekable zstd one (as
+    /// `vma create ARCHIVE.vma.zst` writes it; a zstd file without a seek table is
+    /// [`Error::NotSeekable`]), or an lzop one (`.vma.lzo`, indexed by its block headers).
     pub fn open(path: impl AsRef<Path>) -> Result<SeekableArchive> {
         let file = File::open(path.as_ref()).map_err(|source| Error::Read { offset: 0, source })?;
         Self::from_file(file)
     }
 
-    /// Indexes an open archive file, plain or seekable zstd.
+    /// Indexes an open archive file, plain, seekable zstd or lzop.
     pub fn from_file(file: File) -> Result<SeekableArchive> {
         let source = Source::open(file)?;
         let file_len = source.len();
-        let (header, bytes) = read_header(&mut Positional::new(&source))?;
+        let (header, bytes) = read_header(&mut Positional::new(&source)).map_err(from_io)?;
         let header_size = bytes.len() as u64;
         let walker = Walker::new(&header, &bytes, true, OnDamage::Report);
         drop(bytes);

@@ -5,7 +5,11 @@
 //! - a plain archive file: positional reads (`pread`) of the file;
 //! - a seekable zstd archive (zstd's seekable format, as `vma create X.vma.zst` writes
 //!   it): its seek table maps an archive offset to the frame holding it, and frames are
-//!   decompressed on demand into a bounded cache.
+//!   decompressed on demand into a bounded cache;
+//! - an lzop archive (`.vma.lzo`, as vzdump writes it with `lzop`): one scan of its block
+//!   headers, at opening, indexes which compressed bytes hold which archive bytes (see
+//!   [`crate::lzop::LzopIndex`]), and blocks are decompressed on demand, their data
+//!   checksums verified, into a cache of the same design and bound.
 //!
 //! Cache bound: frames are kept, most recently used last, while they hold at most
 //! [`FRAME_CACHE_BYTES`] in all (at least the last one used, whatever its size); each
@@ -14,20 +18,26 @@
 //! `vma create`'s frames (2 MiB to 6 MiB) that is about 32 MiB plus 6 MiB per reading
 //! thread. Headers read while indexing decompress only a frame's first 128 KiB when that
 //! is all they need, so opening costs a fraction of a full decompression when most frames
-//! hold one extent.
+//! hold one extent. An lzop archive's cache keeps blocks the same way, within the same
+//! [`FRAME_CACHE_BYTES`]; a block's content is at most [`crate::lzop::MAX_BLOCK_SIZE`]
+//! (64 MiB, lzop's own limit; the file is refused otherwise), so with the 256 KiB blocks
+//! lzop writes that is 32 MiB plus 256 KiB per reading thread. Its index takes 32 bytes
+//! per block (128 KiB per GiB of archive).
 
 use std::fmt;
 use std::fs::File;
-use std::io::{self, Read};
+use std::io::{self, BufReader, Read};
 use std::os::unix::fs::FileExt;
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::Arc;
 
 pub use vma_format::seek_table::MAX_FRAME_CONTENT;
 use vma_format::seek_table::{SeekIndex, SeekTableError, ZSTD_FRAME_MAGIC};
 
+use crate::cache::{read_units, UnitCache};
 use crate::error::{Error, Result};
+use crate::lzop::{LzopIndex, LZOP_MAGIC};
 
-/// Bytes of decompressed frames the cache of a seekable zstd archive keeps.
+/// Bytes of decompressed frames (or lzop blocks) the cache of a compressed archive keeps.
 pub const FRAME_CACHE_BYTES: usize = 32 << 20;
 /// Bytes of a frame's content decompressed when only its start is needed.
 const PREFIX: usize = 128 << 10;
@@ -45,12 +55,20 @@ pub enum Packing {
         /// Bytes of the compressed file.
         compressed_len: u64,
     },
+    /// lzop (`.vma.lzo`), indexed by its block headers.
+    Lzop {
+        /// lzop blocks in the file.
+        blocks: u64,
+        /// Bytes of the compressed file.
+        compressed_len: u64,
+    },
 }
 
 /// Archive bytes at any offset.
 pub(crate) enum Source {
     Plain { file: File, len: u64 },
     Zstd(Box<ZstdSource>),
+    Lzop(Box<LzopSource>),
 }
 
 impl fmt::Debug for Source {
@@ -58,28 +76,30 @@ impl fmt::Debug for Source {
         match self {
             Source::Plain { len, .. } => write!(f, "Plain({len} bytes)"),
             Source::Zstd(z) => write!(f, "SeekableZstd({} frames)", z.index.frames()),
+            Source::Lzop(l) => write!(f, "Lzop({} blocks)", l.index.blocks()),
         }
     }
 }
 
 impl Source {
-    /// The source of an archive file: seekable zstd if it starts like zstd, else plain.
-    /// A zstd file without a seek table is [`Error::NotSeekable`].
+    /// The source of an archive file: seekable zstd if it starts like zstd, lzop if it
+    /// starts like lzop, else plain. A zstd file without a seek table is
+    /// [`Error::NotSeekable`].
     pub(crate) fn open(file: File) -> Result<Source> {
         let len = file
             .metadata()
             .map_err(|source| Error::Read { offset: 0, source })?
             .len();
-        let mut magic = [0u8; 4];
-        let starts_zstd = len >= 4
-            && file
-                .read_exact_at(&mut magic, 0)
-                .map(|()| magic == ZSTD_FRAME_MAGIC)
-                .map_err(|source| Error::Read { offset: 0, source })?;
-        if !starts_zstd {
-            return Ok(Source::Plain { file, len });
+        let mut magic = [0u8; LZOP_MAGIC.len()];
+        let head = (len as usize).min(magic.len());
+        read_file(&file, &mut magic[..head], 0)?;
+        if magic[..head].starts_with(&ZSTD_FRAME_MAGIC) {
+            ZstdSource::open(file, len).map(|z| Source::Zstd(Box::new(z)))
+        } else if magic == LZOP_MAGIC {
+            LzopSource::open(file, len).map(|l| Source::Lzop(Box::new(l)))
+        } else {
+            Ok(Source::Plain { file, len })
         }
-        ZstdSource::open(file, len).map(|z| Source::Zstd(Box::new(z)))
     }
 
     /// Bytes of the (decompressed) archive.
@@ -87,6 +107,7 @@ impl Source {
         match self {
             Source::Plain { len, .. } => *len,
             Source::Zstd(z) => z.index.content_len(),
+            Source::Lzop(l) => l.index.content_len(),
         }
     }
 
@@ -97,14 +118,19 @@ impl Source {
                 frames: z.index.frames() as u64,
                 compressed_len: z.file_len,
             },
+            Source::Lzop(l) => Packing::Lzop {
+                blocks: l.index.blocks() as u64,
+                compressed_len: l.index.compressed_len(),
+            },
         }
     }
 
-    /// Bytes of memory held beyond the file: the frame index and the cache.
+    /// Bytes of memory held beyond the file: the frame (or block) index and the cache.
     pub(crate) fn memory(&self) -> usize {
         match self {
             Source::Plain { .. } => 0,
-            Source::Zstd(z) => z.index.memory() + z.lock().bytes,
+            Source::Zstd(z) => z.index.memory() + z.cache.bytes(),
+            Source::Lzop(l) => l.index.memory() + l.cache.bytes(),
         }
     }
 
@@ -115,6 +141,7 @@ impl Source {
                 .read_exact_at(buf, offset)
                 .map_err(|source| Error::Read { offset, source }),
             Source::Zstd(z) => z.read_exact_at(buf, offset),
+            Source::Lzop(l) => l.read_exact_at(buf, offset),
         }
     }
 
@@ -127,11 +154,28 @@ impl Source {
 }
 
 /// An I/O error for a source error, for `Read` and `read_at` callers: an OS error stays
-/// itself, anything else (a damaged frame) is `InvalidData` carrying the message.
+/// itself, anything else (a damaged frame or block) is `InvalidData` carrying the error
+/// (its message, and the error itself for [`from_io`]).
 pub(crate) fn into_io(e: Error) -> io::Error {
     match e {
         Error::Read { source, .. } => source,
-        other => io::Error::new(io::ErrorKind::InvalidData, other.to_string()),
+        other => io::Error::new(io::ErrorKind::InvalidData, other),
+    }
+}
+
+/// The source error an [`into_io`] error carries, found again in an error of a reader
+/// over a source; any other error unchanged.
+pub(crate) fn from_io(e: Error) -> Error {
+    match e {
+        Error::Read { offset, source } => match source.get_ref().is_some_and(|i| i.is::<Error>()) {
+            true => *source
+                .into_inner()
+                .expect("checked")
+                .downcast::<Error>()
+                .expect("checked"),
+            false => Error::Read { offset, source },
+        },
+        other => other,
     }
 }
 
@@ -140,18 +184,7 @@ pub(crate) struct ZstdSource {
     file: File,
     file_len: u64,
     index: SeekIndex,
-    cache: Mutex<Cache>,
-    /// Signalled whenever a frame's decompression ends.
-    loaded: Condvar,
-}
-
-#[derive(Default)]
-struct Cache {
-    /// Frame number, its content (complete, or its first bytes), least recent first.
-    frames: Vec<(usize, Arc<Vec<u8>>)>,
-    bytes: usize,
-    /// Frames a thread is decompressing.
-    loading: Vec<usize>,
+    cache: UnitCache,
 }
 
 impl ZstdSource {
@@ -171,33 +204,17 @@ impl ZstdSource {
             file,
             file_len,
             index,
-            cache: Mutex::new(Cache::default()),
-            loaded: Condvar::new(),
+            cache: UnitCache::new(FRAME_CACHE_BYTES),
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Cache> {
-        self.cache.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let mut done = 0;
-        while done < buf.len() {
-            let at = offset + done as u64;
-            let Some(frame) = self.index.frame_at(at) else {
-                return Err(Error::Read {
-                    offset: at,
-                    source: io::ErrorKind::UnexpectedEof.into(),
-                });
-            };
+        let locate = |at| {
+            let frame = self.index.frame_at(at)?;
             let span = self.index.frame(frame).expect("frame_at names a frame");
-            let within = (at - span.offset) as usize;
-            let take = (buf.len() - done).min(span.len as usize - within);
-            let content = self.content(frame, within + take)?;
-            buf[done..done + take].copy_from_slice(&content[within..within + take]);
-            done += take;
-        }
-        Ok(())
+            Some((frame, span.offset, span.len))
+        };
+        read_units(buf, offset, locate, |frame, need| self.content(frame, need))
     }
 
     /// At least the first `need` bytes of a frame's content: from the cache, else
@@ -205,47 +222,14 @@ impl ZstdSource {
     /// is decompressed by one thread at a time: others that need it wait for it (an NBD
     /// client's parallel requests often fall into one frame).
     fn content(&self, frame: usize, need: usize) -> Result<Arc<Vec<u8>>> {
-        let mut cache = self.lock();
-        loop {
-            if let Some(i) = cache.frames.iter().position(|(f, _)| *f == frame) {
-                if cache.frames[i].1.len() >= need {
-                    let entry = cache.frames.remove(i);
-                    let content = Arc::clone(&entry.1);
-                    cache.frames.push(entry);
-                    return Ok(content);
-                }
+        self.cache.get(frame, need, || {
+            let span = self.index.frame(frame).expect("a frame of the index");
+            if need <= PREFIX && span.len as usize > 2 * PREFIX {
+                self.decompress_prefix(frame, PREFIX)
+            } else {
+                self.decompress(frame)
             }
-            if !cache.loading.contains(&frame) {
-                break;
-            }
-            cache = self
-                .loaded
-                .wait(cache)
-                .unwrap_or_else(PoisonError::into_inner);
-        }
-        cache.loading.push(frame);
-        drop(cache);
-        let span = self.index.frame(frame).expect("a frame of the index");
-        let content = if need <= PREFIX && span.len as usize > 2 * PREFIX {
-            self.decompress_prefix(frame, PREFIX)
-        } else {
-            self.decompress(frame)
-        };
-        let mut cache = self.lock();
-        cache.loading.retain(|f| *f != frame);
-        self.loaded.notify_all();
-        let content = Arc::new(content?);
-        if let Some(i) = cache.frames.iter().position(|(f, _)| *f == frame) {
-            let (_, old) = cache.frames.remove(i);
-            cache.bytes -= old.len();
-        }
-        cache.bytes += content.len();
-        cache.frames.push((frame, Arc::clone(&content)));
-        while cache.bytes > FRAME_CACHE_BYTES && cache.frames.len() > 1 {
-            let (_, old) = cache.frames.remove(0);
-            cache.bytes -= old.len();
-        }
-        Ok(content)
+        })
     }
 
     fn frame_error(&self, frame: usize, reason: impl Into<String>) -> Error {
@@ -323,6 +307,48 @@ impl ZstdSource {
                 _ => self.frame_error(frame, format!("does not decompress: {e}")),
             })?;
         Ok(content)
+    }
+}
+
+/// An lzop archive file, indexed by its block headers.
+pub(crate) struct LzopSource {
+    file: File,
+    index: LzopIndex,
+    cache: UnitCache,
+}
+
+impl LzopSource {
+    fn open(file: File, file_len: u64) -> Result<LzopSource> {
+        let index = LzopIndex::scan(BufReader::new(&file), file_len).map_err(lzop_error)?;
+        Ok(LzopSource {
+            file,
+            index,
+            cache: UnitCache::new(FRAME_CACHE_BYTES),
+        })
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let locate = |at| {
+            let n = self.index.block_at(at)?;
+            let b = self.index.block(n).expect("block_at names a block");
+            Some((n, b.offset, b.len))
+        };
+        read_units(buf, offset, locate, |n, _| {
+            self.cache.get(n, 0, || {
+                let b = self.index.block(n).expect("a block of the index");
+                let mut bytes = vec![0u8; b.file_len() as usize];
+                read_file(&self.file, &mut bytes, b.header_offset)?;
+                self.index.decode(n, &bytes).map_err(lzop_error)
+            })
+        })
+    }
+}
+
+/// An lzop error as this crate's: a failing read stays a read error.
+fn lzop_error(e: crate::lzop::LzopError) -> Error {
+    match e {
+        crate::lzop::LzopError::Io { offset, source } => Error::Read { offset, source },
+        other => Error::Lzop(other),
     }
 }
 

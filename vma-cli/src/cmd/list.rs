@@ -49,7 +49,7 @@ pub(crate) fn list(file: &Path, json: bool) -> Result<()> {
     if !json {
         return print_listing(&header);
     }
-    // Integrity is known from the extent headers of a plain or seekable zstd file; a
+    // Integrity is known from the extent headers of a plain, seekable zstd or lzop file; a
     // stream would have to be read to its end (that is `vma verify --json`).
     let integrity = match file.as_os_str() != "-" && is_random_access(file) {
         true => {
@@ -76,7 +76,7 @@ pub(crate) fn list(file: &Path, json: bool) -> Result<()> {
 }
 
 fn is_random_access(file: &Path) -> bool {
-    crate::input::detect_file(file).is_ok_and(|c| c == Compression::None || c == Compression::Zstd)
+    crate::input::detect_file(file).is_ok_and(Compression::is_random_access)
 }
 
 pub(crate) fn integrity_json(r: &IntegrityReport) -> serde_json::Value {

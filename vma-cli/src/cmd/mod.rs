@@ -34,8 +34,8 @@ enum Command {
     List {
         /// The archive, or `-` for standard input.
         file: PathBuf,
-        /// Print JSON instead (with integrity information for plain and seekable zstd archive
-        /// files).
+        /// Print JSON instead (with integrity information for plain, seekable zstd and lzop
+        /// archive files).
         #[arg(long)]
         json: bool,
     },
@@ -55,7 +55,7 @@ enum Command {
     Verify(verify::Args),
     /// Write one device's raw image to standard output.
     Cat {
-        /// The archive: a plain or seekable zstd archive file.
+        /// The archive: a plain, seekable zstd or lzop archive file.
         file: PathBuf,
         /// The device's name, e.g. drive-scsi0.
         device: String,
@@ -125,7 +125,7 @@ pub(crate) fn open_stream(
     Ok(vma_reader::PrefetchingReader::with_options(input, options)?)
 }
 
-/// Opens a plain or seekable zstd archive file for random access, explaining what to do
+/// Opens a plain, seekable zstd or lzop archive file for random access, explaining what to do
 /// with another compressed one or with standard input.
 pub(crate) fn open_seekable(file: &std::path::Path) -> Result<vma_reader::SeekableArchive> {
     if file.as_os_str() == "-" {
@@ -137,11 +137,11 @@ pub(crate) fn open_seekable(file: &std::path::Path) -> Result<vma_reader::Seekab
         crate::input::detect_file(file).map_err(|e| CliError::io(file.display(), e))?;
     if let (Some(hint), false) = (
         compression.decompress_hint(),
-        compression == crate::input::Compression::Zstd,
+        compression.is_random_access(),
     ) {
         return Err(CliError::usage(format!(
-            "{} is compressed ({compression:?}); random access needs a plain or seekable zstd \
-             archive: {hint}",
+            "{} is compressed ({compression:?}); random access needs a plain, seekable zstd \
+             or lzop archive: {hint}",
             file.display()
         )));
     }

@@ -15,8 +15,8 @@ use crate::error::{CliError, Exit, Result};
 /// Arguments of `vma serve`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// The archive: a plain or seekable zstd archive file (as `vma create X.vma.zst` writes
-    /// it); another compressed one must be decompressed first.
+    /// The archive: a plain, seekable zstd (as `vma create X.vma.zst` writes it) or lzop
+    /// (`.vma.lzo`) archive file; another compressed one must be decompressed first.
     file: PathBuf,
     /// Listen on this unix socket (removed again at exit).
     #[arg(long, conflicts_with = "listen", required_unless_present = "listen")]

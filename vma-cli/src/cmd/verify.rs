@@ -24,7 +24,7 @@ pub struct Args {
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
-    /// Check the headers only (a plain or seekable zstd archive file): every structural check and the seal,
+    /// Check the headers only (a plain, seekable zstd or lzop archive file): every structural check and the seal,
     /// but no data read, so data checksums are not checked.
     #[arg(long)]
     quick: bool,
