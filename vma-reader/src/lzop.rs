@@ -284,6 +284,51 @@ fn read_block_header<R: Read>(
     }))
 }
 
+/// Bytes a block must hold when more blocks follow it: lzop cuts its input into blocks of
+/// 256 KiB and fills each but the last, from a pipe too (vzdump's case).
+pub const MIN_FULL_BLOCK: u32 = 64 * 1024;
+
+/// The rule lzop's block lengths follow: every block but the last holds as many bytes as
+/// the first, the last no more, and the first at least [`MIN_FULL_BLOCK`] when more follow.
+/// It bounds an index to one entry per [`MIN_FULL_BLOCK`] of content, whatever the file.
+#[derive(Debug, Default)]
+struct BlockLengths {
+    first: Option<u32>,
+    /// A block shorter than the first was seen: it must have been the last.
+    short: bool,
+}
+
+impl BlockLengths {
+    fn check(&mut self, len: u32, block: u64, offset: u64) -> Result<(), LzopError> {
+        let bad = |what: String| LzopError::BadBlock {
+            block,
+            offset,
+            what,
+        };
+        let Some(first) = self.first else {
+            self.first = Some(len);
+            return Ok(());
+        };
+        if self.short {
+            return Err(bad(format!(
+                "a block follows a short one (lzop fills every block but the last with {first} bytes)"
+            )));
+        }
+        if first < MIN_FULL_BLOCK {
+            return Err(bad(format!(
+                "the first block holds {first} bytes and another follows (lzop's hold at least {MIN_FULL_BLOCK} but the last)"
+            )));
+        }
+        if len > first {
+            return Err(bad(format!(
+                "uncompressed length {len} is more than the first block's {first}"
+            )));
+        }
+        self.short = len < first;
+        Ok(())
+    }
+}
+
 /// Decodes block `block` (header at `offset`) from its `data` into `out`, verifying the
 /// checksums its header carries.
 fn decode_block(
@@ -332,6 +377,7 @@ pub struct LzopReader<R> {
     inner: Counted<R>,
     flags: u32,
     block: u64,
+    lengths: BlockLengths,
     out: Vec<u8>,
     pos: usize,
     compressed: Vec<u8>,
@@ -347,6 +393,7 @@ impl<R: Read> LzopReader<R> {
             inner,
             flags,
             block: 0,
+            lengths: BlockLengths::default(),
             out: Vec::new(),
             pos: 0,
             compressed: Vec::new(),
@@ -360,6 +407,7 @@ impl<R: Read> LzopReader<R> {
         let Some(h) = read_block_header(&mut self.inner, self.flags, self.block)? else {
             return Ok(false);
         };
+        self.lengths.check(h.dst_len, self.block, offset)?;
         self.compressed.resize(h.src_len as usize, 0);
         self.inner.bytes(&mut self.compressed)?;
         decode_block(&h, &self.compressed, &mut self.out, self.block, offset)?;
@@ -411,7 +459,9 @@ impl LzopBlock {
 
 /// The blocks of an lzop file, found by one scan of their headers (the data between them
 /// is skipped, not read): which compressed bytes hold which decompressed ones. Memory:
-/// 32 bytes per block (8 MiB per 64 GiB of content in lzop's 256 KiB blocks).
+/// 32 bytes per block (8 MiB per 64 GiB of content in lzop's 256 KiB blocks), at most one
+/// block per [`MIN_FULL_BLOCK`] of content (lzop's block lengths are checked), so a hostile
+/// file of tiny blocks is refused rather than indexed.
 #[derive(Debug, Clone)]
 pub struct LzopIndex {
     flags: u32,
@@ -428,6 +478,7 @@ impl LzopIndex {
         let mut r = Counted { inner: r, pos: 0 };
         let flags = read_header(&mut r)?;
         let mut blocks = Vec::new();
+        let mut lengths = BlockLengths::default();
         let mut content_len = 0u64;
         loop {
             let block = blocks.len() as u64;
@@ -435,6 +486,7 @@ impl LzopIndex {
             let Some(h) = read_block_header(&mut r, flags, block)? else {
                 break;
             };
+            lengths.check(h.dst_len, block, header_offset)?;
             let end = r.pos + u64::from(h.src_len);
             if end > file_len {
                 return Err(LzopError::BadBlock {
