@@ -280,7 +280,7 @@ fn compressed_archives_read_directly_from_files_and_stdin() {
 }
 
 #[test]
-fn lzop_with_checksums_of_compressed_data_and_a_broken_stream() {
+fn lzop_level_9_with_crc32_data_checksums_and_a_broken_stream() {
     let tmp = tempfile::tempdir().unwrap();
     let v = &vectors()[1];
     // -9 uses LZO1X-999; --crc32 switches the checksums.
