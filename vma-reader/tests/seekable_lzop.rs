@@ -5,10 +5,10 @@
 mod common;
 
 use std::io::{Cursor, Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 
-use common::{mixed_image, noise, Builder};
+use common::{assert_same_devices, noise, two_device_archive, write_file};
 use vma_reader::lzop::{LzopBlock, LzopError, LzopIndex, LzopReader, MAX_BLOCK_SIZE};
 use vma_reader::{verify, Error, Packing, SeekableArchive, VerifyOptions};
 use vma_testkit::{require_tool, vectors, Rng};
@@ -30,37 +30,6 @@ fn lzop(plain: &[u8], args: &[&str]) -> Vec<u8> {
     writer.join().unwrap();
     assert!(out.status.success(), "lzop {args:?} failed");
     out.stdout
-}
-
-fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::write(&path, bytes).unwrap();
-    path
-}
-
-/// Every device of both archives, read whole and in random pieces, is the same.
-fn assert_same_devices(plain: &SeekableArchive, lzo: &SeekableArchive, seed: u64) {
-    assert_eq!(plain.header(), lzo.header());
-    assert_eq!(plain.integrity(), lzo.integrity());
-    assert_eq!(plain.len(), lzo.len());
-    let mut rng = Rng(seed);
-    for d in plain.devices() {
-        let (mut a, mut b) = (Vec::new(), Vec::new());
-        plain.device(d.id).unwrap().read_to_end(&mut a).unwrap();
-        lzo.device(d.id).unwrap().read_to_end(&mut b).unwrap();
-        assert!(a == b, "device {} differs", d.name);
-        let reader = lzo.device(d.id).unwrap();
-        for _ in 0..50 {
-            let offset = rng.below(d.size + 1);
-            let len = rng.below(600_000) as usize;
-            let mut buf = vec![0xcc; len];
-            let n = reader.read_at(&mut buf, offset).unwrap();
-            let start = offset as usize;
-            let end = (start + len).min(a.len());
-            assert_eq!(n, end - start);
-            assert!(buf[..n] == a[start..end], "{} at {offset}+{len}", d.name);
-        }
-    }
 }
 
 fn adler32(data: &[u8]) -> u32 {
@@ -130,7 +99,7 @@ fn every_vector_compressed_by_lzop_reads_the_same() {
         let plain = SeekableArchive::open(v.path()).unwrap();
         for args in FLAVOURS {
             let lzo = packed(&v.bytes(), args);
-            let path = write(dir.path(), &format!("{}.lzo", v.file), &lzo);
+            let path = write_file(dir.path(), &format!("{}.lzo", v.file), &lzo);
             let archive = SeekableArchive::open(&path).unwrap();
             let index = LzopIndex::scan(Cursor::new(&lzo), lzo.len() as u64).unwrap();
             assert_eq!(index.content_len(), v.bytes().len() as u64);
@@ -143,7 +112,7 @@ fn every_vector_compressed_by_lzop_reads_the_same() {
                 "{:?}",
                 archive.packing()
             );
-            assert_same_devices(&plain, &archive, lzo.len() as u64);
+            assert_same_devices(&plain, &archive, lzo.len() as u64, 600000);
             let report = verify(&archive, VerifyOptions::new()).unwrap();
             assert!(report.is_ok(), "{}: {report:?}", v.file);
         }
@@ -152,26 +121,14 @@ fn every_vector_compressed_by_lzop_reads_the_same() {
 
 /// 40 MiB in two devices, one of them noise lzop stores uncompressed, sealed.
 fn large_archive() -> Vec<u8> {
-    let a = mixed_image(30 << 20, 5);
-    let b = noise((10 << 20) + 12345, 6);
-    let mut builder = Builder::new(
-        &[
-            ("drive-scsi0", a.len() as u64),
-            ("drive-scsi1", b.len() as u64),
-        ],
-        &[("qemu-server.conf", b"memory: 512\n")],
-    )
-    .checksums(true);
-    builder.device(2, &b);
-    builder.device(1, &a);
-    builder.finish_sealed()
+    two_device_archive(&noise((10 << 20) + 12345, 6))
 }
 
 #[test]
 fn many_blocks_stored_and_compressed_through_a_bounded_cache() {
     let dir = tempfile::tempdir().unwrap();
     let plain_bytes = large_archive();
-    let plain_path = write(dir.path(), "a.vma", &plain_bytes);
+    let plain_path = write_file(dir.path(), "a.vma", &plain_bytes);
     let plain = SeekableArchive::open(&plain_path).unwrap();
     for args in FLAVOURS {
         let lzo = packed(&plain_bytes, args);
@@ -184,9 +141,9 @@ fn many_blocks_stored_and_compressed_through_a_bounded_cache() {
             .count();
         assert!(index.blocks() > 50, "{} blocks", index.blocks());
         assert!(stored > 0 && stored < index.blocks(), "{stored} stored");
-        let path = write(dir.path(), "a.vma.lzo", &lzo);
+        let path = write_file(dir.path(), "a.vma.lzo", &lzo);
         let archive = SeekableArchive::open(&path).unwrap();
-        assert_same_devices(&plain, &archive, 9);
+        assert_same_devices(&plain, &archive, 9, 600000);
         let cache_and_index = archive.index_memory() - plain.index_memory();
         assert!(
             cache_and_index <= vma_reader::FRAME_CACHE_BYTES + index.memory() + (1 << 20),
@@ -220,7 +177,7 @@ fn put_u32(bytes: &mut [u8], at: u64, value: u32) {
 /// Opens `bytes` and reads every device: the typed lzop error opening fails with, or
 /// the text of the error a read fails with.
 fn failure(dir: &Path, bytes: &[u8]) -> Result<LzopError, String> {
-    let path = write(dir, "bad.vma.lzo", bytes);
+    let path = write_file(dir, "bad.vma.lzo", bytes);
     let archive = match SeekableArchive::open(&path) {
         Err(Error::Lzop(e)) => return Ok(e),
         Err(other) => panic!("not an lzop error: {other}"),

@@ -5,12 +5,12 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use common::{mixed_image, Builder};
+use common::{assert_same_devices, mixed_image, two_device_archive, write_file};
 use vma_format::seek_table::{self, FrameEntry, SeekIndex};
 use vma_reader::{verify, Error, Packing, SeekableArchive, VerifyOptions};
-use vma_testkit::{vectors, Rng};
+use vma_testkit::vectors;
 use vma_writer::{ZstdOptions, ZstdWriter};
 
 /// `plain` compressed as `vma create` does, with frames of at least `frame_size`.
@@ -24,37 +24,6 @@ fn compress(plain: &[u8], frame_size: usize) -> Vec<u8> {
     w.finish().unwrap().0
 }
 
-fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::write(&path, bytes).unwrap();
-    path
-}
-
-/// Every device of both archives, read whole and in random pieces, is the same.
-fn assert_same_devices(plain: &SeekableArchive, zst: &SeekableArchive, seed: u64) {
-    assert_eq!(plain.header(), zst.header());
-    assert_eq!(plain.integrity(), zst.integrity());
-    assert_eq!(plain.len(), zst.len());
-    let mut rng = Rng(seed);
-    for d in plain.devices() {
-        let (mut a, mut b) = (Vec::new(), Vec::new());
-        plain.device(d.id).unwrap().read_to_end(&mut a).unwrap();
-        zst.device(d.id).unwrap().read_to_end(&mut b).unwrap();
-        assert!(a == b, "device {} differs", d.name);
-        let reader = zst.device(d.id).unwrap();
-        for _ in 0..50 {
-            let offset = rng.below(d.size + 1);
-            let len = rng.below(300_000) as usize;
-            let mut buf = vec![0xcc; len];
-            let n = reader.read_at(&mut buf, offset).unwrap();
-            let start = offset as usize;
-            let end = (start + len).min(a.len());
-            assert_eq!(n, end - start);
-            assert!(buf[..n] == a[start..end], "{} at {offset}+{len}", d.name);
-        }
-    }
-}
-
 #[test]
 fn every_vector_reads_the_same_compressed() {
     let dir = tempfile::tempdir().unwrap();
@@ -62,13 +31,13 @@ fn every_vector_reads_the_same_compressed() {
         let plain = SeekableArchive::open(v.path()).unwrap();
         for frame_size in [1, 64 << 10, 2 << 20] {
             let zst = compress(&v.bytes(), frame_size);
-            let path = write(dir.path(), &format!("{}.zst", v.file), &zst);
+            let path = write_file(dir.path(), &format!("{}.zst", v.file), &zst);
             let archive = SeekableArchive::open(&path).unwrap();
             assert!(matches!(
                 archive.packing(),
                 Packing::SeekableZstd { compressed_len, .. } if compressed_len == zst.len() as u64
             ));
-            assert_same_devices(&plain, &archive, frame_size as u64);
+            assert_same_devices(&plain, &archive, frame_size as u64, 300000);
             let report = verify(&archive, VerifyOptions::new()).unwrap();
             assert!(report.is_ok(), "{}: {report:?}", v.file);
         }
@@ -78,32 +47,20 @@ fn every_vector_reads_the_same_compressed() {
 /// An archive of several extents per frame and frames larger than the prefix that
 /// indexing decompresses: 40 MiB of mixed data in two devices, sealed.
 fn large_archive() -> Vec<u8> {
-    let a = mixed_image(30 << 20, 5);
-    let b = mixed_image((10 << 20) + 12345, 6);
-    let mut builder = Builder::new(
-        &[
-            ("drive-scsi0", a.len() as u64),
-            ("drive-scsi1", b.len() as u64),
-        ],
-        &[("qemu-server.conf", b"memory: 512\n")],
-    )
-    .checksums(true);
-    builder.device(2, &b);
-    builder.device(1, &a);
-    builder.finish_sealed()
+    two_device_archive(&mixed_image((10 << 20) + 12345, 6))
 }
 
 #[test]
 fn large_frames_and_a_bounded_cache() {
     let dir = tempfile::tempdir().unwrap();
     let plain_bytes = large_archive();
-    let plain_path = write(dir.path(), "a.vma", &plain_bytes);
+    let plain_path = write_file(dir.path(), "a.vma", &plain_bytes);
     let plain = SeekableArchive::open(&plain_path).unwrap();
     for frame_size in [2 << 20, 9 << 20] {
         let zst = compress(&plain_bytes, frame_size);
-        let path = write(dir.path(), "a.vma.zst", &zst);
+        let path = write_file(dir.path(), "a.vma.zst", &zst);
         let archive = SeekableArchive::open(&path).unwrap();
-        assert_same_devices(&plain, &archive, 7);
+        assert_same_devices(&plain, &archive, 7, 300000);
         let cache_and_index = archive.index_memory() - plain.index_memory();
         assert!(
             cache_and_index <= vma_reader::FRAME_CACHE_BYTES + (16 << 20),
@@ -117,7 +74,7 @@ fn a_stock_zstd_stream_is_not_seekable() {
     let dir = tempfile::tempdir().unwrap();
     let v = &vectors()[0];
     let stock = zstd::stream::encode_all(&v.bytes()[..], 3).unwrap();
-    let path = write(dir.path(), "stock.vma.zst", &stock);
+    let path = write_file(dir.path(), "stock.vma.zst", &stock);
     let e = SeekableArchive::open(&path).unwrap_err();
     assert!(
         matches!(e, Error::NotSeekable { stream_len } if stream_len == stock.len() as u64),
@@ -151,7 +108,7 @@ fn with_table(zst: &[u8], entries: &[FrameEntry]) -> Vec<u8> {
 
 /// Opens `bytes` and reads every device whole: the first error.
 fn open_and_read(dir: &Path, bytes: &[u8]) -> Result<(), String> {
-    let path = write(dir, "bad.vma.zst", bytes);
+    let path = write_file(dir, "bad.vma.zst", bytes);
     let archive = SeekableArchive::open(&path).map_err(|e| e.to_string())?;
     for d in archive.devices() {
         let mut sink = Vec::new();

@@ -296,3 +296,59 @@ impl Scratch {
 
 #[allow(unused_imports)] // reason: each test crate that includes this module uses some of it
 pub use vma_testkit::sha256_hex;
+
+/// Writes `bytes` to `dir/name`; returns the path.
+pub fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> std::path::PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+/// Every device of both archives (a plain one and the same packed), read whole and in
+/// random pieces of up to `max_piece` bytes, is the same.
+pub fn assert_same_devices(
+    plain: &vma_reader::SeekableArchive,
+    packed: &vma_reader::SeekableArchive,
+    seed: u64,
+    max_piece: u64,
+) {
+    use std::io::Read;
+    assert_eq!(plain.header(), packed.header());
+    assert_eq!(plain.integrity(), packed.integrity());
+    assert_eq!(plain.len(), packed.len());
+    let mut rng = vma_testkit::Rng(seed);
+    for d in plain.devices() {
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        plain.device(d.id).unwrap().read_to_end(&mut a).unwrap();
+        packed.device(d.id).unwrap().read_to_end(&mut b).unwrap();
+        assert!(a == b, "device {} differs", d.name);
+        let reader = packed.device(d.id).unwrap();
+        for _ in 0..50 {
+            let offset = rng.below(d.size + 1);
+            let len = rng.below(max_piece) as usize;
+            let mut buf = vec![0xcc; len];
+            let n = reader.read_at(&mut buf, offset).unwrap();
+            let start = offset as usize;
+            let end = (start + len).min(a.len());
+            assert_eq!(n, end - start);
+            assert!(buf[..n] == a[start..end], "{} at {offset}+{len}", d.name);
+        }
+    }
+}
+
+/// 40 MiB in two devices, sealed: 30 MiB of mixed data (seed 5) and `second` (10 MiB and
+/// a bit, say).
+pub fn two_device_archive(second: &[u8]) -> Vec<u8> {
+    let a = mixed_image(30 << 20, 5);
+    let mut builder = Builder::new(
+        &[
+            ("drive-scsi0", a.len() as u64),
+            ("drive-scsi1", second.len() as u64),
+        ],
+        &[("qemu-server.conf", b"memory: 512\n")],
+    )
+    .checksums(true);
+    builder.device(2, second);
+    builder.device(1, &a);
+    builder.finish_sealed()
+}
