@@ -5,74 +5,39 @@
 use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::Command;
 
-use vma_testkit::{require_tool as require, sha256_file, vectors};
+use vma_testkit::serve::wait_with_timeout;
+use vma_testkit::{require_tool as require, sha256_file, vectors, Serve};
 
-/// A running `vma serve`, stopped (SIGINT) on drop.
-struct Serve {
-    child: Child,
-    socket: PathBuf,
+const VMA: &str = env!("CARGO_BIN_EXE_vma");
+
+/// `vma serve ARCHIVE --socket SOCKET EXTRA...`, killed on drop.
+fn start_serve(archive: &Path, socket: &Path, extra: &[&str]) -> Serve {
+    Serve::start(Path::new(VMA), archive, socket, extra)
 }
 
-impl Serve {
-    fn start(archive: &Path, socket: &Path, extra: &[&str]) -> Serve {
-        let child = Command::new(env!("CARGO_BIN_EXE_vma"))
-            .arg("serve")
-            .arg(archive)
-            .arg("--socket")
-            .arg(socket)
-            .args(extra)
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("vma serve starts");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !socket.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "vma serve did not create its socket"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Serve {
-            child,
-            socket: socket.to_path_buf(),
-        }
-    }
-
-    fn url(&self, device: &str) -> String {
-        format!("nbd+unix:///{device}?socket={}", self.socket.display())
-    }
-
-    fn interrupt(&mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        assert!(Command::new("kill")
-            .args(["-INT", &pid])
-            .status()
-            .unwrap()
-            .success());
-        wait_with_timeout(&mut self.child)
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn wait_with_timeout(child: &mut Child) -> std::process::ExitStatus {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(Instant::now() < deadline, "vma serve did not stop");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+/// `qemu-img convert` of export `dev` to the raw file `raw` gives exactly `want`.
+fn assert_converts_to(
+    serve: &Serve,
+    dev: &str,
+    raw: &Path,
+    want: &vma_testkit::ExpectedFile,
+    what: &str,
+) {
+    let _ = fs::remove_file(raw);
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        &serve.url(dev),
+        "-O",
+        "raw",
+        raw.to_str().unwrap(),
+    ]);
+    assert_eq!(fs::metadata(raw).unwrap().len(), want.size, "{what} {dev}");
+    assert_eq!(sha256_file(raw), want.sha256, "{what} {dev}");
 }
 
 fn qemu_img(args: &[&str]) {
@@ -111,18 +76,11 @@ fn every_device_converts_to_raw_and_qcow2_byte_exact() {
     let tmp = tempfile::tempdir().unwrap();
     for (v, devices) in vectors_with_devices() {
         let sock = tmp.path().join(format!("{}.sock", v.file));
-        let mut serve = Serve::start(&v.path(), &sock, &[]);
+        let mut serve = start_serve(&v.path(), &sock, &[]);
         for dev in &devices {
             let want = v.file(&format!("disk-{dev}.raw")).unwrap();
             let raw = tmp.path().join(format!("{dev}.raw"));
-            convert("raw", &serve.url(dev), "raw", raw.to_str().unwrap());
-            assert_eq!(
-                fs::metadata(&raw).unwrap().len(),
-                want.size,
-                "{} {dev}",
-                v.file
-            );
-            assert_eq!(sha256_file(&raw), want.sha256, "{} {dev} raw", v.file);
+            assert_converts_to(&serve, dev, &raw, want, &format!("{} raw", v.file));
             let qcow = tmp.path().join(format!("{dev}.qcow2"));
             let back = tmp.path().join(format!("{dev}.back.raw"));
             convert("raw", &serve.url(dev), "qcow2", qcow.to_str().unwrap());
@@ -163,22 +121,11 @@ fn every_device_of_a_seekable_vma_zst_converts_byte_exact() {
             let zst = tmp.path().join(format!("{}.{frame_size}.zst", v.file));
             fs::write(&zst, z.finish().unwrap().0).unwrap();
             let sock = tmp.path().join(format!("{}.{frame_size}.sock", v.file));
-            let mut serve = Serve::start(&zst, &sock, &[]);
+            let mut serve = start_serve(&zst, &sock, &[]);
             for dev in &devices {
                 let want = v.file(&format!("disk-{dev}.raw")).unwrap();
                 let raw = tmp.path().join(format!("{dev}.zst.raw"));
-                let _ = fs::remove_file(&raw);
-                qemu_img(&[
-                    "convert",
-                    "-f",
-                    "raw",
-                    &serve.url(dev),
-                    "-O",
-                    "raw",
-                    raw.to_str().unwrap(),
-                ]);
-                assert_eq!(fs::metadata(&raw).unwrap().len(), want.size);
-                assert_eq!(sha256_file(&raw), want.sha256, "{} {dev}", v.file);
+                assert_converts_to(&serve, dev, &raw, want, &v.file);
             }
             assert!(serve.interrupt().success());
         }
@@ -202,22 +149,11 @@ fn every_device_of_a_vma_lzo_converts_byte_exact() {
         assert!(out.status.success(), "lzop {}", v.file);
         fs::write(&lzo, out.stdout).unwrap();
         let sock = tmp.path().join(format!("{}.lzo.sock", v.file));
-        let mut serve = Serve::start(&lzo, &sock, &[]);
+        let mut serve = start_serve(&lzo, &sock, &[]);
         for dev in &devices {
             let want = v.file(&format!("disk-{dev}.raw")).unwrap();
             let raw = tmp.path().join(format!("{dev}.lzo.raw"));
-            let _ = fs::remove_file(&raw);
-            qemu_img(&[
-                "convert",
-                "-f",
-                "raw",
-                &serve.url(dev),
-                "-O",
-                "raw",
-                raw.to_str().unwrap(),
-            ]);
-            assert_eq!(fs::metadata(&raw).unwrap().len(), want.size);
-            assert_eq!(sha256_file(&raw), want.sha256, "{} {dev}", v.file);
+            assert_converts_to(&serve, dev, &raw, want, &v.file);
         }
         assert!(serve.interrupt().success());
     }
@@ -257,7 +193,7 @@ fn random_reads_through_qemu_io_equal_the_image() {
     assert!(st.status.success());
     let image = fs::read(out.join("disk-drive-scsi0.raw")).unwrap();
     let sock = tmp.path().join("s.sock");
-    let serve = Serve::start(&v.path(), &sock, &[]);
+    let serve = start_serve(&v.path(), &sock, &[]);
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
     let mut cmd = Command::new("qemu-io");
     cmd.args(["-f", "raw", "-r", &serve.url("drive-scsi0")]);
@@ -293,7 +229,7 @@ fn writes_unknown_exports_and_broken_clients_do_not_hurt_the_server() {
     let v = &vectors()[1];
     let before = fs::read(v.path()).unwrap();
     let sock = tmp.path().join("s.sock");
-    let mut serve = Serve::start(&v.path(), &sock, &[]);
+    let mut serve = start_serve(&v.path(), &sock, &[]);
 
     let out = Command::new("qemu-io")
         .args([
@@ -357,7 +293,7 @@ fn once_stops_after_the_last_client_and_device_filter_applies() {
     let tmp = tempfile::tempdir().unwrap();
     let v = &vectors()[0];
     let sock = tmp.path().join("s.sock");
-    let mut serve = Serve::start(&v.path(), &sock, &["--device", "drive-virtio1"]);
+    let mut serve = start_serve(&v.path(), &sock, &["--device", "drive-virtio1"]);
     let out = Command::new("qemu-img")
         .args(["info", &serve.url("drive-scsi0")])
         .output()
@@ -366,9 +302,9 @@ fn once_stops_after_the_last_client_and_device_filter_applies() {
     qemu_img(&["info", &serve.url("drive-virtio1")]);
     assert!(serve.interrupt().success());
 
-    let mut serve = Serve::start(&v.path(), &sock, &["--once"]);
+    let mut serve = start_serve(&v.path(), &sock, &["--once"]);
     qemu_img(&["info", &serve.url("drive-virtio1")]);
-    let status = wait_with_timeout(&mut serve.child);
+    let status = wait_with_timeout(serve.child());
     assert!(status.success());
     assert!(!sock.exists());
 }
