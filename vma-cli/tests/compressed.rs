@@ -6,28 +6,18 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use vma_testkit::{dir_entries, require_tool, sha256_file, vectors, Rng, Vector};
+use vma_testkit::{dir_entries, require_tool, run_ok, sha256_file, vectors, Rng, Vector};
 
 fn vma() -> Command {
     Command::new(env!("CARGO_BIN_EXE_vma"))
 }
 
-fn ok(cmd: &mut Command) -> Output {
-    let o = cmd.output().expect("runs");
-    assert!(
-        o.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    o
-}
-
 /// The vector's devices (name, extracted file) and configs, extracted into `dir`.
 fn sources(v: &Vector, dir: &Path) -> (Vec<(String, PathBuf)>, Vec<PathBuf>) {
-    ok(vma().arg("extract").arg(v.path()).arg(dir));
+    run_ok(vma().arg("extract").arg(v.path()).arg(dir));
     let devices = v
         .list
         .iter()
@@ -54,12 +44,12 @@ fn create(out: &Path, extra: &[&str], devices: &[(String, PathBuf)], configs: &[
     for (name, path) in devices {
         cmd.arg(format!("{name}={}", path.display()));
     }
-    ok(&mut cmd);
+    run_ok(&mut cmd);
 }
 
 /// Every file of an extraction, by name, with its SHA-256.
 fn extracted(archive: &Path, into: &Path) -> Vec<(String, String)> {
-    ok(vma().arg("extract").arg(archive).arg(into));
+    run_ok(vma().arg("extract").arg(archive).arg(into));
     dir_entries(into)
         .into_iter()
         .map(|n| {
@@ -85,13 +75,15 @@ fn every_vector_created_as_vma_zst_reads_with_stock_zstd_and_in_place() {
         let zst = work.join("out.vma.zst");
         create(&plain, &[], &devices, &configs);
         create(&zst, &[], &devices, &configs);
-        ok(Command::new("zstd").arg("-q").arg("-t").arg(&zst));
+        run_ok(Command::new("zstd").arg("-q").arg("-t").arg(&zst));
         let decompressed = work.join("decompressed.vma");
-        ok(Command::new("zstd")
-            .args(["-q", "-d", "-o"])
-            .arg(&decompressed)
-            .arg(&zst));
-        ok(vma().arg("verify").arg(&decompressed));
+        run_ok(
+            Command::new("zstd")
+                .args(["-q", "-d", "-o"])
+                .arg(&decompressed)
+                .arg(&zst),
+        );
+        run_ok(vma().arg("verify").arg(&decompressed));
         let want = extracted(&plain, &work.join("x-plain"));
         assert_eq!(
             extracted(&decompressed, &work.join("x-dec")),
@@ -102,14 +94,14 @@ fn every_vector_created_as_vma_zst_reads_with_stock_zstd_and_in_place() {
         // The workspace's own streaming reader reads it as a zstd stream.
         assert_eq!(extracted(&zst, &work.join("x-zst")), want, "{}", v.file);
         // And the seekable reader reads it in place.
-        ok(vma().args(["verify", "--quick"]).arg(&zst));
+        run_ok(vma().args(["verify", "--quick"]).arg(&zst));
         for (name, _) in &devices {
-            let out = ok(vma().arg("cat").arg(&zst).arg(name));
+            let out = run_ok(vma().arg("cat").arg(&zst).arg(name));
             let file = format!("disk-{name}.raw");
             let expected = want.iter().find(|(n, _)| *n == file).unwrap();
             assert_eq!(vma_testkit::sha256_hex(&out.stdout), expected.1, "{name}");
         }
-        let json = ok(vma().args(["list", "--json"]).arg(&zst));
+        let json = run_ok(vma().args(["list", "--json"]).arg(&zst));
         let json: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
         assert_eq!(json["integrity"]["seal"], "sealed", "{}", v.file);
     }
@@ -135,30 +127,34 @@ fn compressed_output_goes_to_standard_output_and_commands() {
     image(&disk, 5 << 20, 1);
     let spec = format!("drive-scsi0={}", disk.display());
     let to_stdout = tmp.path().join("stdout.vma.zst");
-    ok(vma()
-        .args(["create", "--compress", "zstd:9", "-", &spec])
-        .stdout(fs::File::create(&to_stdout).unwrap()));
+    run_ok(
+        vma()
+            .args(["create", "--compress", "zstd:9", "-", &spec])
+            .stdout(fs::File::create(&to_stdout).unwrap()),
+    );
     let to_exec = tmp.path().join("exec.vma.zst");
     let exec = format!("exec:cat > {}", to_exec.display());
-    ok(vma().args(["create", "--compress", "zstd", &exec, &spec]));
+    run_ok(vma().args(["create", "--compress", "zstd", &exec, &spec]));
     for f in [&to_stdout, &to_exec] {
-        ok(Command::new("zstd").arg("-q").arg("-t").arg(f));
-        ok(vma().args(["verify", "--quick"]).arg(f));
-        let out = ok(vma().arg("cat").arg(f).arg("drive-scsi0"));
+        run_ok(Command::new("zstd").arg("-q").arg("-t").arg(f));
+        run_ok(vma().args(["verify", "--quick"]).arg(f));
+        let out = run_ok(vma().arg("cat").arg(f).arg("drive-scsi0"));
         assert!(out.stdout == fs::read(&disk).unwrap(), "{}", f.display());
     }
     // `--compress none` keeps a .zst name plain; an exec: command named .zst is not
     // compressed twice.
     let plain = tmp.path().join("plain.vma.zst");
-    ok(vma()
-        .args(["create", "--compress", "none"])
-        .arg(&plain)
-        .arg(&spec));
+    run_ok(
+        vma()
+            .args(["create", "--compress", "none"])
+            .arg(&plain)
+            .arg(&spec),
+    );
     assert_eq!(&fs::read(&plain).unwrap()[..4], b"VMA\0");
     let piped = tmp.path().join("piped.vma.zst");
     let exec = format!("exec:zstd -q > {}", piped.display());
-    ok(vma().args(["create", &exec, &spec]));
-    let dec = ok(Command::new("zstd").args(["-q", "-d", "-c"]).arg(&piped));
+    run_ok(vma().args(["create", &exec, &spec]));
+    let dec = run_ok(Command::new("zstd").args(["-q", "-d", "-c"]).arg(&piped));
     assert_eq!(&dec.stdout[..4], b"VMA\0", "one layer of zstd");
 }
 
@@ -282,7 +278,7 @@ fn hostile_seekable_zstd_files_exit_with_their_error_and_offset() {
         assert!(err.contains(&format!("at byte {table_at}")), "{err}");
     }
     // Stock zstd still reads that file: the table is a skippable frame to it.
-    ok(vma().arg("verify").arg(tmp.path().join("hostile.vma.zst")));
+    run_ok(vma().arg("verify").arg(tmp.path().join("hostile.vma.zst")));
 
     // Cut short: no table, and so not seekable (a usage error naming what to do); the
     // streaming reader says the stream is damaged.
@@ -309,10 +305,12 @@ fn a_vzdump_made_vma_zst_is_refused_in_place_and_streamed() {
         .find(|v| v.file.starts_with("vec1"))
         .unwrap();
     let zst = tmp.path().join("vzdump-qemu-100.vma.zst");
-    ok(Command::new("zstd")
-        .args(["-q", "--rsyncable", "--threads=2", "-o"])
-        .arg(&zst)
-        .arg(v.path()));
+    run_ok(
+        Command::new("zstd")
+            .args(["-q", "--rsyncable", "--threads=2", "-o"])
+            .arg(&zst)
+            .arg(v.path()),
+    );
     let bytes = fs::read(&zst).unwrap();
     let sock = tmp.path().join("nbd.sock");
     let serve = ["serve", "--once", "--socket", sock.to_str().unwrap()];
@@ -325,9 +323,9 @@ fn a_vzdump_made_vma_zst_is_refused_in_place_and_streamed() {
             "{args:?}: {err}"
         );
     }
-    ok(vma().arg("verify").arg(&zst));
+    run_ok(vma().arg("verify").arg(&zst));
     let out = tmp.path().join("out");
-    ok(vma().arg("extract").arg(&zst).arg(&out));
+    run_ok(vma().arg("extract").arg(&zst).arg(&out));
     let files = dir_entries(&out);
     assert!(
         files.iter().any(|f| f == "disk-drive-scsi0.raw"),

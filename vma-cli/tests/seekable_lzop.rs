@@ -6,23 +6,13 @@
 use std::fs;
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use vma_reader::lzop::LzopIndex;
-use vma_testkit::{require_tool, vectors};
+use vma_testkit::{require_tool, run_ok, vectors};
 
 fn vma() -> Command {
     Command::new(env!("CARGO_BIN_EXE_vma"))
-}
-
-fn ok(cmd: &mut Command) -> Output {
-    let o = cmd.output().expect("runs");
-    assert!(
-        o.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    o
 }
 
 /// `archive` compressed with `lzop -c ARGS` into `dir`.
@@ -59,8 +49,8 @@ fn cat_verify_quick_and_list_json_of_a_vma_lzo_match_the_plain_archive() {
                 &["verify", "--quick", "--json"][..],
                 &["list", "--json"][..],
             ] {
-                let plain = ok(vma().args(cmd).arg(v.path()));
-                let packed = ok(vma().args(cmd).arg(&lzo));
+                let plain = run_ok(vma().args(cmd).arg(v.path()));
+                let packed = run_ok(vma().args(cmd).arg(&lzo));
                 assert_eq!(
                     String::from_utf8_lossy(&packed.stdout),
                     String::from_utf8_lossy(&plain.stdout),
@@ -68,12 +58,12 @@ fn cat_verify_quick_and_list_json_of_a_vma_lzo_match_the_plain_archive() {
                     lzo.display()
                 );
             }
-            let json = ok(vma().args(["list", "--json"]).arg(&lzo));
+            let json = run_ok(vma().args(["list", "--json"]).arg(&lzo));
             let json: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
             assert!(json["integrity"].is_object(), "{}: {json}", v.file);
             for name in device_names(&v) {
-                let plain = ok(vma().arg("cat").arg(v.path()).arg(&name));
-                let packed = ok(vma().arg("cat").arg(&lzo).arg(&name));
+                let plain = run_ok(vma().arg("cat").arg(v.path()).arg(&name));
+                let packed = run_ok(vma().arg("cat").arg(&lzo).arg(&name));
                 assert!(plain.stdout == packed.stdout, "{} {name}", lzo.display());
             }
         }
