@@ -703,18 +703,23 @@ fn qemu_storage_daemon_missing() {
     assert!(!x.exists());
 }
 
-/// Waits until a daemon serves from our TMPDIR and kills it (by its pid).
-fn kill_daemon(s: &Scratch) {
+/// Waits until a daemon serves from our TMPDIR; returns its pid.
+fn wait_for_daemon(s: &Scratch) -> u32 {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if let Some(&pid) = daemons_under(&s.tmp()).first() {
-            // SAFETY: kill(2) on the pid of a daemon this test's vma started.
-            assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
-            return;
+            return pid;
         }
         assert!(Instant::now() < deadline, "no daemon came up");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Waits until a daemon serves from our TMPDIR and kills it (by its pid).
+fn kill_daemon(s: &Scratch) {
+    let pid = wait_for_daemon(s);
+    // SAFETY: kill(2) on the pid of a daemon this test's vma started.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
 }
 
 /// Starts `vma ARGS`, a create into `fifo` (made here), reads the archive's first 64 KiB
@@ -956,11 +961,7 @@ fn vma_killed_takes_its_daemon_with_it() {
     let mut child = s.spawn_piped(&args);
     let mut stdin = child.stdin.take().unwrap();
     stdin.write_all(&bytes[..bytes.len() / 2]).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while daemons_under(&s.tmp()).is_empty() {
-        assert!(Instant::now() < deadline, "no daemon came up");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_daemon(&s);
     child.kill().unwrap();
     let status = child.wait().unwrap();
     assert_eq!(
