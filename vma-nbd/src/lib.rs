@@ -18,7 +18,9 @@ mod transmission;
 pub use client::{
     Client, ClientBuilder, ExportInfo, Pending, PendingRead, PendingStatus, ZeroMode,
 };
-pub use daemon::{create_image, StorageDaemon, StorageDaemonBuilder, QEMU_IMG, STORAGE_DAEMON};
+pub use daemon::{
+    create_image, StorageDaemon, StorageDaemonBuilder, QEMU_IMG, SETPRIV, STORAGE_DAEMON,
+};
 pub use error::{Error, Violation};
 pub use export::{BlockSize, BlockStatus, Errno, Export, MAX_PAYLOAD};
 pub use mem::MemExport;
