@@ -8,6 +8,7 @@ use std::io::{self, Read};
 use std::path::Path;
 
 use vma_reader::lzop::{LzopReader, LZOP_MAGIC};
+use vma_reader::ParallelZstdReader;
 
 /// How the archive bytes are packed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,14 +82,23 @@ fn read_head(source: &mut dyn Read) -> io::Result<([u8; 9], usize)> {
     Ok((head, got))
 }
 
-/// Opens `path` (`-` is standard input) for one-pass reading, decompressing as needed.
+/// Opens `path` (`-` is standard input) for one-pass reading, decompressing as needed. A
+/// seekable zstd file (one with a seek table, as `vma create X.vma.zst` writes it) is
+/// decompressed a frame per core at once ([`ParallelZstdReader`]); any other zstd file
+/// through zstd's one-thread stream decoder.
 pub fn open(path: &Path) -> io::Result<(Box<dyn Read + Send>, Compression)> {
-    let source: Box<dyn Read + Send> = if path.as_os_str() == "-" {
-        Box::new(io::stdin())
-    } else {
-        Box::new(File::open(path)?)
-    };
-    open_reader(source)
+    if path.as_os_str() == "-" {
+        return open_reader(Box::new(io::stdin()));
+    }
+    let file = File::open(path)?;
+    if file.metadata()?.is_file() && detect_file(path)? == Compression::Zstd {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // Without a (valid) seek table the stream decoder reads it, as any zstd file.
+        if let Ok(frames) = ParallelZstdReader::open(file.try_clone()?, threads) {
+            return Ok((Box::new(frames), Compression::Zstd));
+        }
+    }
+    open_reader(Box::new(file))
 }
 
 /// Wraps any byte source: detects compression and decompresses as needed.

@@ -266,6 +266,24 @@ fn hostile_seekable_zstd_files_exit_with_their_error_and_offset() {
         "{err}"
     );
 
+    // The streaming commands decompress a seekable file's frames on every core: the same
+    // damage stops them with the same offset, and extract leaves no file behind.
+    let (code, err) = run_on(tmp.path(), &bad, &["verify"], None);
+    assert_eq!(code, 3, "{err}");
+    assert!(
+        err.contains(&format!(
+            "zstd frame {} at compressed byte {}",
+            index.frames() - 2,
+            last_data.compressed_offset
+        )),
+        "{err}"
+    );
+    let out = tmp.path().join("out");
+    let (code, err) = run_on(tmp.path(), &bad, &["extract"], out.to_str());
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("at compressed byte"), "{err}");
+    assert!(!out.exists(), "extract left {out:?}");
+
     // A table whose frames do not add up to the bytes before it.
     let mut lie = good.clone();
     let first = table_at + 8;

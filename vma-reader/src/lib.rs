@@ -6,6 +6,7 @@
 mod cache;
 mod error;
 mod extract;
+mod frames;
 mod index;
 mod integrity;
 pub mod lzop;
@@ -22,6 +23,7 @@ mod walk;
 
 pub use error::{Error, ErrorKind, Result};
 pub use extract::{DamagedRange, ExtractReport, ExtractedFile, Extractor, Zeroing};
+pub use frames::ParallelZstdReader;
 pub use integrity::{ClusterAddress, DamagedExtent, ExtentChecksum, IntegrityReport, SealStatus};
 pub use names::{
     config_file_name, device_file_name, device_temp_file_name, safe_file_name, MAX_FILE_NAME_LEN,

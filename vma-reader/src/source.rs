@@ -188,7 +188,9 @@ pub(crate) struct ZstdSource {
 }
 
 impl ZstdSource {
-    fn open(file: File, file_len: u64) -> Result<ZstdSource> {
+    /// Opens a seekable zstd file of `file_len` bytes: reads and checks its seek table
+    /// ([`Error::NotSeekable`] without one).
+    pub(crate) fn open(file: File, file_len: u64) -> Result<ZstdSource> {
         let table_err = |e: SeekTableError| match e {
             SeekTableError::NoFooter { stream_len } => Error::NotSeekable { stream_len },
             other => Error::SeekTable(other),
@@ -232,6 +234,11 @@ impl ZstdSource {
         })
     }
 
+    /// The frame index of the seek table.
+    pub(crate) fn index(&self) -> &SeekIndex {
+        &self.index
+    }
+
     fn frame_error(&self, frame: usize, reason: impl Into<String>) -> Error {
         let span = self.index.frame(frame).expect("a frame of the index");
         Error::Frame {
@@ -244,11 +251,24 @@ impl ZstdSource {
     /// The whole content of a frame, checked against the seek table (and against the
     /// frame's checksum, by zstd, when it carries one).
     fn decompress(&self, frame: usize) -> Result<Vec<u8>> {
+        let mut content = Vec::new();
+        self.decompress_into(frame, &mut Vec::new(), &mut content)?;
+        Ok(content)
+    }
+
+    /// [`decompress`](Self::decompress) into buffers the caller keeps for the next frame:
+    /// `compressed` for the frame's bytes, `content` (emptied first) for its content.
+    pub(crate) fn decompress_into(
+        &self,
+        frame: usize,
+        compressed: &mut Vec<u8>,
+        content: &mut Vec<u8>,
+    ) -> Result<()> {
         let span = self.index.frame(frame).expect("a frame of the index");
-        let mut compressed = vec![0u8; span.compressed_len as usize];
-        read_file(&self.file, &mut compressed, span.compressed_offset)?;
+        compressed.resize(span.compressed_len as usize, 0);
+        read_file(&self.file, compressed, span.compressed_offset)?;
         // The frame header's own content size (our writer records it), against the table.
-        if let Ok(Some(n)) = zstd::zstd_safe::get_frame_content_size(&compressed) {
+        if let Ok(Some(n)) = zstd::zstd_safe::get_frame_content_size(compressed) {
             if n != u64::from(span.len) {
                 return Err(self.frame_error(
                     frame,
@@ -256,11 +276,12 @@ impl ZstdSource {
                 ));
             }
         }
-        let mut content = Vec::with_capacity(span.len as usize);
+        content.clear();
+        content.reserve(span.len as usize);
         let mut decompressor = zstd::bulk::Decompressor::new()
             .map_err(|e| self.frame_error(frame, format!("zstd: {e}")))?;
         decompressor
-            .decompress_to_buffer(&compressed[..], &mut content)
+            .decompress_to_buffer(&compressed[..], content)
             .map_err(|e| self.frame_error(frame, format!("does not decompress: {e}")))?;
         if content.len() != span.len as usize {
             return Err(self.frame_error(
@@ -272,7 +293,7 @@ impl ZstdSource {
                 ),
             ));
         }
-        Ok(content)
+        Ok(())
     }
 
     /// The first `len` bytes of a frame's content, decompressing (and reading) no more of

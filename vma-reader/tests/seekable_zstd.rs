@@ -9,7 +9,7 @@ use std::path::Path;
 
 use common::{assert_same_devices, mixed_image, two_device_archive, write_file};
 use vma_format::seek_table::{self, FrameEntry, SeekIndex};
-use vma_reader::{verify, Error, Packing, SeekableArchive, VerifyOptions};
+use vma_reader::{verify, Error, Packing, ParallelZstdReader, SeekableArchive, VerifyOptions};
 use vma_testkit::vectors;
 use vma_writer::{ZstdOptions, ZstdWriter};
 
@@ -191,5 +191,72 @@ fn a_damaged_frame_fails_its_checksum_with_its_offset() {
     assert!(
         e.contains(&format!("zstd frame {frame} at compressed byte {start}")),
         "{e}"
+    );
+}
+
+/// All a [`ParallelZstdReader`] over `path` gives, and the error it ends with, if any.
+fn read_parallel(path: &Path, threads: usize) -> (Vec<u8>, Option<std::io::Error>) {
+    let mut reader = ParallelZstdReader::open(std::fs::File::open(path).unwrap(), threads).unwrap();
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 100_003];
+    loop {
+        match reader.read(&mut buf) {
+            Ok(0) => return (out, None),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) => return (out, Some(e)),
+        }
+    }
+}
+
+#[test]
+fn the_parallel_reader_gives_the_archive_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let plain = large_archive();
+    // One frame per extent (hundreds of frames, more than are ever in flight), frames of
+    // 2 MiB, and one frame larger than the in-flight bound.
+    for frame_size in [1, 2 << 20, 40 << 20] {
+        let path = write_file(dir.path(), "a.vma.zst", &compress(&plain, frame_size));
+        for threads in [1, 2, 3] {
+            let (out, err) = read_parallel(&path, threads);
+            assert!(err.is_none(), "{err:?}");
+            assert!(out == plain, "frame size {frame_size}, {threads} threads");
+        }
+    }
+    let stock = write_file(
+        dir.path(),
+        "stock.vma.zst",
+        &zstd::stream::encode_all(&plain[..], 3).unwrap(),
+    );
+    let e = ParallelZstdReader::open(std::fs::File::open(stock).unwrap(), 2).unwrap_err();
+    assert!(matches!(e, Error::NotSeekable { .. }), "{e}");
+}
+
+#[test]
+fn the_parallel_reader_stops_at_a_damaged_frame_after_the_frames_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let plain = large_archive();
+    let zst = compress(&plain, 64 << 10);
+    let (_, entries) = table_of(&zst);
+    let frame = entries.len() / 2;
+    let start: u64 = entries[..frame].iter().map(|e| e.compressed as u64).sum();
+    let content: usize = entries[..frame]
+        .iter()
+        .map(|e| e.decompressed as usize)
+        .sum();
+    let mut bad = zst.clone();
+    bad[start as usize + entries[frame].compressed as usize / 2] ^= 0x55;
+    let path = write_file(dir.path(), "bad.vma.zst", &bad);
+    let (out, err) = read_parallel(&path, 2);
+    let err = err.expect("the damaged frame is an error");
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+    let inner = err.get_ref().and_then(|e| e.downcast_ref::<Error>());
+    assert!(
+        matches!(inner, Some(Error::Frame { frame: f, offset, .. }) if *f == frame as u64 && *offset == start),
+        "{err}"
+    );
+    assert!(
+        out == plain[..content],
+        "{} bytes before the error",
+        out.len()
     );
 }
