@@ -20,7 +20,7 @@ pub(crate) enum Packing {
 }
 
 /// zstd level when none is given: zstd's own default, and vzdump's.
-const DEFAULT_LEVEL: i32 = 3;
+pub(crate) const DEFAULT_LEVEL: i32 = 3;
 
 impl Packing {
     /// The packing `--compress` names (`none`, `zstd`, `zstd:LEVEL`), else the one a new

@@ -12,6 +12,7 @@ mod cat;
 mod create;
 mod extract;
 mod list;
+mod recompress;
 mod reorder;
 mod serve;
 mod verify;
@@ -65,6 +66,10 @@ enum Command {
     /// Rewrite an archive in canonical order (device by device, ascending clusters), with
     /// the integrity extension: what a deduplicating store keeps once across backups.
     Reorder(reorder::Args),
+    /// Rewrite an archive (plain, zstd, gzip or lzop; a file or stdin) as seekable zstd,
+    /// verifying it on the way: the same archive bytes, readable in place and decompressed
+    /// on every core.
+    Recompress(recompress::Args),
 }
 
 /// Runs `vma` with these arguments (the first is the program name) and returns the exit
@@ -95,6 +100,7 @@ where
         Command::Cat { file, device } => cat::run(&file, &device),
         Command::Serve(args) => serve::run(args),
         Command::Reorder(args) => reorder::run(args),
+        Command::Recompress(args) => recompress::run(args),
     };
     let _ = std::io::stdout().flush();
     match result {
