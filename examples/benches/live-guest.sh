@@ -3,7 +3,8 @@
 # guest (scripts/build-guest) times 4 KiB O_DIRECT writes at random offsets of a fully
 # written data disk, one every 2 ms, through phases back to back: no backup; QEMU's
 # blockdev-backup into a raw file; vma-live-backup with QEMU's own copy-before-write filter,
-# then with ours and x-perf QEMU's, 4 x 1 MiB without and with the push buffer, 2 x 256 KiB,
+# then with ours and x-perf QEMU's, 4 x 1 MiB without and with the push buffer, at nice 0
+# and at the default nice 10, 2 x 256 KiB,
 # 1 x 64 KiB, then limited to 50 MiB/s (--bwlimit) without and with the push buffer; no
 # backup again. Prints p50/p99/max per phase (figures, not asserts; under TCG, so absolute
 # times are the emulator's).

@@ -9,8 +9,9 @@
 //! `blockdev-backup` of the data disk into a raw file on the same filesystem;
 //! `vma-live-backup` of the data disk (with its copy-before-write filter,
 //! `--cbw-timeout` 5 s) with QEMU's `x-perf`, with and without its push
-//! buffer, and then with fewer and smaller background copy requests (the
-//! `OURS` table of settings); no backup again. The
+//! buffer, at nice 0 and at its default nice 10, and then with fewer and
+//! smaller background copy requests (the `OURS` table of settings); no backup
+//! again. The
 //! probe reports p50, p99 and max per phase. Figures, not asserts.
 
 use std::fmt;
@@ -22,7 +23,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use vma_live::{run_backup, BackupOptions, Qmp, XPerf};
+use vma_live::{run_backup, BackupOptions, Qmp, XPerf, DEFAULT_NICE};
 
 use crate::guest::{self, BootOptions, Guest};
 use crate::qemu::Disk;
@@ -40,11 +41,13 @@ struct Setting {
     cbw_buffer_mib: usize,
     /// `--bwlimit`, bytes per second.
     bwlimit: Option<u64>,
+    /// `--nice`.
+    nice: i32,
 }
 
 /// Our backups: QEMU's filter first, then ours; with and without the push
-/// buffer; fewer and smaller background requests; a bandwidth limit with
-/// and without the push buffer.
+/// buffer; at nice 0 and nice 10; fewer and smaller background requests; a
+/// bandwidth limit with and without the push buffer.
 const OURS: &[Setting] = &[
     Setting {
         name: "vma-live-backup --cbw-timeout 0, QEMU's x-perf",
@@ -52,6 +55,7 @@ const OURS: &[Setting] = &[
         x_perf: None,
         cbw_buffer_mib: 0,
         bwlimit: None,
+        nice: 0,
     },
     Setting {
         name: "vma-live-backup, QEMU's x-perf (64 × 1 MiB), --cbw-buffer 64",
@@ -59,6 +63,7 @@ const OURS: &[Setting] = &[
         x_perf: None,
         cbw_buffer_mib: 64,
         bwlimit: None,
+        nice: 0,
     },
     Setting {
         name: "vma-live-backup, x-perf 4 workers × 1 MiB, --cbw-buffer 0",
@@ -66,41 +71,55 @@ const OURS: &[Setting] = &[
         x_perf: Some(xperf(4, 1 << 20)),
         cbw_buffer_mib: 0,
         bwlimit: None,
+        nice: 0,
     },
     Setting {
-        name: "vma-live-backup, x-perf 4 workers × 1 MiB, --cbw-buffer 64 (defaults)",
+        name: "vma-live-backup, x-perf 4 workers × 1 MiB, --cbw-buffer 64, --nice 0",
         own_filter: true,
         x_perf: Some(xperf(4, 1 << 20)),
         cbw_buffer_mib: 64,
         bwlimit: None,
+        nice: 0,
     },
     Setting {
-        name: "vma-live-backup, x-perf 2 workers × 256 KiB, --cbw-buffer 64",
+        name: "vma-live-backup, x-perf 4 workers × 1 MiB, --cbw-buffer 64, --nice 10 (defaults)",
+        own_filter: true,
+        x_perf: Some(xperf(4, 1 << 20)),
+        cbw_buffer_mib: 64,
+        bwlimit: None,
+        nice: DEFAULT_NICE,
+    },
+    Setting {
+        name: "vma-live-backup, x-perf 2 workers × 256 KiB, --cbw-buffer 64, --nice 10",
         own_filter: true,
         x_perf: Some(xperf(2, 256 << 10)),
         cbw_buffer_mib: 64,
         bwlimit: None,
+        nice: DEFAULT_NICE,
     },
     Setting {
-        name: "vma-live-backup, x-perf 1 worker × 64 KiB, --cbw-buffer 64",
+        name: "vma-live-backup, x-perf 1 worker × 64 KiB, --cbw-buffer 64, --nice 10",
         own_filter: true,
         x_perf: Some(xperf(1, 64 << 10)),
         cbw_buffer_mib: 64,
         bwlimit: None,
+        nice: DEFAULT_NICE,
     },
     Setting {
-        name: "vma-live-backup, defaults, --bwlimit 51200 (50 MiB/s), --cbw-buffer 0",
+        name: "vma-live-backup, defaults, --bwlimit 51200 (50 MiB/s), --cbw-buffer 0, --nice 10",
         own_filter: true,
         x_perf: Some(xperf(4, 1 << 20)),
         cbw_buffer_mib: 0,
         bwlimit: Some(50 << 20),
+        nice: DEFAULT_NICE,
     },
     Setting {
-        name: "vma-live-backup, defaults, --bwlimit 51200 (50 MiB/s), --cbw-buffer 64",
+        name: "vma-live-backup, defaults, --bwlimit 51200 (50 MiB/s), --cbw-buffer 64, --nice 10",
         own_filter: true,
         x_perf: Some(xperf(4, 1 << 20)),
         cbw_buffer_mib: 64,
         bwlimit: Some(50 << 20),
+        nice: DEFAULT_NICE,
     },
 ];
 
@@ -270,9 +289,14 @@ fn ours(g: &mut Guest, setting: &Setting, cancel: &Arc<AtomicBool>, dir: &Path) 
     opts.bwlimit = setting.bwlimit;
     opts.cancel = Arc::clone(cancel);
     lat(g)?;
-    let report = thread::spawn(move || run_backup(&opts))
-        .join()
-        .map_err(|_| "the backup thread panicked")??;
+    let nice = setting.nice;
+    let report = thread::spawn(move || -> Result<_> {
+        // As vma-live-backup does before starting its threads: this thread starts them.
+        vma_live::lower_priority(nice)?;
+        Ok(run_backup(&opts)?)
+    })
+    .join()
+    .map_err(|_| "the backup thread panicked")??;
     Ok(Phase {
         name: setting.name,
         time: report.copy_time,

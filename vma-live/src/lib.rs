@@ -9,6 +9,7 @@ pub mod backup;
 pub mod drives;
 mod error;
 pub mod export;
+mod priority;
 mod progress;
 pub mod pve;
 pub mod qmp;
@@ -19,4 +20,5 @@ pub use backup::{
 };
 pub use drives::Drive;
 pub use error::{Error, ErrorKind, JobFailure};
+pub use priority::{lower_priority, DEFAULT_NICE};
 pub use qmp::{Event, Qmp};

@@ -108,6 +108,16 @@ struct Cli {
     /// queue less ahead of the guest's writes
     #[arg(long, value_name = "WORKERS,CHUNK_KIB", default_value = "4,1024", value_parser = parse_x_perf)]
     x_perf: XPerfArg,
+    /// Run the backup at this nice value (0 to 19; 0 keeps the priority it was started
+    /// with): below the guest, so that on contended cores QEMU's vCPUs and the guest's
+    /// copy-before-write pushes run first. Never raises the priority
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = vma_live::DEFAULT_NICE,
+        value_parser = clap::value_parser!(i32).range(0..=19)
+    )]
+    nice: i32,
     /// Compress the archive into seekable zstd, on half the cores (name it .vma.zst)
     #[arg(long)]
     zstd: bool,
@@ -173,7 +183,7 @@ fn parse_config(v: &str) -> Result<(String, PathBuf), String> {
 /// What the command line asks for.
 #[derive(Debug)]
 enum Mode {
-    Backup(Box<BackupOptions>),
+    Backup(Box<BackupOptions>, i32),
     Demo,
     Measure { size_mib: u64 },
     MeasureGuest { size_mib: u64 },
@@ -212,7 +222,7 @@ impl Cli {
         opts.cbw_timeout = (self.cbw_timeout > 0).then_some(self.cbw_timeout);
         opts.cbw_buffer = (self.cbw_buffer as usize) << 20;
         opts.bwlimit = (self.bwlimit > 0).then(|| self.bwlimit.saturating_mul(1024));
-        Mode::Backup(Box::new(opts))
+        Mode::Backup(Box::new(opts), self.nice)
     }
 }
 
@@ -239,6 +249,14 @@ fn cancel_on_signals() -> Result<Arc<AtomicBool>, ctrlc::Error> {
 
 fn main() -> ExitCode {
     let mode = Cli::parse().mode();
+    // Before any thread starts, so that every one of the backup's inherits it. (The demo
+    // and the measurements start QEMU, which must not inherit it; the measurements set it
+    // per backup.)
+    if let Mode::Backup(_, nice) = &mode {
+        if let Err(e) = vma_live::lower_priority(*nice) {
+            eprintln!("vma-live-backup: cannot lower the priority to nice {nice}: {e}");
+        }
+    }
     let cancel = match cancel_on_signals() {
         Ok(c) => c,
         Err(e) => {
@@ -276,7 +294,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Mode::Backup(mut opts) => {
+        Mode::Backup(mut opts, _) => {
             opts.cancel = cancel;
             match run_backup(&opts) {
                 Ok(report) => {
@@ -335,8 +353,26 @@ mod tests {
 
     fn backup(args: &[&str]) -> BackupOptions {
         match mode(args) {
-            Ok(Mode::Backup(opts)) => *opts,
+            Ok(Mode::Backup(opts, _)) => *opts,
             other => panic!("{args:?}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_backup_runs_at_nice_10_unless_told() {
+        let nice = |extra: &[&str]| {
+            let args = [&["--qmp", "/q", "-o", "/o"][..], extra].concat();
+            match mode(&args) {
+                Ok(Mode::Backup(_, nice)) => Ok(nice),
+                Ok(other) => panic!("{other:?}"),
+                Err(e) => Err(e.kind()),
+            }
+        };
+        assert_eq!(nice(&[]), Ok(vma_live::DEFAULT_NICE));
+        assert_eq!(nice(&["--nice", "0"]), Ok(0));
+        assert_eq!(nice(&["--nice", "19"]), Ok(19));
+        for bad in ["20", "-1", "x"] {
+            assert!(nice(&["--nice", bad]).is_err(), "{bad}");
         }
     }
 
