@@ -23,27 +23,6 @@ fn run(cmd: &mut Command) -> Output {
 
 use vma_testkit::{run_fails as fails, run_ok as ok};
 
-fn check_extracted(v: &Vector, dir: &Path) {
-    let mut names: Vec<String> = fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    names.sort();
-    let mut want: Vec<String> = v.files.iter().map(|f| f.name.clone()).collect();
-    want.sort();
-    assert_eq!(names, want, "{}: files in {}", v.file, dir.display());
-    for f in &v.files {
-        let path = dir.join(&f.name);
-        assert_eq!(
-            fs::metadata(&path).unwrap().len(),
-            f.size,
-            "{}",
-            path.display()
-        );
-        assert_eq!(sha256_file(&path), f.sha256, "{}", path.display());
-    }
-}
-
 #[test]
 fn list_matches_the_reference_output_line_by_line() {
     for v in vectors() {
@@ -99,7 +78,7 @@ fn extract_every_vector_byte_exact() {
         let tmp = tempfile::tempdir().unwrap();
         let target = tmp.path().join("out");
         let out = ok(vma().arg("extract").arg(v.path()).arg(&target));
-        check_extracted(&v, &target);
+        v.assert_extracted(&target);
         // The reference prints a DEVINFO line per device it creates.
         let text = String::from_utf8(out.stdout).unwrap();
         let devs = v.list.iter().filter(|l| l.starts_with("DEV:")).count();
@@ -259,13 +238,13 @@ fn compressed_archives_read_directly_from_files_and_stdin() {
             let packed = compressed(&v, tool, args, ext, tmp.path());
             let from_file = tmp.path().join(format!("{}-{ext}-file", v.file));
             ok(vma().arg("extract").arg(&packed).arg(&from_file));
-            check_extracted(&v, &from_file);
+            v.assert_extracted(&from_file);
             let from_stdin = tmp.path().join(format!("{}-{ext}-stdin", v.file));
             ok(vma()
                 .args(["extract", "-"])
                 .arg(&from_stdin)
                 .stdin(fs::File::open(&packed).unwrap()));
-            check_extracted(&v, &from_stdin);
+            v.assert_extracted(&from_stdin);
             let out = ok(vma().arg("list").arg(&packed));
             assert_eq!(
                 String::from_utf8(out.stdout)
@@ -286,7 +265,7 @@ fn lzop_level_9_with_crc32_data_checksums_and_a_broken_stream() {
     // -9 uses LZO1X-999; --crc32 switches the checksums.
     let packed = compressed(v, "lzop", &["-c", "-9", "--crc32"], "lzo", tmp.path());
     ok(vma().arg("extract").arg(&packed).arg(tmp.path().join("x")));
-    check_extracted(v, &tmp.path().join("x"));
+    v.assert_extracted(&tmp.path().join("x"));
     let mut bytes = fs::read(&packed).unwrap();
     let n = bytes.len();
     bytes[n / 2] ^= 0x40;
@@ -567,11 +546,7 @@ fn stdin_pipe_is_read_in_one_pass() {
     });
     writer.join().unwrap();
     let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    vma_testkit::assert_success(&out, "vma extract from stdin");
 }
 
 /// Proxmox's restore opens the map FIFO for writing right after starting `vma` and blocks

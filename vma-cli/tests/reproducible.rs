@@ -70,6 +70,14 @@ fn inputs(dir: &Path) -> Inputs {
     }
 }
 
+/// The same inputs under two directories of a new temporary folder ("two machines").
+fn two_machines() -> (tempfile::TempDir, Inputs, Inputs) {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = inputs(&tmp.path().join("a"));
+    let b = inputs(&tmp.path().join("b"));
+    (tmp, a, b)
+}
+
 fn create(inputs: &Inputs, out: &Path, extra: &[&str]) -> Command {
     let mut cmd = vma();
     cmd.arg("create").arg(out).args(extra);
@@ -131,10 +139,7 @@ fn check_extract(archive: &Path, dir: &Path, disks: &[(String, PathBuf, Vec<u8>)
 
 #[test]
 fn reproducible_create_gives_the_same_bytes_everywhere() {
-    let tmp = tempfile::tempdir().unwrap();
-    // The same inputs under two directories ("two machines").
-    let a = inputs(&tmp.path().join("a"));
-    let b = inputs(&tmp.path().join("b"));
+    let (tmp, a, b) = two_machines();
     let out1 = tmp.path().join("1.vma");
     let out2 = tmp.path().join("2.vma");
     ok(create(&a, &out1, &["--reproducible"]).env("SOURCE_DATE_EPOCH", "1700000000"));
@@ -444,9 +449,7 @@ fn reorder_refuses_damaged_input_and_leaves_no_file() {
 
 #[test]
 fn reproducible_vma_zst_gives_the_same_frames_and_seek_table() {
-    let tmp = tempfile::tempdir().unwrap();
-    let a = inputs(&tmp.path().join("a"));
-    let b = inputs(&tmp.path().join("b"));
+    let (tmp, a, b) = two_machines();
     let plain = tmp.path().join("plain.vma");
     ok(&mut create(&a, &plain, &["--reproducible", "--ctime", "1"]));
     let mut zst = Vec::new();

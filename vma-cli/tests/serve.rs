@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 
 use vma_testkit::serve::wait_with_timeout;
-use vma_testkit::{require_tool as require, sha256_file, vectors, Serve};
+use vma_testkit::{require_tool as require, run_ok, sha256_file, vectors, Serve, Vector};
 
 const VMA: &str = env!("CARGO_BIN_EXE_vma");
 
@@ -40,18 +40,30 @@ fn assert_converts_to(
     assert_eq!(sha256_file(raw), want.sha256, "{what} {dev}");
 }
 
+/// Serves `archive` (a packed copy of `v`, on the socket `ARCHIVE.sock`): each of
+/// `devices` converts to a raw file (`ARCHIVE.DEV.raw`) of exactly the vector's bytes.
+fn assert_every_device_converts(archive: &Path, v: &Vector, devices: &[String]) {
+    let next_to = |suffix: String| {
+        let mut path = archive.as_os_str().to_owned();
+        path.push(suffix);
+        std::path::PathBuf::from(path)
+    };
+    let sock = next_to(".sock".to_string());
+    let mut serve = start_serve(archive, &sock, &[]);
+    for dev in devices {
+        let want = v.file(&format!("disk-{dev}.raw")).unwrap();
+        assert_converts_to(&serve, dev, &next_to(format!(".{dev}.raw")), want, &v.file);
+    }
+    assert!(serve.interrupt().success());
+}
+
 fn qemu_img(args: &[&str]) {
-    let out = Command::new("qemu-img").args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(Command::new("qemu-img").args(args));
 }
 
 /// The vectors with devices (QEMU's qemu-img required), each with the device names
 /// Proxmox's `vma list` printed for it.
-fn vectors_with_devices() -> Vec<(vma_testkit::Vector, Vec<String>)> {
+fn vectors_with_devices() -> Vec<(Vector, Vec<String>)> {
     require("qemu-img");
     vectors()
         .into_iter()
@@ -120,14 +132,7 @@ fn every_device_of_a_seekable_vma_zst_converts_byte_exact() {
             z.write_all(&v.bytes()).unwrap();
             let zst = tmp.path().join(format!("{}.{frame_size}.zst", v.file));
             fs::write(&zst, z.finish().unwrap().0).unwrap();
-            let sock = tmp.path().join(format!("{}.{frame_size}.sock", v.file));
-            let mut serve = start_serve(&zst, &sock, &[]);
-            for dev in &devices {
-                let want = v.file(&format!("disk-{dev}.raw")).unwrap();
-                let raw = tmp.path().join(format!("{dev}.zst.raw"));
-                assert_converts_to(&serve, dev, &raw, want, &v.file);
-            }
-            assert!(serve.interrupt().success());
+            assert_every_device_converts(&zst, &v, &devices);
         }
     }
 }
@@ -141,21 +146,9 @@ fn every_device_of_a_vma_lzo_converts_byte_exact() {
     let tmp = tempfile::tempdir().unwrap();
     for (v, devices) in vectors_with_devices() {
         let lzo = tmp.path().join(format!("{}.lzo", v.file));
-        let out = Command::new("lzop")
-            .arg("-c")
-            .arg(v.path())
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "lzop {}", v.file);
+        let out = run_ok(Command::new("lzop").arg("-c").arg(v.path()));
         fs::write(&lzo, out.stdout).unwrap();
-        let sock = tmp.path().join(format!("{}.lzo.sock", v.file));
-        let mut serve = start_serve(&lzo, &sock, &[]);
-        for dev in &devices {
-            let want = v.file(&format!("disk-{dev}.raw")).unwrap();
-            let raw = tmp.path().join(format!("{dev}.lzo.raw"));
-            assert_converts_to(&serve, dev, &raw, want, &v.file);
-        }
-        assert!(serve.interrupt().success());
+        assert_every_device_converts(&lzo, &v, &devices);
     }
 }
 
@@ -207,12 +200,7 @@ fn random_reads_through_qemu_io_equal_the_image() {
         cmd.arg("-c").arg(format!("read -v {off} {len}"));
         expected.extend_from_slice(&image[off..off + len]);
     }
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run_ok(&mut cmd);
     let got = parse_dump(&String::from_utf8_lossy(&out.stdout));
     assert_eq!(got.len(), expected.len());
     assert!(
