@@ -314,3 +314,14 @@ pub fn run_fails(cmd: &mut std::process::Command, code: i32) -> String {
     assert!(!stderr.trim().is_empty(), "{cmd:?}: no message");
     stderr
 }
+
+/// Runs `cmd` expecting failure as [`run_fails`] does, with a message that mentions `words`;
+/// returns stderr.
+pub fn run_fails_saying(cmd: &mut std::process::Command, code: i32, words: &str) -> String {
+    let stderr = run_fails(cmd, code);
+    assert!(
+        stderr.contains(words),
+        "{cmd:?}: the message lacks {words:?}: {stderr}"
+    );
+    stderr
+}
