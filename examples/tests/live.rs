@@ -63,12 +63,12 @@ fn run_bin(args: &[&str]) -> Output {
         .unwrap()
 }
 
-/// Starts the binary backing up the fixture's VM into `archive`, throttled to 4 MiB/s so
-/// that its jobs are still running when the test acts, with `extra` arguments; stderr
-/// piped.
-fn start_throttled(fx: &Fixture, archive: &Path, extra: &[&str]) -> std::process::Child {
+/// Starts the binary backing up the VM of QMP socket `qmp` into `archive`, throttled to
+/// 4 MiB/s so that its jobs are still running when the test acts, with `extra` arguments;
+/// stderr piped.
+fn start_throttled(qmp: &Path, archive: &Path, extra: &[&str]) -> std::process::Child {
     Command::new(bin())
-        .args(["--qmp", fx.vm.qmp_path.to_str().unwrap(), "--throttle", "4"])
+        .args(["--qmp", qmp.to_str().unwrap(), "--throttle", "4"])
         .args(extra)
         .arg("--output")
         .arg(archive)
@@ -303,7 +303,11 @@ fn stalled_archive_writer_fails_the_backup_not_the_guest() {
         |ctl: &mut Qmp| ctl.execute("query-status", Value::Null).unwrap()["status"].clone();
     let before = status(&mut ctl);
     let bound = CBW_BOUND.as_secs().to_string();
-    let child = start_throttled(&fx, &archive, &["--cbw-timeout", &bound, "--no-progress"]);
+    let child = start_throttled(
+        &fx.vm.qmp_path,
+        &archive,
+        &["--cbw-timeout", &bound, "--no-progress"],
+    );
     wait_for_jobs(&mut ctl, 2, Duration::from_secs(30)).unwrap();
     // The whole backup process stops: archive writer, NBD server and all.
     let pid = child.id();
@@ -422,19 +426,27 @@ fn faults_during_backups_of_a_real_writing_guest_leave_it_running_and_thawed() {
     let mut ctl = g.vm.control().unwrap();
     let out_dir = dir.path().join("out");
     std::fs::create_dir(&out_dir).unwrap();
+    // The binary backing up the guest into `archive`, freezing it through its agent.
+    let back_up_through_the_agent = |archive: &Path| {
+        run_bin(&[
+            "--qmp",
+            &qmp,
+            "--guest-agent",
+            &agent_path,
+            "--no-progress",
+            "--output",
+            archive.to_str().unwrap(),
+        ])
+    };
+    let start_through_the_agent = |archive: &Path, extra: &[&str]| {
+        let agent = ["--guest-agent", agent_path.as_str(), "--no-progress"];
+        start_throttled(Path::new(&qmp), archive, &[&agent[..], extra].concat())
+    };
 
     // A full filesystem under the archive.
     let full = Tmpfs::mount(dir.path().join("small"), "8m");
     let archive = full.0.join("vm.vma");
-    let out = run_bin(&[
-        "--qmp",
-        &qmp,
-        "--guest-agent",
-        &agent_path,
-        "--no-progress",
-        "--output",
-        archive.to_str().unwrap(),
-    ]);
+    let out = back_up_through_the_agent(&archive);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(4), "{stderr}");
     assert!(stderr.contains("No space left"), "{stderr}");
@@ -444,26 +456,8 @@ fn faults_during_backups_of_a_real_writing_guest_leave_it_running_and_thawed() {
 
     // The whole backup process stopped for 10 s: archive writer, NBD server and all.
     let archive = out_dir.join("stalled.vma");
-    let child = Command::new(bin())
-        .args([
-            "--qmp",
-            &qmp,
-            "--guest-agent",
-            &agent_path,
-            "--throttle",
-            "4",
-        ])
-        .args([
-            "--cbw-timeout",
-            &CBW_BOUND.as_secs().to_string(),
-            "--no-progress",
-        ])
-        .arg("--output")
-        .arg(&archive)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let bound = CBW_BOUND.as_secs().to_string();
+    let child = start_through_the_agent(&archive, &["--cbw-timeout", &bound]);
     wait_for_jobs(&mut ctl, 2, Duration::from_secs(60)).unwrap();
     // What assert_vm_clean looks for is there while the backup runs: our filter on each
     // drive (named vmalb...), and the backup jobs' own copy-before-write nodes.
@@ -523,15 +517,7 @@ fn faults_during_backups_of_a_real_writing_guest_leave_it_running_and_thawed() {
     signal_guest_agent(&mut g, "STOP");
     let archive = out_dir.join("agent-stopped.vma");
     let t = Instant::now();
-    let out = run_bin(&[
-        "--qmp",
-        &qmp,
-        "--guest-agent",
-        &agent_path,
-        "--no-progress",
-        "--output",
-        archive.to_str().unwrap(),
-    ]);
+    let out = back_up_through_the_agent(&archive);
     let took = t.elapsed();
     signal_guest_agent(&mut g, "CONT");
     let said = format!(
@@ -560,22 +546,7 @@ fn faults_during_backups_of_a_real_writing_guest_leave_it_running_and_thawed() {
     assert!(matches!(err, Error::Interrupted), "{err}");
     assert_nothing_left(&out_dir);
     assert_guest_unharmed(&mut g, &mut ctl, "a cancelled backup");
-    let child = Command::new(bin())
-        .args([
-            "--qmp",
-            &qmp,
-            "--guest-agent",
-            &agent_path,
-            "--throttle",
-            "4",
-            "--no-progress",
-        ])
-        .arg("--output")
-        .arg(out_dir.join("interrupted.vma"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = start_through_the_agent(&out_dir.join("interrupted.vma"), &[]);
     wait_for_jobs(&mut ctl, 2, Duration::from_secs(60)).unwrap();
     signal(child.id(), "INT");
     let out = child.wait_with_output().unwrap();
