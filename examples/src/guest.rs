@@ -50,21 +50,31 @@ pub fn image() -> Result<GuestImage> {
         .map_err(Into::into)
 }
 
+/// Runs `cmd` to its end, stdin from /dev/null, and returns its output; an error if it
+/// does not start (naming the program) or fails (what `failed` says of its output).
+fn run_to_success(
+    cmd: &mut Command,
+    failed: impl FnOnce(&std::process::Output) -> String,
+) -> Result<std::process::Output> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("{}: {e}", Path::new(cmd.get_program()).display()))?;
+    if !out.status.success() {
+        return Err(failed(&out).into());
+    }
+    Ok(out)
+}
+
 fn build() -> Result<GuestImage> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/build-guest");
-    let out = Command::new(&script)
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .output()
-        .map_err(|e| format!("{}: {e}", script.display()))?;
-    if !out.status.success() {
-        return Err(format!(
+    let out = run_to_success(Command::new(&script).stderr(Stdio::inherit()), |out| {
+        format!(
             "{} failed ({}): it builds the test guest from Debian packages",
             script.display(),
             out.status
         )
-        .into());
-    }
+    })?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let dir = PathBuf::from(stdout.lines().last().unwrap_or_default());
     let image = GuestImage {
@@ -412,22 +422,17 @@ pub fn vma_binary() -> Result<PathBuf> {
 /// extracted disk images, in archive order.
 pub fn vma_extract(archive: &Path, into: &Path) -> Result<Vec<PathBuf>> {
     let vma = vma_binary()?;
-    let out = Command::new(&vma)
-        .arg("extract")
-        .arg(archive)
-        .arg(into)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("{}: {e}", vma.display()))?;
-    if !out.status.success() {
-        return Err(format!(
-            "vma extract {}: {}\n{}",
-            archive.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        )
-        .into());
-    }
+    run_to_success(
+        Command::new(&vma).arg("extract").arg(archive).arg(into),
+        |out| {
+            format!(
+                "vma extract {}: {}\n{}",
+                archive.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            )
+        },
+    )?;
     let mut disks: Vec<PathBuf> = std::fs::read_dir(into)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "raw"))

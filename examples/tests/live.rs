@@ -63,12 +63,12 @@ fn run_bin(args: &[&str]) -> Output {
         .unwrap()
 }
 
-/// Starts the binary backing up the fixture's VM into `archive`, throttled to 4 MiB/s so
-/// that its jobs are still running when the test acts, with `extra` arguments; stderr
-/// piped.
-fn start_throttled(fx: &Fixture, archive: &Path, extra: &[&str]) -> std::process::Child {
+/// Starts the binary backing up the VM of QMP socket `qmp` into `archive`, throttled to
+/// 4 MiB/s so that its jobs are still running when the test acts, with `extra` arguments;
+/// stderr piped.
+fn start_throttled(qmp: &Path, archive: &Path, extra: &[&str]) -> std::process::Child {
     Command::new(bin())
-        .args(["--qmp", fx.vm.qmp_path.to_str().unwrap(), "--throttle", "4"])
+        .args(["--qmp", qmp.to_str().unwrap(), "--throttle", "4"])
         .args(extra)
         .arg("--output")
         .arg(archive)
@@ -260,6 +260,27 @@ impl Drop for Tmpfs {
     }
 }
 
+/// The copy-before-write bound (`--cbw-timeout`) the tests that stall the archive writer
+/// set, and the slack a guest write may take beyond it (TCG on a loaded host).
+const CBW_BOUND: Duration = Duration::from_secs(1);
+const WRITE_SLACK: Duration = Duration::from_secs(2);
+
+/// Asserts that the backup left nothing in `dir`.
+fn assert_nothing_left(dir: &Path) {
+    let left = dir_entries(dir);
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// Asserts that a backup whose archive writer stalled past [`CBW_BOUND`] failed (exit 4,
+/// naming `--cbw-timeout`) and left nothing in `out_dir`; returns its stderr.
+fn assert_failed_at_the_bound(out: &Output, out_dir: &Path) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    assert!(stderr.contains("--cbw-timeout"), "{stderr}");
+    assert_nothing_left(out_dir);
+    stderr
+}
+
 /// Sends `signal` (`STOP`, `CONT`) to process `pid`.
 fn signal(pid: u32, signal: &str) {
     let st = Command::new("kill")
@@ -272,11 +293,8 @@ fn signal(pid: u32, signal: &str) {
 #[test]
 #[ignore = "boots QEMU (qemu-system-x86); scripts/test runs it with --include-ignored"]
 fn stalled_archive_writer_fails_the_backup_not_the_guest() {
-    // The bound, how long the archive writer stays stopped, and the slack a guest
-    // write may take beyond the bound (TCG on a loaded host).
-    const BOUND: Duration = Duration::from_secs(1);
+    // How long the archive writer stays stopped.
     const STALL: Duration = Duration::from_secs(6);
-    const MARGIN: Duration = Duration::from_secs(2);
     let mut fx = fixture();
     let out_dir = fx.out_dir().unwrap();
     let archive = out_dir.join("vm.vma");
@@ -284,8 +302,12 @@ fn stalled_archive_writer_fails_the_backup_not_the_guest() {
     let status =
         |ctl: &mut Qmp| ctl.execute("query-status", Value::Null).unwrap()["status"].clone();
     let before = status(&mut ctl);
-    let bound = BOUND.as_secs().to_string();
-    let child = start_throttled(&fx, &archive, &["--cbw-timeout", &bound, "--no-progress"]);
+    let bound = CBW_BOUND.as_secs().to_string();
+    let child = start_throttled(
+        &fx.vm.qmp_path,
+        &archive,
+        &["--cbw-timeout", &bound, "--no-progress"],
+    );
     wait_for_jobs(&mut ctl, 2, Duration::from_secs(30)).unwrap();
     // The whole backup process stops: archive writer, NBD server and all.
     let pid = child.id();
@@ -301,21 +323,14 @@ fn stalled_archive_writer_fails_the_backup_not_the_guest() {
         .collect();
     resume.join().unwrap();
     let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
     for (w, t) in writes.iter().zip(&took) {
         assert!(
-            *t < BOUND + MARGIN,
+            *t < CBW_BOUND + WRITE_SLACK,
             "a guest write stalled {t:?} with the archive stopped for {STALL:?}: {w:?}"
         );
     }
-    assert_eq!(out.status.code(), Some(4), "{stderr}");
-    assert!(stderr.contains("--cbw-timeout"), "{stderr}");
+    let stderr = assert_failed_at_the_bound(&out, &out_dir);
     assert!(stderr.contains("the VM keeps running"), "{stderr}");
-    assert!(
-        dir_entries(&out_dir).is_empty(),
-        "left behind: {:?}",
-        dir_entries(&out_dir)
-    );
     assert_vm_clean(&mut ctl);
     assert_eq!(status(&mut ctl), before);
     // The guest's writes reached its disks, through the filter and after it.
@@ -392,11 +407,8 @@ fn signal_guest_agent(g: &mut Guest, sig: &str) {
 #[test]
 #[ignore = "boots a Linux guest under QEMU (qemu-system-x86); scripts/test runs it with --include-ignored"]
 fn faults_during_backups_of_a_real_writing_guest_leave_it_running_and_thawed() {
-    // The cbw bound, how long the archive writer stays stopped, and the slack a guest
-    // write may take beyond the bound (TCG on a loaded host).
-    const BOUND: Duration = Duration::from_secs(1);
+    // How long the archive writer stays stopped.
     const STALL: Duration = Duration::from_secs(10);
-    const MARGIN: Duration = Duration::from_secs(2);
     let image = guest::image().unwrap();
     let dir = tempfile::Builder::new()
         .prefix("vma-live-faults-")
@@ -414,52 +426,38 @@ fn faults_during_backups_of_a_real_writing_guest_leave_it_running_and_thawed() {
     let mut ctl = g.vm.control().unwrap();
     let out_dir = dir.path().join("out");
     std::fs::create_dir(&out_dir).unwrap();
+    // The binary backing up the guest into `archive`, freezing it through its agent.
+    let back_up_through_the_agent = |archive: &Path| {
+        run_bin(&[
+            "--qmp",
+            &qmp,
+            "--guest-agent",
+            &agent_path,
+            "--no-progress",
+            "--output",
+            archive.to_str().unwrap(),
+        ])
+    };
+    let start_through_the_agent = |archive: &Path, extra: &[&str]| {
+        let agent = ["--guest-agent", agent_path.as_str(), "--no-progress"];
+        start_throttled(Path::new(&qmp), archive, &[&agent[..], extra].concat())
+    };
 
     // A full filesystem under the archive.
     let full = Tmpfs::mount(dir.path().join("small"), "8m");
     let archive = full.0.join("vm.vma");
-    let out = run_bin(&[
-        "--qmp",
-        &qmp,
-        "--guest-agent",
-        &agent_path,
-        "--no-progress",
-        "--output",
-        archive.to_str().unwrap(),
-    ]);
+    let out = back_up_through_the_agent(&archive);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(4), "{stderr}");
     assert!(stderr.contains("No space left"), "{stderr}");
-    assert!(
-        dir_entries(&full.0).is_empty(),
-        "{:?}",
-        dir_entries(&full.0)
-    );
+    assert_nothing_left(&full.0);
     assert_guest_unharmed(&mut g, &mut ctl, "a full filesystem");
     drop(full);
 
     // The whole backup process stopped for 10 s: archive writer, NBD server and all.
     let archive = out_dir.join("stalled.vma");
-    let child = Command::new(bin())
-        .args([
-            "--qmp",
-            &qmp,
-            "--guest-agent",
-            &agent_path,
-            "--throttle",
-            "4",
-        ])
-        .args([
-            "--cbw-timeout",
-            &BOUND.as_secs().to_string(),
-            "--no-progress",
-        ])
-        .arg("--output")
-        .arg(&archive)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let bound = CBW_BOUND.as_secs().to_string();
+    let child = start_through_the_agent(&archive, &["--cbw-timeout", &bound]);
     wait_for_jobs(&mut ctl, 2, Duration::from_secs(60)).unwrap();
     // What assert_vm_clean looks for is there while the backup runs: our filter on each
     // drive (named vmalb...), and the backup jobs' own copy-before-write nodes.
@@ -482,24 +480,17 @@ fn faults_during_backups_of_a_real_writing_guest_leave_it_running_and_thawed() {
     signal(pid, "CONT");
     let lat = guest_latency::lat(&mut g).unwrap();
     let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
     eprintln!("guest writes while the archive writer was stopped: {probes} -> {probes_stalled} probes, {lat:?} (us)");
     assert!(
         probes_stalled > probes,
         "the guest's probe wrote nothing while the archive writer was stopped"
     );
     assert!(
-        lat.max < u64::try_from((BOUND + MARGIN).as_micros()).unwrap(),
+        lat.max < u64::try_from((CBW_BOUND + WRITE_SLACK).as_micros()).unwrap(),
         "a guest write took {} us with the archive stopped for {STALL:?}: {lat:?}",
         lat.max
     );
-    assert_eq!(out.status.code(), Some(4), "{stderr}");
-    assert!(stderr.contains("--cbw-timeout"), "{stderr}");
-    assert!(
-        dir_entries(&out_dir).is_empty(),
-        "{:?}",
-        dir_entries(&out_dir)
-    );
+    assert_failed_at_the_bound(&out, &out_dir);
     assert_guest_unharmed(&mut g, &mut ctl, "a stalled archive writer");
 
     // An agent that takes the connection and never answers: crash-consistent, said so,
@@ -526,15 +517,7 @@ fn faults_during_backups_of_a_real_writing_guest_leave_it_running_and_thawed() {
     signal_guest_agent(&mut g, "STOP");
     let archive = out_dir.join("agent-stopped.vma");
     let t = Instant::now();
-    let out = run_bin(&[
-        "--qmp",
-        &qmp,
-        "--guest-agent",
-        &agent_path,
-        "--no-progress",
-        "--output",
-        archive.to_str().unwrap(),
-    ]);
+    let out = back_up_through_the_agent(&archive);
     let took = t.elapsed();
     signal_guest_agent(&mut g, "CONT");
     let said = format!(
@@ -561,38 +544,15 @@ fn faults_during_backups_of_a_real_writing_guest_leave_it_running_and_thawed() {
     cancel.store(true, Ordering::SeqCst);
     let err = backup.join().unwrap().unwrap_err();
     assert!(matches!(err, Error::Interrupted), "{err}");
-    assert!(
-        dir_entries(&out_dir).is_empty(),
-        "{:?}",
-        dir_entries(&out_dir)
-    );
+    assert_nothing_left(&out_dir);
     assert_guest_unharmed(&mut g, &mut ctl, "a cancelled backup");
-    let child = Command::new(bin())
-        .args([
-            "--qmp",
-            &qmp,
-            "--guest-agent",
-            &agent_path,
-            "--throttle",
-            "4",
-            "--no-progress",
-        ])
-        .arg("--output")
-        .arg(out_dir.join("interrupted.vma"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = start_through_the_agent(&out_dir.join("interrupted.vma"), &[]);
     wait_for_jobs(&mut ctl, 2, Duration::from_secs(60)).unwrap();
     signal(child.id(), "INT");
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{stderr}");
-    assert!(
-        dir_entries(&out_dir).is_empty(),
-        "{:?}",
-        dir_entries(&out_dir)
-    );
+    assert_nothing_left(&out_dir);
     assert_guest_unharmed(&mut g, &mut ctl, "a backup interrupted by SIGINT");
 
     // QEMU killed mid-backup, the guest frozen and thawed before: a clean error, no archive.
@@ -607,11 +567,7 @@ fn faults_during_backups_of_a_real_writing_guest_leave_it_running_and_thawed() {
     assert!(matches!(err, Error::QmpClosed), "{err}");
     assert_eq!(err.kind(), ErrorKind::Qemu);
     assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
-    assert!(
-        dir_entries(&out_dir).is_empty(),
-        "{:?}",
-        dir_entries(&out_dir)
-    );
+    assert_nothing_left(&out_dir);
 }
 
 fn guest_plan(freeze: bool, restore: bool) -> Plan {

@@ -56,6 +56,28 @@ impl Vector {
     pub fn file(&self, name: &str) -> Option<&ExpectedFile> {
         self.files.iter().find(|f| f.name == name)
     }
+
+    /// Asserts that `dir` holds exactly the files `vma extract` produces of this vector,
+    /// each of the expected size and sha256.
+    pub fn assert_extracted(&self, dir: &std::path::Path) {
+        let mut want: Vec<String> = self.files.iter().map(|f| f.name.clone()).collect();
+        want.sort();
+        assert_eq!(
+            dir_entries(dir),
+            want,
+            "{}: files in {}",
+            self.file,
+            dir.display()
+        );
+        for f in &self.files {
+            let path = dir.join(&f.name);
+            let len = std::fs::metadata(&path)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+                .len();
+            assert_eq!(len, f.size, "{}: size", path.display());
+            assert_eq!(sha256_file(&path), f.sha256, "{}: sha256", path.display());
+        }
+    }
 }
 
 /// Every vector with its expected contents, in the order EXPECTED.txt names them.
@@ -262,15 +284,24 @@ pub fn dir_entries(dir: &std::path::Path) -> Vec<String> {
     names
 }
 
-/// Runs `cmd` and asserts that it succeeded (the message shows its status and stderr).
-pub fn run_ok(cmd: &mut std::process::Command) -> std::process::Output {
-    let out = cmd.output().expect("the command runs");
+/// Asserts that a finished command succeeded; the message names it (`what`) and shows its
+/// status, stderr and stdout.
+#[track_caller]
+pub fn assert_success(out: &std::process::Output, what: &str) {
     assert!(
         out.status.success(),
-        "{cmd:?} failed: {}\n{}",
+        "{what} failed: {}\nstderr: {}\nstdout: {}",
         out.status,
-        String::from_utf8_lossy(&out.stderr)
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
     );
+}
+
+/// Runs `cmd` and asserts that it succeeded (see [`assert_success`]).
+#[track_caller]
+pub fn run_ok(cmd: &mut std::process::Command) -> std::process::Output {
+    let out = cmd.output().expect("the command runs");
+    assert_success(&out, &format!("{cmd:?}"));
     out
 }
 
@@ -281,5 +312,16 @@ pub fn run_fails(cmd: &mut std::process::Command, code: i32) -> String {
     assert_eq!(out.status.code(), Some(code), "{cmd:?}: {stderr}");
     assert!(!stderr.contains("panicked"), "{cmd:?} panicked: {stderr}");
     assert!(!stderr.trim().is_empty(), "{cmd:?}: no message");
+    stderr
+}
+
+/// Runs `cmd` expecting failure as [`run_fails`] does, with a message that mentions `words`;
+/// returns stderr.
+pub fn run_fails_saying(cmd: &mut std::process::Command, code: i32, words: &str) -> String {
+    let stderr = run_fails(cmd, code);
+    assert!(
+        stderr.contains(words),
+        "{cmd:?}: the message lacks {words:?}: {stderr}"
+    );
     stderr
 }

@@ -8,7 +8,7 @@ use std::io::{self, Write};
 use vma_writer::{ZstdOptions, ZstdWriter};
 
 use crate::error::{CliError, Exit, Result};
-use crate::output::{Running, Sink, Target};
+use crate::output::{Sink, Target};
 
 /// What `--compress` or the output's name asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,24 +86,16 @@ pub(crate) enum Packed {
 }
 
 impl Packed {
-    /// Completes the output once the whole archive was written into it: writes the last
-    /// frames and the seek table, then completes the sink (see [`Sink::complete`]).
-    pub(crate) fn complete(
-        self,
-        command: Option<Running>,
-        target: &Target,
-        fsync: bool,
-    ) -> Result<()> {
-        let sink = match self {
-            Packed::Plain(sink) => sink,
-            Packed::Zstd(writer) => {
-                let (sink, _) = writer
-                    .finish()
-                    .map_err(|e| CliError::io(target.describe(), e))?;
-                sink
-            }
-        };
-        sink.complete(command, target, fsync)
+    /// Once the whole archive was written into it: writes the last frames and the seek
+    /// table, and returns the sink, to be completed next (see [`Sink::complete`]).
+    pub(crate) fn finish(self, target: &Target) -> Result<Sink> {
+        match self {
+            Packed::Plain(sink) => Ok(sink),
+            Packed::Zstd(writer) => writer
+                .finish()
+                .map(|(sink, _)| sink)
+                .map_err(|e| CliError::io(target.describe(), e)),
+        }
     }
 }
 

@@ -17,7 +17,7 @@ use vma_format::{
     ExtentHeader, FormatError, NameProblem, Uuid, VMA_BLOCKS_PER_EXTENT, VMA_MAX_DEVICE_SIZE,
 };
 use vma_reader::{verify, Error, ErrorKind, Extractor, SeekableArchive, VerifyOptions};
-use vma_testkit::vectors;
+use vma_testkit::{assert_success, run_ok, vectors};
 
 fn vma() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_vma"));
@@ -553,16 +553,7 @@ fn the_base_archive_is_good() {
     Extractor::new(dir.path().join("out"))
         .extract(&g[..])
         .unwrap();
-    let out = vma()
-        .arg("verify")
-        .arg(write_tmp(&dir, &g))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(vma().arg("verify").arg(write_tmp(&dir, &g)));
 }
 
 fn write_tmp(dir: &tempfile::TempDir, bytes: &[u8]) -> std::path::PathBuf {
@@ -724,12 +715,7 @@ fn huge_declared_devices_cost_no_memory() {
     };
     // The limit leaves room for an ordinary run.
     let v = &vectors()[0];
-    let out = limited(&v.path(), "verify");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert_success(&limited(&v.path(), "verify"), "verify under the limit");
 
     for (what, bytes, check) in [
         (
@@ -761,12 +747,7 @@ fn huge_declared_devices_cost_no_memory() {
             !text.contains("panicked") && !text.contains("alloc"),
             "{what}: {text}"
         );
-        let out = limited(&path, "list");
-        assert!(
-            out.status.success(),
-            "{what}: list: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+        assert_success(&limited(&path, "list"), &format!("{what}: list"));
     }
 }
 

@@ -30,7 +30,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use vma_format::ArchiveHeader;
-use vma_testkit::{parse_list_line, sha256_hex, vectors, Vector};
+use vma_testkit::{parse_list_line, require_tool, sha256_hex, vectors, Vector};
 
 /// The VM the tests restore to.
 const VMID: &str = "100";
@@ -55,7 +55,10 @@ struct Env {
 
 impl Env {
     fn new() -> Env {
-        require_tools(&["perl", "bash", "zstd", "gzip", "zcat", "lzop", "qemu-img"]);
+        // A missing tool fails loudly: the suite must not pass by skipping.
+        ["perl", "bash", "zstd", "gzip", "zcat", "lzop", "qemu-img"]
+            .into_iter()
+            .for_each(require_tool);
         let modules = Command::new("perl")
             .args([
                 "-MFile::Copy",
@@ -98,22 +101,6 @@ impl Env {
     }
 }
 
-/// A missing tool fails loudly: the suite must not pass by skipping.
-fn require_tools(tools: &[&str]) {
-    for tool in tools {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .stdout(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        assert!(
-            found,
-            "{tool} is not installed: run scripts/install-deps (as root); these tests need it"
-        );
-    }
-}
-
 fn require_root() {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
@@ -149,6 +136,14 @@ struct Run {
 impl Run {
     fn stdout_lines(&self) -> Vec<&str> {
         self.stdout.lines().collect()
+    }
+
+    /// What stands between `prefix` (which ends with an opening `'`) and a closing `'`
+    /// ending the line, on each line of stderr that starts so.
+    fn quoted_in_stderr<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = &'a str> {
+        self.stderr
+            .lines()
+            .filter_map(move |l| l.strip_prefix(prefix)?.strip_suffix('\''))
     }
 
     fn assert_ok(&self) {
@@ -813,13 +808,8 @@ fn map_lines(r: &Restore) -> Vec<(String, PathBuf, u8)> {
 /// The volume IDs the restore allocated, in allocation order.
 fn volids(r: &Restore) -> Vec<String> {
     r.run
-        .stderr
-        .lines()
-        .filter_map(|l| {
-            l.strip_prefix("new volume ID is '")
-                .and_then(|v| v.strip_suffix('\''))
-                .map(str::to_string)
-        })
+        .quoted_in_stderr("new volume ID is '")
+        .map(str::to_string)
         .collect()
 }
 
@@ -965,6 +955,20 @@ fn check_firewall(r: &Restore, case: &Case) {
     }
 }
 
+/// Restores `case` from `input` into sparse raw files, in a fresh work folder `name`.
+fn restore_into_sparse_raw(
+    env: &Env,
+    case: &Case,
+    input: Input,
+    name: &str,
+    what: &str,
+) -> Restore {
+    let work = env.fresh(name);
+    let staged = stage(&work, &case.archive, input);
+    let targets = prepare_targets(TargetKind::SparseRaw, case, &work);
+    restore(env, &work, staged, &targets.storages, None, what)
+}
+
 /// Restores every restorable vector, from every kind of input, into `kind` volumes.
 fn restore_all(kind: TargetKind, bwlimit: Option<u64>) {
     let env = Env::new();
@@ -1009,7 +1013,7 @@ fn restore_into_thick_volumes_full_of_garbage_with_a_bandwidth_limit() {
 #[ignore = "needs root and loop devices; scripts/test runs it"]
 fn restore_into_loop_devices() {
     require_root();
-    require_tools(&["losetup"]);
+    require_tool("losetup");
     restore_all(TargetKind::LoopDevice, None);
 }
 
@@ -1023,10 +1027,8 @@ fn restore_without_map_hints_dies_after_reading_the_config() {
         let case = plain_case(stem);
         for input in Input::ALL {
             let what = format!("restore of {stem} (no hints) from {input:?}");
-            let work = env.fresh(&format!("{stem}-{input:?}"));
-            let staged = stage(&work, &case.archive, input);
-            let targets = prepare_targets(TargetKind::SparseRaw, &case, &work);
-            let r = restore(&env, &work, staged, &targets.storages, None, &what);
+            let r =
+                restore_into_sparse_raw(&env, &case, input, &format!("{stem}-{input:?}"), &what);
             let names: Vec<String> = case
                 .devices
                 .iter()
@@ -1067,10 +1069,7 @@ fn restore_of_an_archive_without_config_dies_unable_to_read_it() {
     assert!(case.conf.is_none());
     for input in Input::ALL {
         let what = format!("restore of vec4 from {input:?}");
-        let work = env.fresh(&format!("vec4-{input:?}"));
-        let staged = stage(&work, &case.archive, input);
-        let targets = prepare_targets(TargetKind::SparseRaw, &case, &work);
-        let r = restore(&env, &work, staged, &targets.storages, None, &what);
+        let r = restore_into_sparse_raw(&env, &case, input, &format!("vec4-{input:?}"), &what);
         r.run.assert_dies_with(
             |msg| {
                 msg.starts_with("command 'set -o pipefail && ")
@@ -1201,12 +1200,8 @@ fn diskless_backup(env: &Env, work: &Path, compress: &str, stdout: bool) -> (Run
     }
     let run = run_script(env, "diskless-backup.pl", &args, Stdin::Null, &what);
     let target = run
-        .stderr
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("INFO: creating vzdump archive '")
-                .and_then(|t| t.strip_suffix('\''))
-        })
+        .quoted_in_stderr("INFO: creating vzdump archive '")
+        .next()
         .map(PathBuf::from)
         .unwrap_or_else(|| dumpdir.join("no-archive-announced"));
     (run, target)

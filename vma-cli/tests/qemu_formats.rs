@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use vma_testkit::{require_tool, Rng};
+use vma_testkit::{require_tool, run_ok, Rng};
 
 const VMA: &str = env!("CARGO_BIN_EXE_vma");
 const MIB: usize = 1 << 20;
@@ -142,12 +142,7 @@ fn assert_fails(out: &Output, code: i32, wants: &[&str]) {
 }
 
 fn qemu_img(args: &[&str]) -> String {
-    let out = Command::new("qemu-img").args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run_ok(Command::new("qemu-img").args(args));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -301,6 +296,27 @@ fn qcow2_target(s: &Scratch, target: &Path, raw: &Path, w: u8) -> PathBuf {
     create(target, "qcow2", &size.to_string());
     let t = target.display();
     map_file(s, &[format!("format=qcow2:{w}:drive-scsi0={t}")])
+}
+
+/// A 48 MiB archive to restore from stdin into a new qcow2 `t.qcow2`: the scratch, the raw
+/// device, the archive's bytes, the target and the map.
+fn qcow2_restore_from_stdin() -> (Scratch, PathBuf, Vec<u8>, PathBuf, PathBuf) {
+    let (s, raw, _, a) = with_archive(48);
+    let bytes = fs::read(&a).unwrap();
+    let target = s.path("t.qcow2");
+    let map = qcow2_target(&s, &target, &raw, 1);
+    (s, raw, bytes, target, map)
+}
+
+/// `extract -r MAP - INTO`: the arguments of a restore of the archive on stdin.
+fn restore_from_stdin<'a>(map: &'a Path, into: &'a Path) -> [&'a str; 5] {
+    [
+        "extract",
+        "-r",
+        map.to_str().unwrap(),
+        "-",
+        into.to_str().unwrap(),
+    ]
 }
 
 fn map_file(s: &Scratch, lines: &[String]) -> PathBuf {
@@ -757,25 +773,11 @@ fn kill_midway(s: &Scratch, args: &[&str], input: &[u8]) -> Output {
 #[test]
 #[ignore = "needs qemu-utils"]
 fn the_daemon_killed_midway() {
-    let (s, raw, _, a) = with_archive(48);
-    let bytes = fs::read(&a).unwrap();
-
     // A restore into an existing qcow2.
-    let target = s.path("t.qcow2");
-    let t = target.to_str().unwrap();
-    let map = qcow2_target(&s, &target, &raw, 1);
-    let out = kill_midway(
-        &s,
-        &[
-            "extract",
-            "-r",
-            map.to_str().unwrap(),
-            "-",
-            s.path("r").to_str().unwrap(),
-        ],
-        &bytes,
-    );
-    assert_fails(&out, 4, &[t, "qemu-storage-daemon"]);
+    let (s, raw, bytes, target, map) = qcow2_restore_from_stdin();
+    let into = s.path("r");
+    let out = kill_midway(&s, &restore_from_stdin(&map, &into), &bytes);
+    assert_fails(&out, 4, &[target.to_str().unwrap(), "qemu-storage-daemon"]);
 
     // extract --format: no image left, under any name, nor the directory.
     let x = s.path("x");
@@ -946,19 +948,9 @@ fn reproducible_create_whose_first_source_dies_fails_without_hanging() {
 #[test]
 #[ignore = "needs qemu-utils"]
 fn vma_killed_takes_its_daemon_with_it() {
-    let (s, raw, _, a) = with_archive(48);
-    let bytes = fs::read(&a).unwrap();
-    let target = s.path("t.qcow2");
-    let map = qcow2_target(&s, &target, &raw, 1);
+    let (s, _, bytes, _, map) = qcow2_restore_from_stdin();
     let into = s.path("r");
-    let args = [
-        "extract",
-        "-r",
-        map.to_str().unwrap(),
-        "-",
-        into.to_str().unwrap(),
-    ];
-    let mut child = s.spawn_piped(&args);
+    let mut child = s.spawn_piped(&restore_from_stdin(&map, &into));
     let mut stdin = child.stdin.take().unwrap();
     stdin.write_all(&bytes[..bytes.len() / 2]).unwrap();
     wait_for_daemon(&s);

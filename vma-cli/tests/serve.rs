@@ -5,11 +5,11 @@
 use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use vma_testkit::serve::wait_with_timeout;
-use vma_testkit::{require_tool as require, sha256_file, vectors, Serve};
+use vma_testkit::{require_tool as require, run_ok, sha256_file, vectors, Serve, Vector};
 
 const VMA: &str = env!("CARGO_BIN_EXE_vma");
 
@@ -40,18 +40,49 @@ fn assert_converts_to(
     assert_eq!(sha256_file(raw), want.sha256, "{what} {dev}");
 }
 
+/// Serves `archive` (a packed copy of `v`, on the socket `ARCHIVE.sock`): each of
+/// `devices` converts to a raw file (`ARCHIVE.DEV.raw`) of exactly the vector's bytes.
+fn assert_every_device_converts(archive: &Path, v: &Vector, devices: &[String]) {
+    let next_to = |suffix: String| {
+        let mut path = archive.as_os_str().to_owned();
+        path.push(suffix);
+        PathBuf::from(path)
+    };
+    let sock = next_to(".sock".to_string());
+    let mut serve = start_serve(archive, &sock, &[]);
+    for dev in devices {
+        let want = v.file(&format!("disk-{dev}.raw")).unwrap();
+        assert_converts_to(&serve, dev, &next_to(format!(".{dev}.raw")), want, &v.file);
+    }
+    assert!(serve.interrupt().success());
+}
+
+/// `vma serve` of vector `n` on `s.sock` in a new temporary folder, with `extra`
+/// arguments: the folder, the vector, the socket and the server.
+fn serve_vector(n: usize, extra: &[&str]) -> (tempfile::TempDir, Vector, PathBuf, Serve) {
+    let tmp = tempfile::tempdir().unwrap();
+    let v = vectors().swap_remove(n);
+    let sock = tmp.path().join("s.sock");
+    let serve = start_serve(&v.path(), &sock, extra);
+    (tmp, v, sock, serve)
+}
+
+/// `qemu-img info` of the NBD `url` fails (`why` says why it must).
+fn assert_does_not_open(url: &str, why: &str) {
+    let out = Command::new("qemu-img")
+        .args(["info", url])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{why}");
+}
+
 fn qemu_img(args: &[&str]) {
-    let out = Command::new("qemu-img").args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok(Command::new("qemu-img").args(args));
 }
 
 /// The vectors with devices (QEMU's qemu-img required), each with the device names
 /// Proxmox's `vma list` printed for it.
-fn vectors_with_devices() -> Vec<(vma_testkit::Vector, Vec<String>)> {
+fn vectors_with_devices() -> Vec<(Vector, Vec<String>)> {
     require("qemu-img");
     vectors()
         .into_iter()
@@ -120,14 +151,7 @@ fn every_device_of_a_seekable_vma_zst_converts_byte_exact() {
             z.write_all(&v.bytes()).unwrap();
             let zst = tmp.path().join(format!("{}.{frame_size}.zst", v.file));
             fs::write(&zst, z.finish().unwrap().0).unwrap();
-            let sock = tmp.path().join(format!("{}.{frame_size}.sock", v.file));
-            let mut serve = start_serve(&zst, &sock, &[]);
-            for dev in &devices {
-                let want = v.file(&format!("disk-{dev}.raw")).unwrap();
-                let raw = tmp.path().join(format!("{dev}.zst.raw"));
-                assert_converts_to(&serve, dev, &raw, want, &v.file);
-            }
-            assert!(serve.interrupt().success());
+            assert_every_device_converts(&zst, &v, &devices);
         }
     }
 }
@@ -141,21 +165,9 @@ fn every_device_of_a_vma_lzo_converts_byte_exact() {
     let tmp = tempfile::tempdir().unwrap();
     for (v, devices) in vectors_with_devices() {
         let lzo = tmp.path().join(format!("{}.lzo", v.file));
-        let out = Command::new("lzop")
-            .arg("-c")
-            .arg(v.path())
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "lzop {}", v.file);
+        let out = run_ok(Command::new("lzop").arg("-c").arg(v.path()));
         fs::write(&lzo, out.stdout).unwrap();
-        let sock = tmp.path().join(format!("{}.lzo.sock", v.file));
-        let mut serve = start_serve(&lzo, &sock, &[]);
-        for dev in &devices {
-            let want = v.file(&format!("disk-{dev}.raw")).unwrap();
-            let raw = tmp.path().join(format!("{dev}.lzo.raw"));
-            assert_converts_to(&serve, dev, &raw, want, &v.file);
-        }
-        assert!(serve.interrupt().success());
+        assert_every_device_converts(&lzo, &v, &devices);
     }
 }
 
@@ -180,8 +192,7 @@ fn parse_dump(text: &str) -> Vec<u8> {
 #[ignore = "needs QEMU's tools (qemu-img, qemu-io); scripts/test runs it with --include-ignored"]
 fn random_reads_through_qemu_io_equal_the_image() {
     require("qemu-io");
-    let tmp = tempfile::tempdir().unwrap();
-    let v = &vectors()[0];
+    let (tmp, v, _, serve) = serve_vector(0, &[]);
     // The reference image, from our own extraction (tested against EXPECTED.txt elsewhere).
     let out = tmp.path().join("x");
     let st = Command::new(env!("CARGO_BIN_EXE_vma"))
@@ -192,8 +203,6 @@ fn random_reads_through_qemu_io_equal_the_image() {
         .unwrap();
     assert!(st.status.success());
     let image = fs::read(out.join("disk-drive-scsi0.raw")).unwrap();
-    let sock = tmp.path().join("s.sock");
-    let serve = start_serve(&v.path(), &sock, &[]);
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
     let mut cmd = Command::new("qemu-io");
     cmd.args(["-f", "raw", "-r", &serve.url("drive-scsi0")]);
@@ -207,12 +216,7 @@ fn random_reads_through_qemu_io_equal_the_image() {
         cmd.arg("-c").arg(format!("read -v {off} {len}"));
         expected.extend_from_slice(&image[off..off + len]);
     }
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run_ok(&mut cmd);
     let got = parse_dump(&String::from_utf8_lossy(&out.stdout));
     assert_eq!(got.len(), expected.len());
     assert!(
@@ -251,11 +255,10 @@ fn writes_unknown_exports_and_broken_clients_do_not_hurt_the_server() {
         "write accepted: {text}"
     );
 
-    let out = Command::new("qemu-img")
-        .args(["info", &serve.url("no-such-disk")])
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "an unknown export must not open");
+    assert_does_not_open(
+        &serve.url("no-such-disk"),
+        "an unknown export must not open",
+    );
 
     // A client that sends garbage, one that hangs up mid-handshake, one mid-request.
     for garbage in [&b"\xff\xff\xff\xff\xff\xff\xff\xff"[..], b"", b"IHAVEOPT"] {
@@ -290,15 +293,8 @@ fn writes_unknown_exports_and_broken_clients_do_not_hurt_the_server() {
 #[ignore = "needs QEMU's tools (qemu-img, qemu-io); scripts/test runs it with --include-ignored"]
 fn once_stops_after_the_last_client_and_device_filter_applies() {
     require("qemu-img");
-    let tmp = tempfile::tempdir().unwrap();
-    let v = &vectors()[0];
-    let sock = tmp.path().join("s.sock");
-    let mut serve = start_serve(&v.path(), &sock, &["--device", "drive-virtio1"]);
-    let out = Command::new("qemu-img")
-        .args(["info", &serve.url("drive-scsi0")])
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "drive-scsi0 was not selected");
+    let (_tmp, v, sock, mut serve) = serve_vector(0, &["--device", "drive-virtio1"]);
+    assert_does_not_open(&serve.url("drive-scsi0"), "drive-scsi0 was not selected");
     qemu_img(&["info", &serve.url("drive-virtio1")]);
     assert!(serve.interrupt().success());
 

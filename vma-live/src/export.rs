@@ -518,6 +518,16 @@ mod tests {
         fail_at: Option<u64>,
     }
 
+    impl Recorder {
+        /// A recorder whose write at `offset` fails (with ENOSPC).
+        fn failing_at(offset: u64) -> Arc<Recorder> {
+            Arc::new(Recorder {
+                fail_at: Some(offset),
+                ..Recorder::default()
+            })
+        }
+    }
+
     impl RangeSink for Recorder {
         fn write(&self, device: usize, offset: u64, data: &[u8]) -> Result<(), Error> {
             if Some(offset) == self.fail_at {
@@ -540,10 +550,7 @@ mod tests {
 
     #[test]
     fn writes_pass_through_and_failures_latch() {
-        let rec = Arc::new(Recorder {
-            fail_at: Some(3 * CLUSTER),
-            ..Recorder::default()
-        });
+        let rec = Recorder::failing_at(3 * CLUSTER);
         let latch = Arc::new(Latch::default());
         let size = 4 * CLUSTER + 512;
         let e = DriveExport::new(rec.clone(), latch.clone(), 1, size, None);
@@ -571,10 +578,7 @@ mod tests {
 
     #[test]
     fn sink_error_latches_first_error() {
-        let rec = Arc::new(Recorder {
-            fail_at: Some(0),
-            ..Recorder::default()
-        });
+        let rec = Recorder::failing_at(0);
         let latch = Arc::new(Latch::default());
         let e = DriveExport::new(rec, latch.clone(), 0, 2 * CLUSTER, None);
         e.write_at(&vec![1; CLUSTER as usize], 0).unwrap();
@@ -671,10 +675,7 @@ mod tests {
 
     #[test]
     fn a_failed_drain_is_latched_and_an_abandoned_one_frees_waiting_pushes() {
-        let rec = Arc::new(Recorder {
-            fail_at: Some(0),
-            ..Recorder::default()
-        });
+        let rec = Recorder::failing_at(0);
         let latch = Arc::new(Latch::default());
         let (buffer, drain) = PushBuffer::start(1, rec.clone(), latch.clone()).unwrap();
         let push =

@@ -22,6 +22,16 @@ const KIB: usize = 1024;
 const MIB: usize = 1024 * 1024;
 const TIMEOUT: Option<Duration> = Some(Duration::from_secs(10));
 
+/// Runs `f(0)` to `f(n - 1)` each on its own thread, all at once; returns when all ended.
+fn on_threads(n: usize, f: impl Fn(usize) + Sync) {
+    thread::scope(|s| {
+        for t in 0..n {
+            let f = &f;
+            s.spawn(move || f(t));
+        }
+    });
+}
+
 fn connect(sock: &Path, name: &str) -> Client {
     Client::builder()
         .export_name(name)
@@ -191,25 +201,20 @@ fn own_server_many_requests_in_flight_from_several_threads() {
         .connect_unix(&sock)
         .unwrap();
     let piece = 64 * KIB;
-    thread::scope(|s| {
-        for t in 0..4usize {
-            let c = &c;
-            s.spawn(move || {
-                // Each thread owns a quarter; many writes in flight, then reads.
-                let base = t * size / 4;
-                let mut pending = Vec::new();
-                for i in 0..size / 4 / piece {
-                    let data = pattern(piece, (t * 64 + i) as u8);
-                    pending.push(c.submit_write(&data, (base + i * piece) as u64).unwrap());
-                }
-                pending.into_iter().for_each(|p| p.wait().unwrap());
-                let reads: Vec<_> = (0..size / 4 / piece)
-                    .map(|i| c.submit_read((base + i * piece) as u64, piece).unwrap())
-                    .collect();
-                for (i, r) in reads.into_iter().enumerate() {
-                    assert_eq!(r.wait().unwrap(), pattern(piece, (t * 64 + i) as u8));
-                }
-            });
+    on_threads(4, |t| {
+        // Each thread owns a quarter; many writes in flight, then reads.
+        let base = t * size / 4;
+        let mut pending = Vec::new();
+        for i in 0..size / 4 / piece {
+            let data = pattern(piece, (t * 64 + i) as u8);
+            pending.push(c.submit_write(&data, (base + i * piece) as u64).unwrap());
+        }
+        pending.into_iter().for_each(|p| p.wait().unwrap());
+        let reads: Vec<_> = (0..size / 4 / piece)
+            .map(|i| c.submit_read((base + i * piece) as u64, piece).unwrap())
+            .collect();
+        for (i, r) in reads.into_iter().enumerate() {
+            assert_eq!(r.wait().unwrap(), pattern(piece, (t * 64 + i) as u8));
         }
     });
     // Pendings dropped unwaited are harmless.
@@ -387,16 +392,26 @@ fn read_request(s: &mut UnixStream) -> RequestHeader {
 }
 
 fn chunk(flags: u16, kind: u16, handle: u64, payload: &[u8]) -> Vec<u8> {
-    let mut v = ChunkHeader {
+    let mut v = chunk_claiming(flags, kind, handle, payload.len() as u32);
+    v.extend_from_slice(payload);
+    v
+}
+
+/// A chunk header whose length says `length`, with none of that payload.
+fn chunk_claiming(flags: u16, kind: u16, handle: u64, length: u32) -> Vec<u8> {
+    ChunkHeader {
         flags,
         kind,
         handle,
-        length: payload.len() as u32,
+        length,
     }
     .encode()
-    .to_vec();
-    v.extend_from_slice(payload);
-    v
+    .to_vec()
+}
+
+/// A simple reply, without error, to request `handle`.
+fn simple_ok(handle: u64) -> Vec<u8> {
+    SimpleReply { error: 0, handle }.encode().to_vec()
 }
 
 fn data_chunk(flags: u16, handle: u64, offset: u64, data: &[u8]) -> Vec<u8> {
@@ -504,8 +519,7 @@ fn lying_read_replies_give_typed_errors() {
             read_4k,
             Violation::ChunkOutOfBounds { .. },
             |r| {
-                let mut v = chunk(0, REPLY_TYPE_OFFSET_DATA, r.handle, &[]);
-                v[16..20].copy_from_slice(&0xffff_fff0u32.to_be_bytes());
+                let mut v = chunk_claiming(0, REPLY_TYPE_OFFSET_DATA, r.handle, 0xffff_fff0);
                 v.extend_from_slice(&r.offset.to_be_bytes());
                 v
             }
@@ -581,14 +595,7 @@ fn lying_reply_framing_gives_typed_errors() {
             "simple reply to a structured read",
             read_4k,
             Violation::UnexpectedSimpleReply(Command::Read),
-            |r| {
-                SimpleReply {
-                    error: 0,
-                    handle: r.handle,
-                }
-                .encode()
-                .to_vec()
-            }
+            |r| { simple_ok(r.handle) }
         ),
         lie!(
             "unknown chunk type",
@@ -623,11 +630,7 @@ fn lying_error_chunks_give_typed_errors() {
             "huge error chunk",
             read_4k,
             Violation::BadChunkLength { .. },
-            |r| {
-                let mut v = chunk(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, r.handle, &[]);
-                v[16..20].copy_from_slice(&(1u32 << 30).to_be_bytes());
-                v
-            }
+            |r| { chunk_claiming(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, r.handle, 1 << 30) }
         ),
         lie!("error value 0", read_4k, Violation::ZeroError, |r| {
             chunk(
@@ -689,9 +692,12 @@ fn lying_block_status_replies_give_typed_errors() {
             status_1m,
             Violation::BadChunkLength { .. },
             |r| {
-                let mut v = chunk(REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, r.handle, &[]);
-                v[16..20].copy_from_slice(&(u32::MAX - 3).to_be_bytes());
-                v
+                chunk_claiming(
+                    REPLY_FLAG_DONE,
+                    REPLY_TYPE_BLOCK_STATUS,
+                    r.handle,
+                    u32::MAX - 3,
+                )
             }
         ),
         lie!(
@@ -737,14 +743,7 @@ fn server_errors_are_per_request_and_the_connection_stays() {
         // A simple reply to a flush is allowed.
         let r = read_request(s);
         assert_eq!(r.command, CMD_FLUSH);
-        s.write_all(
-            &SimpleReply {
-                error: 0,
-                handle: r.handle,
-            }
-            .encode(),
-        )
-        .unwrap();
+        s.write_all(&simple_ok(r.handle)).unwrap();
         // ESHUTDOWN: the client stops sending.
         let r = read_request(s);
         let p = error_payload(Errno::Shutdown.code(), "");
@@ -848,22 +847,10 @@ fn fallbacks_export_name_simple_replies_and_zero_writes() {
                 let data = read_n(s, r.length as usize);
                 tx.send((r.offset, r.length, data.iter().all(|&b| b == 0)))
                     .unwrap();
-                s.write_all(
-                    &SimpleReply {
-                        error: 0,
-                        handle: r.handle,
-                    }
-                    .encode(),
-                )
-                .unwrap();
+                s.write_all(&simple_ok(r.handle)).unwrap();
             }
             CMD_READ => {
-                let mut v = SimpleReply {
-                    error: 0,
-                    handle: r.handle,
-                }
-                .encode()
-                .to_vec();
+                let mut v = simple_ok(r.handle);
                 v.extend(pattern(r.length as usize, r.offset as u8));
                 s.write_all(&v).unwrap();
             }
@@ -1109,18 +1096,43 @@ fn qemu_client(d: &StorageDaemon) -> Client {
     d.connect_with(Client::builder().timeout(TIMEOUT)).unwrap()
 }
 
+/// [`writable`] and a [`qemu_client`] of it.
+fn writable_client(image: &Path, format: &str) -> (StorageDaemon, Client) {
+    let d = writable(image, format);
+    let c = qemu_client(&d);
+    (d, c)
+}
+
+/// Disconnects the client, then shuts the daemon down: both must go cleanly.
+fn disconnect_and_shut_down(c: Client, d: StorageDaemon) {
+    c.disconnect().unwrap();
+    d.shutdown().unwrap();
+}
+
+/// For a test against QEMU: its tools are there; a new temporary folder for its files.
+fn qemu_test_dir() -> tempfile::TempDir {
+    require_qemu();
+    tempfile::tempdir().unwrap()
+}
+
+/// [`qemu_test_dir`] with a new `format` image `name` of `size` bytes in it.
+fn qemu_test_image(name: &str, format: &str, size: u64) -> (tempfile::TempDir, PathBuf) {
+    let dir = qemu_test_dir();
+    let image = dir.path().join(name);
+    create_image(&image, format, size).unwrap();
+    (dir, image)
+}
+
 #[test]
 #[ignore = "needs QEMU (qemu-utils); scripts/test runs it with --include-ignored"]
 fn every_format_round_trips_through_the_daemon() {
-    require_qemu();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = qemu_test_dir();
     let size = 8 * MIB;
     for format in ["raw", "qcow2", "vmdk", "vdi", "vhdx", "qed"] {
         let image = dir.path().join(format!("disk.{format}"));
         create_image(&image, format, size as u64).unwrap();
-        let d = writable(&image, format);
+        let (d, c) = writable_client(&image, format);
         assert_eq!(d.size(), size as u64, "{format}");
-        let c = qemu_client(&d);
         let info = c.info();
         assert!(
             info.structured_replies && info.block_status,
@@ -1174,12 +1186,8 @@ fn every_format_round_trips_through_the_daemon() {
 #[test]
 #[ignore = "needs QEMU (qemu-utils); scripts/test runs it with --include-ignored"]
 fn write_zeroes_leaves_qcow2_clusters_unallocated() {
-    require_qemu();
-    let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("z.qcow2");
-    create_image(&image, "qcow2", 4 * MIB as u64).unwrap();
-    let d = writable(&image, "qcow2");
-    let c = qemu_client(&d);
+    let (_dir, image) = qemu_test_image("z.qcow2", "qcow2", 4 * MIB as u64);
+    let (d, c) = writable_client(&image, "qcow2");
     c.write_at(&pattern(2 * MIB, 9), 0).unwrap();
     // Over allocated data: unmapped, and zeroed but kept allocated.
     c.write_zeroes(256 * KIB as u64, 512 * KIB as u64, ZeroMode::MayUnmap)
@@ -1197,8 +1205,7 @@ fn write_zeroes_leaves_qcow2_clusters_unallocated() {
         status[1].zero && status[1].len == 512 * KIB as u64,
         "{status:?}"
     );
-    c.disconnect().unwrap();
-    d.shutdown().unwrap();
+    disconnect_and_shut_down(c, d);
     let map = qemu_map("qcow2", &image);
     let mib = MIB as u64;
     let kib = KIB as u64;
@@ -1225,10 +1232,7 @@ fn write_zeroes_leaves_qcow2_clusters_unallocated() {
 #[test]
 #[ignore = "needs QEMU (qemu-utils); scripts/test runs it with --include-ignored"]
 fn block_status_reports_the_holes_of_a_sparse_qcow2() {
-    require_qemu();
-    let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("sparse.qcow2");
-    create_image(&image, "qcow2", 16 * MIB as u64).unwrap();
+    let (_dir, image) = qemu_test_image("sparse.qcow2", "qcow2", 16 * MIB as u64);
     let writes = [
         "write -P 0xaa 1M 512k",
         "write -P 0xbb 5M 64k",
@@ -1279,41 +1283,32 @@ fn block_status_reports_the_holes_of_a_sparse_qcow2() {
     let mut buf = vec![0; 64 * KIB];
     c.read_at(&mut buf, 5 * m).unwrap();
     assert!(buf.iter().all(|&b| b == 0xbb));
-    c.disconnect().unwrap();
-    d.shutdown().unwrap();
+    disconnect_and_shut_down(c, d);
 }
 
 #[test]
 #[ignore = "needs QEMU (qemu-utils); scripts/test runs it with --include-ignored"]
 fn many_requests_in_flight_against_the_daemon() {
-    require_qemu();
-    let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("busy.qcow2");
     let size = 32 * MIB;
-    create_image(&image, "qcow2", size as u64).unwrap();
+    let (_dir, image) = qemu_test_image("busy.qcow2", "qcow2", size as u64);
     let d = writable(&image, "qcow2");
     let c = d
         .connect_with(Client::builder().max_in_flight(64).timeout(TIMEOUT))
         .unwrap();
     let piece = 256 * KIB;
     // Writes out of order from two threads, then pipelined reads in order.
-    thread::scope(|s| {
-        for t in 0..2usize {
-            let c = &c;
-            s.spawn(move || {
-                let mut window = std::collections::VecDeque::new();
-                for i in (t..size / piece).step_by(2).rev() {
-                    window.push_back(
-                        c.submit_write(&pattern(piece, i as u8), (i * piece) as u64)
-                            .unwrap(),
-                    );
-                    if window.len() > 24 {
-                        window.pop_front().unwrap().wait().unwrap();
-                    }
-                }
-                window.into_iter().for_each(|p| p.wait().unwrap());
-            });
+    on_threads(2, |t| {
+        let mut window = std::collections::VecDeque::new();
+        for i in (t..size / piece).step_by(2).rev() {
+            window.push_back(
+                c.submit_write(&pattern(piece, i as u8), (i * piece) as u64)
+                    .unwrap(),
+            );
+            if window.len() > 24 {
+                window.pop_front().unwrap().wait().unwrap();
+            }
         }
+        window.into_iter().for_each(|p| p.wait().unwrap());
     });
     c.flush().unwrap();
     let mut window = std::collections::VecDeque::new();
@@ -1328,15 +1323,13 @@ fn many_requests_in_flight_against_the_daemon() {
         assert!(data == pattern(piece, checked as u8), "piece {checked}");
         checked += 1;
     }
-    c.disconnect().unwrap();
-    d.shutdown().unwrap();
+    disconnect_and_shut_down(c, d);
 }
 
 #[test]
 #[ignore = "needs QEMU (qemu-utils); scripts/test runs it with --include-ignored"]
 fn qcow2_with_a_backing_file_reads_through_the_chain() {
-    require_qemu();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = qemu_test_dir();
     let base = dir.path().join("base.raw");
     let top = dir.path().join("top.qcow2");
     std::fs::write(&base, pattern(2 * MIB, 1)).unwrap();
@@ -1354,16 +1347,14 @@ fn qcow2_with_a_backing_file_reads_through_the_chain() {
             path_str(&top),
         ],
     );
-    let d = writable(&top, "qcow2");
-    let c = qemu_client(&d);
+    let (d, c) = writable_client(&top, "qcow2");
     c.write_at(&[0x55; 4096], 8192).unwrap();
     let mut expected = pattern(2 * MIB, 1);
     expected[8192..12288].fill(0x55);
     let mut buf = vec![0; 2 * MIB];
     c.read_at(&mut buf, 0).unwrap();
     assert!(buf == expected);
-    c.disconnect().unwrap();
-    d.shutdown().unwrap();
+    disconnect_and_shut_down(c, d);
     assert_eq!(
         std::fs::read(&base).unwrap(),
         pattern(2 * MIB, 1),
@@ -1374,11 +1365,8 @@ fn qcow2_with_a_backing_file_reads_through_the_chain() {
 #[test]
 #[ignore = "needs QEMU (qemu-utils); scripts/test runs it with --include-ignored"]
 fn qemu_nbd_as_the_peer() {
-    require_qemu();
-    let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("n.qcow2");
+    let (dir, image) = qemu_test_image("n.qcow2", "qcow2", 4 * MIB as u64);
     let sock = dir.path().join("qemu-nbd.sock");
-    create_image(&image, "qcow2", 4 * MIB as u64).unwrap();
     let mut child = std::process::Command::new("qemu-nbd")
         .args(["-f", "qcow2", "-x", "disk", "--discard=unmap", "-k"])
         .arg(&sock)
@@ -1421,19 +1409,14 @@ fn qemu_nbd_as_the_peer() {
 #[test]
 #[ignore = "needs QEMU (qemu-utils); scripts/test runs it with --include-ignored"]
 fn qemu_io_reads_what_the_client_wrote_through_the_daemon() {
-    require_qemu();
-    let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("io.vmdk");
-    create_image(&image, "vmdk", 2 * MIB as u64).unwrap();
-    let d = writable(&image, "vmdk");
-    let c = qemu_client(&d);
+    let (_dir, image) = qemu_test_image("io.vmdk", "vmdk", 2 * MIB as u64);
+    let (d, c) = writable_client(&image, "vmdk");
     c.write_at(&[0x42; 3 * 4096], 4096).unwrap();
     c.flush().unwrap();
     // QEMU's own NBD client on a second connection sees the data.
     let commands = ["read -P 0x42 4k 12k", "read -P 0 16k 4k"];
     qemu_io(&["-r", "-f", "raw"], &d.nbd_uri(), &commands);
-    c.disconnect().unwrap();
-    d.shutdown().unwrap();
+    disconnect_and_shut_down(c, d);
 }
 
 // ---------------------------------------------------------------------------
@@ -1451,8 +1434,7 @@ fn entries(dir: &Path) -> Vec<PathBuf> {
 #[test]
 #[ignore = "needs QEMU (qemu-utils); scripts/test runs it with --include-ignored"]
 fn images_qemu_cannot_open_name_the_image_and_what_qemu_said() {
-    require_qemu();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = qemu_test_dir();
     let garbage = dir.path().join("garbage.qcow2");
     std::fs::write(&garbage, b"this is not an image at all").unwrap();
     let missing = dir.path().join("missing.qcow2");
@@ -1499,12 +1481,8 @@ fn images_qemu_cannot_open_name_the_image_and_what_qemu_said() {
 #[test]
 #[ignore = "needs QEMU (qemu-utils); scripts/test runs it with --include-ignored"]
 fn a_daemon_killed_mid_way_fails_the_client_without_hanging() {
-    require_qemu();
-    let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("k.qcow2");
-    create_image(&image, "qcow2", 64 * MIB as u64).unwrap();
-    let d = writable(&image, "qcow2");
-    let c = qemu_client(&d);
+    let (_dir, image) = qemu_test_image("k.qcow2", "qcow2", 64 * MIB as u64);
+    let (d, c) = writable_client(&image, "qcow2");
     let pid = d.id().unwrap();
     let socket_dir = d.socket_path().parent().unwrap().to_path_buf();
     let started = Instant::now();
@@ -1561,8 +1539,7 @@ fn daemon_missing_from_path_is_a_clear_error() {
         assert!(matches!(err, Error::ToolMissing { .. }), "{err}");
         return;
     }
-    require_qemu();
-    let empty = tempfile::tempdir().unwrap();
+    let empty = qemu_test_dir();
     let out = std::process::Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",

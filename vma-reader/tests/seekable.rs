@@ -144,39 +144,25 @@ fn block_status_reports_holes() {
     assert_eq!(r.mask(1), Some(BlockMask::empty()));
     assert_eq!(r.mask(4), None);
     assert!(r.is_allocated(0) && !r.is_allocated(1) && r.is_allocated(2) && !r.is_allocated(3));
-    assert_eq!(
-        r.allocation(0, u64::MAX).map(|a| (a.len, a.stored)),
-        Some((4096, true))
-    );
-    assert_eq!(
-        r.allocation(100, u64::MAX).map(|a| (a.len, a.stored)),
-        Some((3996, true))
-    );
-    assert_eq!(
-        r.allocation(4096, u64::MAX).map(|a| (a.len, a.stored)),
-        Some((4096, false))
-    );
-    assert_eq!(
-        r.allocation(8192, u64::MAX).map(|a| (a.len, a.stored)),
-        Some((4096, true))
-    );
-    // From block 3 of cluster 0 through all of cluster 1.
-    assert_eq!(
-        r.allocation(12288, u64::MAX).map(|a| (a.len, a.stored)),
-        Some((131072 - 12288, false))
-    );
-    assert_eq!(
-        r.allocation(131072, u64::MAX).map(|a| (a.len, a.stored)),
-        Some((65536, true))
-    );
-    assert_eq!(
-        r.allocation(131072, 10).map(|a| (a.len, a.stored)),
-        Some((10, true))
-    );
-    assert_eq!(
-        r.allocation(196608, u64::MAX).map(|a| (a.len, a.stored)),
-        Some((size - 196608, false))
-    );
+    // (offset, max, the allocated run's length, stored)
+    let runs = [
+        (0, u64::MAX, 4096, true),
+        (100, u64::MAX, 3996, true),
+        (4096, u64::MAX, 4096, false),
+        (8192, u64::MAX, 4096, true),
+        // From block 3 of cluster 0 through all of cluster 1.
+        (12288, u64::MAX, 131072 - 12288, false),
+        (131072, u64::MAX, 65536, true),
+        (131072, 10, 10, true),
+        (196608, u64::MAX, size - 196608, false),
+    ];
+    for (offset, max, len, stored) in runs {
+        assert_eq!(
+            r.allocation(offset, max).map(|a| (a.len, a.stored)),
+            Some((len, stored)),
+            "allocation({offset}, {max})"
+        );
+    }
     assert_eq!(r.allocation(size, 1).map(|a| (a.len, a.stored)), None);
 }
 

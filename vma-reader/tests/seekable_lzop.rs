@@ -8,9 +8,12 @@ use std::io::{Cursor, Read, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use common::{assert_same_devices, noise, two_device_archive, write_file};
+use common::{
+    assert_same_and_verified, assert_same_devices, noise, open_in_tempdir, two_device_archive,
+    write_file,
+};
 use vma_reader::lzop::{LzopBlock, LzopError, LzopIndex, LzopReader, MAX_BLOCK_SIZE};
-use vma_reader::{verify, Error, Packing, SeekableArchive, VerifyOptions};
+use vma_reader::{Error, Packing, SeekableArchive};
 use vma_testkit::{require_tool, vectors, Rng};
 
 /// `plain` compressed by the `lzop` tool with `args` (after `-c`).
@@ -112,24 +115,16 @@ fn every_vector_compressed_by_lzop_reads_the_same() {
                 "{:?}",
                 archive.packing()
             );
-            assert_same_devices(&plain, &archive, lzo.len() as u64, 600000);
-            let report = verify(&archive, VerifyOptions::new()).unwrap();
-            assert!(report.is_ok(), "{}: {report:?}", v.file);
+            assert_same_and_verified(&plain, &archive, lzo.len() as u64, 600000, &v.file);
         }
     }
 }
 
-/// 40 MiB in two devices, one of them noise lzop stores uncompressed, sealed.
-fn large_archive() -> Vec<u8> {
-    two_device_archive(&noise((10 << 20) + 12345, 6))
-}
-
 #[test]
 fn many_blocks_stored_and_compressed_through_a_bounded_cache() {
-    let dir = tempfile::tempdir().unwrap();
-    let plain_bytes = large_archive();
-    let plain_path = write_file(dir.path(), "a.vma", &plain_bytes);
-    let plain = SeekableArchive::open(&plain_path).unwrap();
+    // 40 MiB in two devices, one of them noise lzop stores uncompressed, sealed.
+    let (dir, plain_bytes, plain) =
+        open_in_tempdir(two_device_archive(&noise((10 << 20) + 12345, 6)));
     for args in FLAVOURS {
         let lzo = packed(&plain_bytes, args);
         let index = LzopIndex::scan(Cursor::new(&lzo), lzo.len() as u64).unwrap();

@@ -7,9 +7,12 @@ mod common;
 use std::io::{Read, Write};
 use std::path::Path;
 
-use common::{assert_same_devices, mixed_image, two_device_archive, write_file};
+use common::{
+    assert_same_and_verified, assert_same_devices, mixed_image, open_in_tempdir,
+    two_device_archive, write_file,
+};
 use vma_format::seek_table::{self, FrameEntry, SeekIndex};
-use vma_reader::{verify, Error, Packing, ParallelZstdReader, SeekableArchive, VerifyOptions};
+use vma_reader::{Error, Packing, ParallelZstdReader, SeekableArchive};
 use vma_testkit::vectors;
 use vma_writer::{ZstdOptions, ZstdWriter};
 
@@ -37,9 +40,7 @@ fn every_vector_reads_the_same_compressed() {
                 archive.packing(),
                 Packing::SeekableZstd { compressed_len, .. } if compressed_len == zst.len() as u64
             ));
-            assert_same_devices(&plain, &archive, frame_size as u64, 300000);
-            let report = verify(&archive, VerifyOptions::new()).unwrap();
-            assert!(report.is_ok(), "{}: {report:?}", v.file);
+            assert_same_and_verified(&plain, &archive, frame_size as u64, 300000, &v.file);
         }
     }
 }
@@ -52,10 +53,7 @@ fn large_archive() -> Vec<u8> {
 
 #[test]
 fn large_frames_and_a_bounded_cache() {
-    let dir = tempfile::tempdir().unwrap();
-    let plain_bytes = large_archive();
-    let plain_path = write_file(dir.path(), "a.vma", &plain_bytes);
-    let plain = SeekableArchive::open(&plain_path).unwrap();
+    let (dir, plain_bytes, plain) = open_in_tempdir(large_archive());
     for frame_size in [2 << 20, 9 << 20] {
         let zst = compress(&plain_bytes, frame_size);
         let path = write_file(dir.path(), "a.vma.zst", &zst);

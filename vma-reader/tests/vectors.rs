@@ -12,29 +12,6 @@ use vma_reader::{
 };
 use vma_testkit::{sha256_file, vectors};
 
-fn assert_matches_expected(v: &vma_testkit::Vector, dir: &std::path::Path) {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
-    names.sort();
-    let mut expected: Vec<String> = v.files.iter().map(|f| f.name.clone()).collect();
-    expected.sort();
-    assert_eq!(names, expected, "{}: files extracted", v.file);
-    for f in &v.files {
-        let path = dir.join(&f.name);
-        let len = std::fs::metadata(&path).unwrap().len();
-        assert_eq!(len, f.size, "{} {}: size", v.file, f.name);
-        assert_eq!(
-            sha256_file(&path),
-            f.sha256,
-            "{} {}: sha256",
-            v.file,
-            f.name
-        );
-    }
-}
-
 #[test]
 fn every_vector_extracts_exactly_through_the_streaming_reader() {
     for v in vectors() {
@@ -45,7 +22,7 @@ fn every_vector_extracts_exactly_through_the_streaming_reader() {
             .progress(|p| seen.push(*p))
             .extract(std::io::BufReader::new(file))
             .unwrap_or_else(|e| panic!("{}: {e}", v.file));
-        assert_matches_expected(&v, &s.out());
+        v.assert_extracted(&s.out());
         assert!(report.verify.is_ok() && report.damaged.is_empty());
         assert_eq!(report.files.len(), v.files.len());
         let last = seen.last().copied().unwrap();
@@ -134,7 +111,7 @@ fn a_pipe_is_enough() {
             .extract(child.stdout.take().unwrap())
             .unwrap();
         assert!(child.wait().unwrap().success());
-        assert_matches_expected(&v, &s.out());
+        v.assert_extracted(&s.out());
     }
     // And through an OS pipe fed by a thread, in odd-sized writes: `cat` copies its
     // stdin pipe to its stdout pipe.
@@ -326,5 +303,5 @@ fn existing_outputs_are_not_overwritten_unless_asked() {
         .sync(true)
         .extract(&v.bytes()[..])
         .unwrap();
-    assert_matches_expected(v, &s.out());
+    v.assert_extracted(&s.out());
 }

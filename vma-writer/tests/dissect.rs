@@ -103,6 +103,20 @@ fn read_with_dissect(
     (configs, devices)
 }
 
+/// Each image is the device of its name that dissect read, numbered in order.
+fn assert_devices(
+    devices: &BTreeMap<String, (u8, u64, String)>,
+    images: &[(&str, Vec<u8>)],
+    what: &str,
+) {
+    for (i, (name, img)) in images.iter().enumerate() {
+        let (id, size, sha) = &devices[*name];
+        assert_eq!(usize::from(*id), i + 1, "{name} ({what})");
+        assert_eq!(*size, img.len() as u64, "{name} ({what})");
+        assert_eq!(*sha, sha256_hex(img), "{name} ({what})");
+    }
+}
+
 fn check(integrity: bool) {
     let dir = tempfile::tempdir().unwrap();
     let images: Vec<(&str, Vec<u8>)> = vec![
@@ -126,10 +140,7 @@ fn check(integrity: bool) {
     builder
         .add_config("qemu-server.fw", b"[OPTIONS]\nenable: 1\n")
         .unwrap();
-    let devs: Vec<_> = images
-        .iter()
-        .map(|(name, img)| builder.add_device(name, img.len() as u64).unwrap())
-        .collect();
+    let devs = add_devices(&mut builder, &images);
     let vm = builder.add_vmstate(state.len() as u64).unwrap();
     let path = dir.path().join("vzdump-qemu-100.vma");
     let writer = builder.create_file(&path).unwrap();
@@ -172,12 +183,7 @@ fn check(integrity: bool) {
         configs["qemu-server.fw"],
         sha256_hex(b"[OPTIONS]\nenable: 1\n")
     );
-    for (i, (name, img)) in images.iter().enumerate() {
-        let (id, size, sha) = &devices[*name];
-        assert_eq!(usize::from(*id), i + 1);
-        assert_eq!(*size, img.len() as u64);
-        assert_eq!(*sha, sha256_hex(img), "{name} (integrity {integrity})");
-    }
+    assert_devices(&devices, &images, &format!("integrity {integrity}"));
     assert_eq!(devices["vmstate"].2, sha256_hex(&state), "vmstate");
     // And the strict decoder agrees.
     let d = decode(&std::fs::read(&path).unwrap());
@@ -212,10 +218,7 @@ fn dissect_reads_a_reproducible_archive() {
     builder
         .add_config("qemu-server.conf", b"memory: 512\n")
         .unwrap();
-    let devs: Vec<_> = images
-        .iter()
-        .map(|(name, img)| builder.add_device(name, img.len() as u64).unwrap())
-        .collect();
+    let devs = add_devices(&mut builder, &images);
     let path = dir.path().join("reproducible.vma");
     let writer = builder.create_file(&path).unwrap();
     std::thread::scope(|s| {
@@ -232,12 +235,7 @@ fn dissect_reads_a_reproducible_archive() {
     writer.finish().unwrap();
     let (configs, devices) = read_with_dissect(&path);
     assert_eq!(configs["qemu-server.conf"], sha256_hex(b"memory: 512\n"));
-    for (i, (name, img)) in images.iter().enumerate() {
-        let (id, size, sha) = &devices[*name];
-        assert_eq!(usize::from(*id), i + 1);
-        assert_eq!(*size, img.len() as u64);
-        assert_eq!(*sha, sha256_hex(img), "{name}");
-    }
+    assert_devices(&devices, &images, "reproducible");
     let d = decode(&std::fs::read(&path).unwrap());
     assert!(d.seal.is_some());
     assert_eq!(d.header.uuid.get_version_num(), 8);

@@ -88,11 +88,7 @@ fn builder(input: &Input, integrity: bool) -> (Builder, Vec<Device>, VmState) {
         .unwrap();
     b.add_config("qemu-server.fw", b"[OPTIONS]\nenable: 1\n")
         .unwrap();
-    let devs = input
-        .disks
-        .iter()
-        .map(|(name, img)| b.add_device(name, img.len() as u64).unwrap())
-        .collect();
+    let devs = add_devices(&mut b, &input.disks);
     let vm = b.add_vmstate(input.vmstate.len() as u64).unwrap();
     (b, devs, vm)
 }

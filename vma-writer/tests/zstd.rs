@@ -12,19 +12,23 @@ use vma_writer::{Builder, ZstdOptions, ZstdWriter};
 
 /// A plain archive of two devices, mixed data and zeros, several extents.
 fn plain_archive() -> Vec<u8> {
-    let a = image((9 << 20) + 4097, 7);
     let mut b = image(3 << 20, 8);
     b[1 << 20..2 << 20].fill(0);
+    let images = [
+        ("drive-scsi0", image((9 << 20) + 4097, 7)),
+        ("drive-scsi1", b),
+    ];
     let mut builder = Builder::new();
     builder
         .add_config("qemu-server.conf", b"memory: 512\n")
         .unwrap();
-    let da = builder.add_device("drive-scsi0", a.len() as u64).unwrap();
-    let db = builder.add_device("drive-scsi1", b.len() as u64).unwrap();
+    let devs = add_devices(&mut builder, &images);
     let writer = builder.build(Vec::new()).unwrap();
     let h = writer.handle();
-    h.write_range(db, 0, &b).unwrap();
-    h.write_range(da, 0, &a).unwrap();
+    // The second device first.
+    for (dev, (_, img)) in devs.iter().zip(&images).rev() {
+        h.write_range(*dev, 0, img).unwrap();
+    }
     writer.finish().unwrap().1
 }
 

@@ -473,27 +473,35 @@ mod tests {
     #[test]
     fn usage_errors_exit_2() {
         use clap::error::ErrorKind as K;
-        for args in [
+        // Each option with the bad values it refuses, after a backup's required options.
+        let bad_values = [
+            ("--config", &["noequals", "=f", "n="][..]),
+            ("--throttle", &["soon"]),
+            ("--cbw-timeout", &["-1", "3601"]),
+            ("--cbw-buffer", &["-1", "65537"]),
+            ("--bwlimit", &["-5"]),
+            ("--x-perf", &["4", "0,1024", "4,100", "4,x"]),
+        ];
+        let bad_backup_options: Vec<Vec<&str>> = bad_values
+            .iter()
+            .flat_map(|&(option, values)| {
+                values
+                    .iter()
+                    .map(move |&value| vec!["--qmp", "/q", "-o", "/o", option, value])
+            })
+            .collect();
+        let others = [
             &["--bogus"][..],
             &["--qmp", "/q"],
             &["--output", "/o"],
-            &["--qmp", "/q", "-o", "/o", "--config", "noequals"],
-            &["--qmp", "/q", "-o", "/o", "--config", "=f"],
-            &["--qmp", "/q", "-o", "/o", "--config", "n="],
-            &["--qmp", "/q", "-o", "/o", "--throttle", "soon"],
-            &["--qmp", "/q", "-o", "/o", "--cbw-timeout", "-1"],
-            &["--qmp", "/q", "-o", "/o", "--cbw-timeout", "3601"],
-            &["--qmp", "/q", "-o", "/o", "--cbw-buffer", "-1"],
-            &["--qmp", "/q", "-o", "/o", "--cbw-buffer", "65537"],
-            &["--qmp", "/q", "-o", "/o", "--bwlimit", "-5"],
-            &["--qmp", "/q", "-o", "/o", "--x-perf", "4"],
-            &["--qmp", "/q", "-o", "/o", "--x-perf", "0,1024"],
-            &["--qmp", "/q", "-o", "/o", "--x-perf", "4,100"],
-            &["--qmp", "/q", "-o", "/o", "--x-perf", "4,x"],
             &["--measure", "--size-mib", "15"],
             &["--measure", "--size-mib", "65537"],
             &["--qmp"],
-        ] {
+        ];
+        for args in others
+            .into_iter()
+            .chain(bad_backup_options.iter().map(Vec::as_slice))
+        {
             let e = mode(args).unwrap_err();
             assert_ne!(e.kind(), K::DisplayHelp, "{args:?}");
             assert_eq!(e.exit_code(), 2, "{args:?}: {e}");

@@ -244,7 +244,8 @@ pub(crate) fn run(args: Args) -> Result<()> {
         Err(e) => return Err(failure(&target, command.as_mut(), None, e)),
     };
     close_sources(disks)?;
-    sink.complete(command, &target, args.sync)?;
+    sink.finish(&target)?
+        .complete(command, &target, args.sync)?;
     if args.verbose {
         let lines = lock(&lines);
         for d in &summary.devices {

@@ -70,7 +70,9 @@ pub(crate) fn run(args: Args) -> Result<()> {
     if !report.is_ok() {
         return Err(CliError::new(Exit::Damaged, damage_message(&report)));
     }
-    out.into_inner().complete(command, &target, args.sync)
+    out.into_inner()
+        .finish(&target)?
+        .complete(command, &target, args.sync)
 }
 
 /// The input as the verifier reads it, every byte read written to the output too.

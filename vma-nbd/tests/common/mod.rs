@@ -81,13 +81,7 @@ pub fn run(cmd: &str, args: &[&str]) -> Output {
 /// Runs a command and panics with its output unless it succeeds.
 pub fn run_ok(cmd: &str, args: &[&str]) -> Output {
     let out = run(cmd, args);
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?} failed: {}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    vma_testkit::assert_success(&out, &format!("{cmd} {args:?}"));
     out
 }
 

@@ -294,6 +294,17 @@ impl Scratch {
     }
 }
 
+/// Extracts `bytes` with the default options into a fresh [`Scratch`], which must fail and
+/// leave nothing behind; returns the error.
+pub fn extract_refused(bytes: &[u8]) -> vma_reader::Error {
+    let s = Scratch::new();
+    let err = vma_reader::Extractor::new(s.out())
+        .extract(bytes)
+        .expect_err("extract must fail");
+    s.assert_untouched();
+    err
+}
+
 #[allow(unused_imports)] // reason: each test crate that includes this module uses some of it
 pub use vma_testkit::sha256_hex;
 
@@ -336,6 +347,19 @@ pub fn assert_same_devices(
     }
 }
 
+/// [`assert_same_devices`], and the packed archive verifies without a finding.
+pub fn assert_same_and_verified(
+    plain: &vma_reader::SeekableArchive,
+    packed: &vma_reader::SeekableArchive,
+    seed: u64,
+    max_piece: u64,
+    what: &str,
+) {
+    assert_same_devices(plain, packed, seed, max_piece);
+    let report = vma_reader::verify(packed, vma_reader::VerifyOptions::new()).unwrap();
+    assert!(report.is_ok(), "{what}: {report:?}");
+}
+
 /// 40 MiB in two devices, sealed: 30 MiB of mixed data (seed 5) and `second` (10 MiB and
 /// a bit, say).
 pub fn two_device_archive(second: &[u8]) -> Vec<u8> {
@@ -351,4 +375,15 @@ pub fn two_device_archive(second: &[u8]) -> Vec<u8> {
     builder.device(2, second);
     builder.device(1, &a);
     builder.finish_sealed()
+}
+
+/// `bytes` written to `a.vma` in a new temporary folder and opened: the folder (for packed
+/// copies next to it), the bytes and the archive.
+pub fn open_in_tempdir(
+    bytes: Vec<u8>,
+) -> (tempfile::TempDir, Vec<u8>, vma_reader::SeekableArchive) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_file(dir.path(), "a.vma", &bytes);
+    let archive = vma_reader::SeekableArchive::open(&path).unwrap();
+    (dir, bytes, archive)
 }

@@ -10,7 +10,7 @@ use vma_format::integrity::{data_crc32c, DataChecksum, Seal, SealKind};
 use vma_format::{
     ArchiveHeader, ExtentHeader, VMA_BLOCK_SIZE, VMA_CLUSTER_SIZE, VMA_WRITER_CLUSTERS_PER_EXTENT,
 };
-use vma_writer::{Device, WriterHandle};
+use vma_writer::{Builder, Device, WriterHandle};
 
 pub const CLUSTER: usize = VMA_CLUSTER_SIZE;
 
@@ -231,4 +231,12 @@ pub fn assert_same(got: &[u8], want: &[u8], what: &str) {
         want.len(),
         first
     );
+}
+
+/// Declares a device of each (name, image) with the image's size, in order; returns them.
+pub fn add_devices(builder: &mut Builder, images: &[(&str, Vec<u8>)]) -> Vec<Device> {
+    images
+        .iter()
+        .map(|(name, img)| builder.add_device(name, img.len() as u64).unwrap())
+        .collect()
 }
