@@ -305,6 +305,29 @@ pub fn run_ok(cmd: &mut std::process::Command) -> std::process::Output {
     out
 }
 
+/// `input` piped through the command `argv` (a compressor reading stdin, as vzdump runs
+/// one): its standard output. The tool must be installed ([`require_tool`]) and succeed.
+pub fn pipe_through(argv: &[&str], input: &[u8]) -> Vec<u8> {
+    use std::process::{Command, Stdio};
+    require_tool(argv[0]);
+    let mut child = Command::new(argv[0])
+        .args(&argv[1..])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("the command starts");
+    let mut stdin = child.stdin.take().expect("stdin is piped");
+    let input = input.to_vec();
+    let writer = std::thread::spawn(move || std::io::Write::write_all(&mut stdin, &input));
+    let out = child.wait_with_output().expect("the command runs");
+    writer
+        .join()
+        .expect("the writer thread")
+        .expect("the command reads its input");
+    assert_success(&out, &format!("{argv:?}"));
+    out.stdout
+}
+
 /// Runs `cmd` expecting failure with exit `code`, a message and no panic; returns stderr.
 pub fn run_fails(cmd: &mut std::process::Command, code: i32) -> String {
     let out = cmd.output().expect("the command runs");

@@ -6,30 +6,14 @@
 
 use std::fs;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
-use vma_testkit::{dir_entries, require_tool, run_ok, vectors};
+use vma_testkit::{
+    dir_entries, pipe_through as pack, require_tool, run_fails, run_fails_saying, run_ok, vectors,
+};
 
 fn vma() -> Command {
     Command::new(env!("CARGO_BIN_EXE_vma"))
-}
-
-/// `input` piped through `cmd` (a compressor reading stdin, as vzdump runs it).
-fn pack(cmd: &[&str], input: &[u8]) -> Vec<u8> {
-    require_tool(cmd[0]);
-    let mut child = Command::new(cmd[0])
-        .args(&cmd[1..])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let input = input.to_vec();
-    let writer = std::thread::spawn(move || std::io::Write::write_all(&mut stdin, &input));
-    let out = child.wait_with_output().unwrap();
-    writer.join().unwrap().unwrap();
-    assert!(out.status.success(), "{cmd:?}");
-    out.stdout
 }
 
 /// The packings vzdump writes, as it runs them.
@@ -104,17 +88,12 @@ fn output_to_stdout_a_level_and_none() {
     );
     assert!(fs::read(&none).unwrap() == plain);
 
-    let o = vma()
-        .args(["recompress", "--compress", "xz"])
-        .arg(&gz)
-        .arg(tmp.path().join("x"))
-        .output()
-        .unwrap();
-    assert_eq!(
-        o.status.code(),
-        Some(2),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
+    run_fails(
+        vma()
+            .args(["recompress", "--compress", "xz"])
+            .arg(&gz)
+            .arg(tmp.path().join("x")),
+        2,
     );
 }
 
@@ -185,17 +164,6 @@ fn an_existing_output_is_never_replaced() {
     let v = &vectors()[0];
     let out = tmp.path().join("out.vma.zst");
     fs::write(&out, b"precious").unwrap();
-    let o = vma()
-        .arg("recompress")
-        .arg(v.path())
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert_eq!(
-        o.status.code(),
-        Some(4),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    run_fails_saying(vma().arg("recompress").arg(v.path()).arg(&out), 4, "exists");
     assert_eq!(fs::read(&out).unwrap(), b"precious");
 }

@@ -4,9 +4,8 @@
 
 mod common;
 
-use std::io::{Cursor, Read, Write};
+use std::io::{Cursor, Read};
 use std::path::Path;
-use std::process::{Command, Stdio};
 
 use common::{
     assert_same_and_verified, assert_same_devices, noise, open_in_tempdir, two_device_archive,
@@ -14,25 +13,12 @@ use common::{
 };
 use vma_reader::lzop::{LzopBlock, LzopError, LzopIndex, LzopReader, MAX_BLOCK_SIZE};
 use vma_reader::{Error, Packing, SeekableArchive};
-use vma_testkit::{require_tool, vectors, Rng};
+use vma_testkit::{vectors, Rng};
 
 /// `plain` compressed by the `lzop` tool with `args` (after `-c`).
 fn lzop(plain: &[u8], args: &[&str]) -> Vec<u8> {
-    require_tool("lzop");
-    let mut child = Command::new("lzop")
-        .arg("-c")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let input = plain.to_vec();
-    let writer = std::thread::spawn(move || stdin.write_all(&input).unwrap());
-    let out = child.wait_with_output().unwrap();
-    writer.join().unwrap();
-    assert!(out.status.success(), "lzop {args:?} failed");
-    out.stdout
+    let argv = [&["lzop", "-c"][..], args].concat();
+    vma_testkit::pipe_through(&argv, plain)
 }
 
 fn adler32(data: &[u8]) -> u32 {

@@ -172,19 +172,29 @@ fn lying_tables_and_damaged_frames_are_typed_errors_with_offsets() {
     assert!(e.contains("no seek table"), "{e}");
 }
 
+/// `zst` with a byte flipped in the middle of frame `frame`, the frame's compressed
+/// offset, and the content bytes of the frames before it.
+fn damage_frame(zst: &[u8], frame: usize) -> (Vec<u8>, u64, usize) {
+    let (_, entries) = table_of(zst);
+    let start: u64 = entries[..frame].iter().map(|e| e.compressed as u64).sum();
+    let before = entries[..frame]
+        .iter()
+        .map(|e| e.decompressed as usize)
+        .sum();
+    let mut bad = zst.to_vec();
+    bad[start as usize + entries[frame].compressed as usize / 2] ^= 0x55;
+    (bad, start, before)
+}
+
 #[test]
 fn a_damaged_frame_fails_its_checksum_with_its_offset() {
     let dir = tempfile::tempdir().unwrap();
     let plain_bytes = large_archive();
     let zst = compress(&plain_bytes, 2 << 20);
-    let (_, entries) = table_of(&zst);
     // Flip a byte in the middle of the last data frame: the prefix read at open may not
     // see it; reading the data must.
-    let frame = entries.len() - 2;
-    let start: u64 = entries[..frame].iter().map(|e| e.compressed as u64).sum();
-    let mut bad = zst.clone();
-    let at = start as usize + entries[frame].compressed as usize / 2;
-    bad[at] ^= 0x55;
+    let frame = table_of(&zst).1.len() - 2;
+    let (bad, start, _) = damage_frame(&zst, frame);
     let e = open_and_read(dir.path(), &bad).unwrap_err();
     assert!(
         e.contains(&format!("zstd frame {frame} at compressed byte {start}")),
@@ -234,15 +244,8 @@ fn the_parallel_reader_stops_at_a_damaged_frame_after_the_frames_before_it() {
     let dir = tempfile::tempdir().unwrap();
     let plain = large_archive();
     let zst = compress(&plain, 64 << 10);
-    let (_, entries) = table_of(&zst);
-    let frame = entries.len() / 2;
-    let start: u64 = entries[..frame].iter().map(|e| e.compressed as u64).sum();
-    let content: usize = entries[..frame]
-        .iter()
-        .map(|e| e.decompressed as usize)
-        .sum();
-    let mut bad = zst.clone();
-    bad[start as usize + entries[frame].compressed as usize / 2] ^= 0x55;
+    let frame = table_of(&zst).1.len() / 2;
+    let (bad, start, content) = damage_frame(&zst, frame);
     let path = write_file(dir.path(), "bad.vma.zst", &bad);
     let (out, err) = read_parallel(&path, 2);
     let err = err.expect("the damaged frame is an error");
