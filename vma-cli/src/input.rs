@@ -62,24 +62,16 @@ const CHUNK: usize = 1 << 20;
 
 /// The packing of a file, from its first bytes (a short or empty file is `None`).
 pub fn detect_file(path: &Path) -> io::Result<Compression> {
-    let (head, got) = read_head(&mut File::open(path)?)?;
-    Ok(Compression::detect(&head[..got]))
+    let head = read_head(&mut File::open(path)?)?;
+    Ok(Compression::detect(&head))
 }
 
 /// The first bytes of a stream, as many as arrive of the 9 that tell a compression
-/// apart, and how many there are.
-fn read_head(source: &mut dyn Read) -> io::Result<([u8; 9], usize)> {
-    let mut head = [0u8; 9];
-    let mut got = 0;
-    while got < head.len() {
-        match source.read(&mut head[got..]) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok((head, got))
+/// apart.
+fn read_head(source: &mut dyn Read) -> io::Result<Vec<u8>> {
+    let mut head = Vec::with_capacity(9);
+    source.take(9).read_to_end(&mut head)?;
+    Ok(head)
 }
 
 /// Opens `path` (`-` is standard input) for one-pass reading, decompressing as needed. A
@@ -105,9 +97,9 @@ pub fn open(path: &Path) -> io::Result<(Box<dyn Read + Send>, Compression)> {
 pub fn open_reader(
     mut source: Box<dyn Read + Send>,
 ) -> io::Result<(Box<dyn Read + Send>, Compression)> {
-    let (head, got) = read_head(&mut source)?;
-    let compression = Compression::detect(&head[..got]);
-    let rejoined = io::Cursor::new(head[..got].to_vec()).chain(source);
+    let head = read_head(&mut source)?;
+    let compression = Compression::detect(&head);
+    let rejoined = io::Cursor::new(head).chain(source);
     if compression == Compression::None {
         return Ok((Box::new(rejoined), compression));
     }

@@ -150,16 +150,11 @@ impl GuestAgent {
             return Ok(ret.clone());
         }
         if let Some(err) = reply.get("error") {
-            let field = |k: &str| {
-                err.get(k)
-                    .and_then(Value::as_str)
-                    .unwrap_or("?")
-                    .to_string()
-            };
+            let (class, desc) = crate::qmp::error_class_desc(err);
             return Err(AgentError::Command {
                 command: command.to_string(),
-                class: field("class"),
-                desc: field("desc"),
+                class,
+                desc,
             });
         }
         Err(AgentError::Reply {

@@ -151,16 +151,11 @@ impl Qmp {
                 return Ok(ret.clone());
             }
             if let Some(err) = msg.get("error") {
-                let field = |k: &str| {
-                    err.get(k)
-                        .and_then(Value::as_str)
-                        .unwrap_or("?")
-                        .to_string()
-                };
+                let (class, desc) = error_class_desc(err);
                 return Err(Error::QmpCommand {
                     command: command.to_string(),
-                    class: field("class"),
-                    desc: field("desc"),
+                    class,
+                    desc,
                 });
             }
             return Err(Error::QmpReply { reply: msg });
@@ -210,6 +205,18 @@ impl Qmp {
             Err(RecvTimeoutError::Timeout) => Ok(None),
         }
     }
+}
+
+/// The `class` and `desc` of an `error` reply's object, as QMP and the guest agent both
+/// send it (`?` for one that is missing).
+pub(crate) fn error_class_desc(err: &Value) -> (String, String) {
+    let field = |k: &str| {
+        err.get(k)
+            .and_then(Value::as_str)
+            .unwrap_or("?")
+            .to_string()
+    };
+    (field("class"), field("desc"))
 }
 
 fn as_event(msg: &Value) -> Option<Event> {
