@@ -99,7 +99,38 @@ impl SeekableArchive {
 
     /// Indexes an open archive file, plain, seekable zstd or lzop.
     pub fn from_file(file: File) -> Result<SeekableArchive> {
-        let source = Source::open(file)?;
+        Self::from_source(Source::open(file)?)
+    }
+
+    /// Opens a zstd archive (one stream, as `zstd` and Proxmox's vzdump write it) through
+    /// its sidecar index at `index` (written by [`zstd_index::build`](crate::zstd_index::build),
+    /// `vma index`).
+    pub fn open_with_index(
+        path: impl AsRef<Path>,
+        index: impl AsRef<Path>,
+    ) -> Result<SeekableArchive> {
+        let file = File::open(path.as_ref()).map_err(|source| Error::Read { offset: 0, source })?;
+        let index = File::open(index.as_ref()).map_err(|source| {
+            Error::ZstdIndex(crate::zstd_index::ZstdIndexError::IndexIo {
+                index_offset: 0,
+                source,
+            })
+        })?;
+        Self::from_file_with_index(file, index)
+    }
+
+    /// [`open_with_index`](Self::open_with_index) of open files. The index is checked
+    /// against the archive (its length and last 4 bytes) and for consistency; a segment's
+    /// compressed bytes are checked against their CRC32C when read. Memory: 48 bytes per
+    /// segment for the table (3 MiB for a 500 GB archive), and the cache of decoded
+    /// segments ([`FRAME_CACHE_BYTES`](crate::FRAME_CACHE_BYTES), at least one segment;
+    /// segments are about 8 MiB at zstd's level 3, at most 64 MiB) plus one segment per
+    /// reading thread while it decodes.
+    pub fn from_file_with_index(archive: File, index: File) -> Result<SeekableArchive> {
+        Self::from_source(Source::with_index(archive, index)?)
+    }
+
+    fn from_source(source: Source) -> Result<SeekableArchive> {
         let file_len = source.len();
         let (header, bytes) = read_header(&mut Positional::new(&source)).map_err(from_io)?;
         let header_size = bytes.len() as u64;

@@ -36,6 +36,7 @@ use vma_format::seek_table::{SeekIndex, SeekTableError, ZSTD_FRAME_MAGIC};
 use crate::cache::{read_units, UnitCache};
 use crate::error::{Error, Result};
 use crate::lzop::{LzopIndex, LZOP_MAGIC};
+use crate::zstd_index::{ZstdIndex, ZstdIndexError};
 
 /// Bytes of decompressed frames (or lzop blocks) the cache of a compressed archive keeps.
 pub const FRAME_CACHE_BYTES: usize = 32 << 20;
@@ -55,6 +56,16 @@ pub enum Packing {
         /// Bytes of the compressed file.
         compressed_len: u64,
     },
+    /// One zstd stream as `zstd` (and so Proxmox's vzdump) writes it, read through a
+    /// sidecar index (see [`crate::zstd_index`]).
+    IndexedZstd {
+        /// Segments the index lists.
+        segments: u64,
+        /// Bytes of the compressed file.
+        compressed_len: u64,
+        /// Bytes of the sidecar index.
+        index_len: u64,
+    },
     /// lzop (`.vma.lzo`), indexed by its block headers.
     Lzop {
         /// lzop blocks in the file.
@@ -69,6 +80,7 @@ pub(crate) enum Source {
     Plain { file: File, len: u64 },
     Zstd(Box<ZstdSource>),
     Lzop(Box<LzopSource>),
+    Indexed(Box<IndexedSource>),
 }
 
 impl fmt::Debug for Source {
@@ -77,6 +89,7 @@ impl fmt::Debug for Source {
             Source::Plain { len, .. } => write!(f, "Plain({len} bytes)"),
             Source::Zstd(z) => write!(f, "SeekableZstd({} frames)", z.index.frames()),
             Source::Lzop(l) => write!(f, "Lzop({} blocks)", l.index.blocks()),
+            Source::Indexed(x) => write!(f, "IndexedZstd({} segments)", x.index.segments()),
         }
     }
 }
@@ -102,12 +115,25 @@ impl Source {
         }
     }
 
+    /// The source of a zstd file read through its sidecar index `index`, which is checked
+    /// against the file (see [`ZstdIndex::from_file`]).
+    pub(crate) fn with_index(file: File, index: File) -> Result<Source> {
+        let zindex = ZstdIndex::from_file(&index, &file).map_err(zindex_error)?;
+        Ok(Source::Indexed(Box::new(IndexedSource {
+            file,
+            sidecar: index,
+            index: zindex,
+            cache: UnitCache::new(FRAME_CACHE_BYTES),
+        })))
+    }
+
     /// Bytes of the (decompressed) archive.
     pub(crate) fn len(&self) -> u64 {
         match self {
             Source::Plain { len, .. } => *len,
             Source::Zstd(z) => z.index.content_len(),
             Source::Lzop(l) => l.index.content_len(),
+            Source::Indexed(x) => x.index.content_len(),
         }
     }
 
@@ -122,6 +148,11 @@ impl Source {
                 blocks: l.index.blocks() as u64,
                 compressed_len: l.index.compressed_len(),
             },
+            Source::Indexed(x) => Packing::IndexedZstd {
+                segments: x.index.segments() as u64,
+                compressed_len: x.index.compressed_len(),
+                index_len: x.index.index_len(),
+            },
         }
     }
 
@@ -131,6 +162,7 @@ impl Source {
             Source::Plain { .. } => 0,
             Source::Zstd(z) => z.index.memory() + z.cache.bytes(),
             Source::Lzop(l) => l.index.memory() + l.cache.bytes(),
+            Source::Indexed(x) => x.index.memory() + x.cache.bytes(),
         }
     }
 
@@ -142,6 +174,7 @@ impl Source {
                 .map_err(|source| Error::Read { offset, source }),
             Source::Zstd(z) => z.read_exact_at(buf, offset),
             Source::Lzop(l) => l.read_exact_at(buf, offset),
+            Source::Indexed(x) => x.read_exact_at(buf, offset),
         }
     }
 
@@ -341,6 +374,55 @@ impl LzopSource {
                 self.index.decode(n, &bytes).map_err(lzop_error)
             })
         })
+    }
+}
+
+/// A zstd file read through a sidecar index: a unit of the cache is a segment (about
+/// one job of zstd's multi-threaded compressor, 8 MiB at level 3, at most
+/// [`crate::zstd_index::MAX_SEGMENT`]), decoded from its compressed bytes (their CRC32C
+/// checked) and its prefix (read from the sidecar).
+pub(crate) struct IndexedSource {
+    file: File,
+    sidecar: File,
+    index: ZstdIndex,
+    cache: UnitCache,
+}
+
+impl IndexedSource {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let locate = |at| {
+            let n = self.index.segment_at(at)?;
+            let s = self.index.segment(n).expect("segment_at names a segment");
+            Some((n, s.offset, s.len))
+        };
+        read_units(buf, offset, locate, |n, _| {
+            self.cache.get(n, 0, || {
+                let s = *self.index.segment(n).expect("a segment of the index");
+                let mut compressed = vec![0u8; s.compressed_len as usize];
+                read_file(&self.file, &mut compressed, s.compressed_offset)?;
+                let mut prefix = vec![0u8; s.prefix_stored_len as usize];
+                self.sidecar
+                    .read_exact_at(&mut prefix, s.prefix_offset)
+                    .map_err(|source| {
+                        zindex_error(ZstdIndexError::IndexIo {
+                            index_offset: s.prefix_offset,
+                            source,
+                        })
+                    })?;
+                self.index
+                    .decode(n, &compressed, &prefix)
+                    .map_err(zindex_error)
+            })
+        })
+    }
+}
+
+/// A sidecar index error as this crate's: a failing read of the archive stays a read
+/// error.
+pub(crate) fn zindex_error(e: ZstdIndexError) -> Error {
+    match e {
+        ZstdIndexError::Io { offset, source } => Error::Read { offset, source },
+        other => Error::ZstdIndex(other),
     }
 }
 
