@@ -28,11 +28,15 @@ pub struct Args {
     /// but no data read, so data checksums are not checked.
     #[arg(long)]
     quick: bool,
+    /// With --quick: the sidecar index of a zstd archive without a seek table (`vma index`
+    /// writes it); default: ARCHIVE.idx when it exists.
+    #[arg(long, value_name = "FILE", requires = "quick")]
+    index: Option<PathBuf>,
 }
 
 pub(crate) fn run(args: Args) -> Result<()> {
     if args.quick {
-        let archive = open_seekable(&args.file)?;
+        let archive = open_seekable(&args.file, args.index.as_deref())?;
         if args.verbose {
             print_listing(archive.header())?;
         }
