@@ -54,6 +54,13 @@ pub const TARGET_SEGMENT: u64 = 4 << 20;
 /// an archive with longer stretches without a restart point (`zstd --single-thread`
 /// output has none at all) cannot be indexed.
 pub const MAX_SEGMENT: u64 = crate::source::MAX_FRAME_CONTENT as u64;
+/// Distance from a segment's start from which a restart point may need any prefix: before,
+/// a prefix may be at most an eighth of the distance. zstd's real job boundaries need
+/// only the overlap (a window/8 at level 3, 256 KiB every 8 MiB), while inside a job a
+/// block decodes from a fresh decoder, if at all, only with the whole window as prefix
+/// (single-threaded output too): such points, verified all the same, are taken only
+/// when no job boundary came for 16 MiB, so they do not crowd out cheaper ones.
+pub const RESCUE_DISTANCE: u64 = MAX_SEGMENT / 4;
 /// The largest window an indexed frame may have (`windowLog` 24): zstd's jobs are four
 /// windows long, so a larger window means segments over [`MAX_SEGMENT`] anyway.
 pub const MAX_WINDOW: u64 = 16 << 20;
@@ -751,7 +758,8 @@ impl FrameIndexer {
                     && content - c.offset >= TARGET_SEGMENT =>
             {
                 let cut = c.cut();
-                self.cand = self.try_candidate(boff, block, want).map(|o| (o, cut));
+                let d = content - c.offset;
+                self.cand = self.try_candidate(boff, block, want, d).map(|o| (o, cut));
             }
             Some(_) => {}
         }
@@ -773,7 +781,7 @@ impl FrameIndexer {
                 None => {
                     let mut got = std::mem::take(&mut self.got);
                     let o = (!want.is_empty())
-                        .then(|| self.try_candidate(boff, block, want))
+                        .then(|| self.try_candidate(boff, block, want, MAX_SEGMENT))
                         .flatten()
                         .and_then(|mut o| o.verify(block, want, &mut got).then_some(o));
                     self.got = got;
@@ -831,13 +839,17 @@ impl FrameIndexer {
         Ok(self.content)
     }
 
-    /// A restart point at this block (content at `self.content`), if one screens with
-    /// some prefix length of the ladder (the shortest that does); its verifier is started
-    /// but not yet fed the block.
-    fn try_candidate(&self, boff: u64, block: &[u8], want: &[u8]) -> Option<Open> {
+    /// A restart point at this block (content at `self.content`, `distance` bytes after
+    /// the current segment's start), if one screens with some prefix length of the ladder
+    /// (the shortest that does) that the distance affords: at most an eighth of it, or any
+    /// once it is [`RESCUE_DISTANCE`]. Its verifier is started but not yet fed the block.
+    fn try_candidate(&self, boff: u64, block: &[u8], want: &[u8], distance: u64) -> Option<Open> {
         let mut d = DCtx::try_create()?;
         let mut tried = None;
         for &p in &self.ladder {
+            if p as u64 > distance / 8 && distance < RESCUE_DISTANCE {
+                break;
+            }
             let p = p.min(self.history.buf.len());
             if tried == Some(p) {
                 continue;
