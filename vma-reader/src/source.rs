@@ -10,6 +10,10 @@
 //!   headers, at opening, indexes which compressed bytes hold which archive bytes (see
 //!   [`crate::lzop::LzopIndex`]), and blocks are decompressed on demand, their data
 //!   checksums verified, into a cache of the same design and bound.
+//! - a zstd archive as `zstd` and vzdump write it (one frame, no seek table), read through
+//!   its sidecar index ([`crate::zstd_index`]): segments of whole blocks that a fresh
+//!   decoder decodes from a stored prefix, decoded on demand into a cache of the same
+//!   design and bound (a segment is at most [`crate::zstd_index::MAX_SEGMENT`]).
 //!
 //! Cache bound: frames are kept, most recently used last, while they hold at most
 //! [`FRAME_CACHE_BYTES`] in all (at least the last one used, whatever its size); each
