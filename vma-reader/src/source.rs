@@ -32,6 +32,7 @@ use std::fmt;
 use std::fs::File;
 use std::io::{self, BufReader, Read};
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 pub use vma_format::seek_table::MAX_FRAME_CONTENT;
@@ -44,6 +45,9 @@ use crate::zstd_index::{ZstdIndex, ZstdIndexError};
 
 /// Bytes of decompressed frames (or lzop blocks) the cache of a compressed archive keeps.
 pub const FRAME_CACHE_BYTES: usize = 32 << 20;
+/// Segments of a sidecar-indexed zstd file decoded ahead of a sequential reader, each on
+/// a thread of its own (so memory holds up to this many segments more than the cache).
+pub(crate) const READ_AHEAD: usize = 2;
 /// Bytes of a frame's content decompressed when only its start is needed.
 const PREFIX: usize = 128 << 10;
 
@@ -93,7 +97,7 @@ impl fmt::Debug for Source {
             Source::Plain { len, .. } => write!(f, "Plain({len} bytes)"),
             Source::Zstd(z) => write!(f, "SeekableZstd({} frames)", z.index.frames()),
             Source::Lzop(l) => write!(f, "Lzop({} blocks)", l.index.blocks()),
-            Source::Indexed(x) => write!(f, "IndexedZstd({} segments)", x.index.segments()),
+            Source::Indexed(x) => write!(f, "IndexedZstd({} segments)", x.inner.index.segments()),
         }
     }
 }
@@ -123,12 +127,9 @@ impl Source {
     /// against the file (see [`ZstdIndex::from_file`]).
     pub(crate) fn with_index(file: File, index: File) -> Result<Source> {
         let zindex = ZstdIndex::from_file(&index, &file).map_err(zindex_error)?;
-        Ok(Source::Indexed(Box::new(IndexedSource {
-            file,
-            sidecar: index,
-            index: zindex,
-            cache: UnitCache::new(FRAME_CACHE_BYTES),
-        })))
+        Ok(Source::Indexed(Box::new(IndexedSource::new(
+            file, index, zindex,
+        ))))
     }
 
     /// Bytes of the (decompressed) archive.
@@ -137,7 +138,7 @@ impl Source {
             Source::Plain { len, .. } => *len,
             Source::Zstd(z) => z.index.content_len(),
             Source::Lzop(l) => l.index.content_len(),
-            Source::Indexed(x) => x.index.content_len(),
+            Source::Indexed(x) => x.inner.index.content_len(),
         }
     }
 
@@ -153,9 +154,9 @@ impl Source {
                 compressed_len: l.index.compressed_len(),
             },
             Source::Indexed(x) => Packing::IndexedZstd {
-                segments: x.index.segments() as u64,
-                compressed_len: x.index.compressed_len(),
-                index_len: x.index.index_len(),
+                segments: x.inner.index.segments() as u64,
+                compressed_len: x.inner.index.compressed_len(),
+                index_len: x.inner.index.index_len(),
             },
         }
     }
@@ -166,7 +167,7 @@ impl Source {
             Source::Plain { .. } => 0,
             Source::Zstd(z) => z.index.memory() + z.cache.bytes(),
             Source::Lzop(l) => l.index.memory() + l.cache.bytes(),
-            Source::Indexed(x) => x.index.memory() + x.cache.bytes(),
+            Source::Indexed(x) => x.inner.index.memory() + x.inner.cache.bytes(),
         }
     }
 
@@ -384,40 +385,102 @@ impl LzopSource {
 /// A zstd file read through a sidecar index: a unit of the cache is a segment (about
 /// one job of zstd's multi-threaded compressor, 8 MiB at level 3, at most
 /// [`crate::zstd_index::MAX_SEGMENT`]), decoded from its compressed bytes (their CRC32C
-/// checked) and its prefix (read from the sidecar).
+/// checked) and its prefix (read from the sidecar). Read sequentially (the segment after
+/// the one read last, or the same again), the next [`READ_AHEAD`] segments are decoded
+/// ahead on other threads: a segment cannot be decoded from its middle, so opening (which
+/// walks the extent headers, spread over every segment) and `cat` or `qemu-img convert`
+/// decode every segment, and that is their cost.
 pub(crate) struct IndexedSource {
+    inner: Arc<Indexed>,
+}
+
+struct Indexed {
     file: File,
     sidecar: File,
     index: ZstdIndex,
     cache: UnitCache,
+    /// The segment read last (`usize::MAX`: none yet).
+    last: AtomicUsize,
+    /// Segments being decoded ahead.
+    ahead: AtomicUsize,
+}
+
+impl Indexed {
+    fn load(&self, n: usize) -> Result<Vec<u8>> {
+        let s = *self.index.segment(n).expect("a segment of the index");
+        let mut compressed = vec![0u8; s.compressed_len as usize];
+        read_file(&self.file, &mut compressed, s.compressed_offset)?;
+        let mut prefix = vec![0u8; s.prefix_stored_len as usize];
+        self.sidecar
+            .read_exact_at(&mut prefix, s.prefix_offset)
+            .map_err(|source| {
+                zindex_error(ZstdIndexError::IndexIo {
+                    index_offset: s.prefix_offset,
+                    source,
+                })
+            })?;
+        self.index
+            .decode(n, &compressed, &prefix)
+            .map_err(zindex_error)
+    }
 }
 
 impl IndexedSource {
+    fn new(file: File, sidecar: File, index: ZstdIndex) -> IndexedSource {
+        IndexedSource {
+            inner: Arc::new(Indexed {
+                file,
+                sidecar,
+                index,
+                cache: UnitCache::new(FRAME_CACHE_BYTES),
+                last: AtomicUsize::new(usize::MAX),
+                ahead: AtomicUsize::new(0),
+            }),
+        }
+    }
+
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let inner = &self.inner;
         let locate = |at| {
-            let n = self.index.segment_at(at)?;
-            let s = self.index.segment(n).expect("segment_at names a segment");
+            let n = inner.index.segment_at(at)?;
+            let s = inner.index.segment(n).expect("segment_at names a segment");
             Some((n, s.offset, s.len))
         };
         read_units(buf, offset, locate, |n, _| {
-            self.cache.get(n, 0, || {
-                let s = *self.index.segment(n).expect("a segment of the index");
-                let mut compressed = vec![0u8; s.compressed_len as usize];
-                read_file(&self.file, &mut compressed, s.compressed_offset)?;
-                let mut prefix = vec![0u8; s.prefix_stored_len as usize];
-                self.sidecar
-                    .read_exact_at(&mut prefix, s.prefix_offset)
-                    .map_err(|source| {
-                        zindex_error(ZstdIndexError::IndexIo {
-                            index_offset: s.prefix_offset,
-                            source,
-                        })
-                    })?;
-                self.index
-                    .decode(n, &compressed, &prefix)
-                    .map_err(zindex_error)
-            })
+            self.read_ahead(n);
+            inner.cache.get(n, 0, || inner.load(n))
         })
+    }
+
+    /// Decodes the [`READ_AHEAD`] segments after `n` on other threads if `n` is read
+    /// sequentially (after `n - 1`, or again), at most [`READ_AHEAD`] at a time. Their
+    /// errors are left to the read that needs them (nothing is cached then).
+    fn read_ahead(&self, n: usize) {
+        let inner = &self.inner;
+        let prev = inner.last.swap(n, Ordering::Relaxed);
+        if prev != n && prev.wrapping_add(1) != n {
+            return;
+        }
+        for next in n + 1..(n + 1 + READ_AHEAD).min(inner.index.segments()) {
+            if inner.cache.has(next) {
+                continue;
+            }
+            if inner.ahead.fetch_add(1, Ordering::AcqRel) >= READ_AHEAD {
+                inner.ahead.fetch_sub(1, Ordering::AcqRel);
+                return;
+            }
+            let worker = Arc::clone(inner);
+            let spawned = std::thread::Builder::new()
+                .name("vma-zstd-ahead".into())
+                .spawn(move || {
+                    let _ = worker.cache.get(next, 0, || worker.load(next));
+                    worker.ahead.fetch_sub(1, Ordering::AcqRel);
+                });
+            if spawned.is_err() {
+                inner.ahead.fetch_sub(1, Ordering::AcqRel);
+                return;
+            }
+        }
     }
 }
 
