@@ -55,6 +55,9 @@ pub const TARGET_SEGMENT: u64 = 4 << 20;
 /// an archive with longer stretches without a restart point (`zstd --single-thread`
 /// output has none at all) cannot be indexed.
 pub const MAX_SEGMENT: u64 = crate::source::MAX_FRAME_CONTENT as u64;
+/// The most compressed bytes a segment may take (zstd's blocks take at most a few bytes
+/// more than their content; this bounds what reading a segment allocates).
+pub const MAX_COMPRESSED_SEGMENT: u64 = 2 * MAX_SEGMENT;
 /// Distance from a segment's start from which a restart point may need any prefix: before,
 /// a prefix may be at most an eighth of the distance. zstd's real job boundaries need
 /// only the overlap (a window/8 at level 3, 256 KiB every 8 MiB), while inside a job a
@@ -815,8 +818,8 @@ impl FrameIndexer {
         self.content += want.len() as u64;
         self.history.push(want);
         let c = self.cur.as_ref().expect("set");
-        let open_len = self.cand.as_ref().map_or(c.len, |(_, cut)| cut.len);
-        if open_len > MAX_SEGMENT {
+        let open = self.cand.as_ref().map_or(c.cut(), |(_, cut)| *cut);
+        if open.len > MAX_SEGMENT || open.compressed_len > MAX_COMPRESSED_SEGMENT {
             return Err(ZstdIndexError::CannotIndex {
                 offset: c.compressed_offset,
                 what: format!(
@@ -1132,7 +1135,13 @@ impl ZstdIndex {
     /// archive at [`Segment::compressed_offset`]) checked against the CRC32C, its prefix
     /// `stored_prefix` (read from the sidecar) decompressed, and the segment decoded.
     pub fn decode(&self, n: usize, compressed: &[u8], stored_prefix: &[u8]) -> Result<Vec<u8>> {
-        let s = self.segments[n];
+        let Some(&s) = self.segments.get(n) else {
+            return Err(ZstdIndexError::Segment {
+                segment: n as u64,
+                offset: 0,
+                what: format!("no such segment (the index has {})", self.segments.len()),
+            });
+        };
         let fail = |what: String| ZstdIndexError::Segment {
             segment: n as u64,
             offset: s.compressed_offset,
@@ -1235,6 +1244,12 @@ fn check_entry(
     let end = s
         .compressed_offset
         .saturating_add(u64::from(s.compressed_len));
+    if u64::from(s.compressed_len) > MAX_COMPRESSED_SEGMENT {
+        return Err(format!(
+            "{} compressed bytes (at most {MAX_COMPRESSED_SEGMENT})",
+            s.compressed_len
+        ));
+    }
     if s.compressed_len < 3 || end > archive_len {
         return Err(format!(
             "its {} compressed bytes at {} are not within the {archive_len}-byte archive",

@@ -418,6 +418,11 @@ fn lying_tables_are_typed_errors_at_the_entry() {
             entry1,
         ),
         (
+            "compressed bytes over the bound",
+            Box::new(|tb, _| tb[48 + 24..48 + 28].copy_from_slice(&(200u32 << 20).to_le_bytes())),
+            entry1,
+        ),
+        (
             "a segment over the bound",
             Box::new(|tb, _| tb[28..32].copy_from_slice(&u32::MAX.to_le_bytes())),
             table,
@@ -455,6 +460,7 @@ fn a_lying_prefix_is_an_error_when_read() {
     p[last / 2] ^= 0xff;
     assert!(index.decode(n, c, &p).is_err());
     assert!(index.decode(n, c, &[]).is_err());
+    assert!(index.decode(index.segments(), c, &p).is_err());
 }
 
 #[test]
