@@ -130,7 +130,7 @@ impl SeekableArchive {
         Self::from_source(Source::with_index(archive, index)?)
     }
 
-    fn from_source(source: Source) -> Result<SeekableArchive> {
+    pub(crate) fn from_source(source: Source) -> Result<SeekableArchive> {
         let file_len = source.len();
         let (header, bytes) = read_header(&mut Positional::new(&source)).map_err(from_io)?;
         let header_size = bytes.len() as u64;
@@ -143,6 +143,7 @@ impl SeekableArchive {
             ix.shrink();
         }
         let memory = index.iter().flatten().map(DeviceIndex::memory).sum();
+        source.opened();
         Ok(SeekableArchive {
             shared: Arc::new(Shared {
                 source,
@@ -220,6 +221,13 @@ impl SeekableArchive {
             pos: 0,
         })
     }
+}
+
+/// The reads of the archive that opening `archive` through the sidecar `index` makes
+/// (the archive header and every extent header), in order.
+pub(crate) fn recorded_header_reads(archive: File, index: File) -> Result<Vec<(u64, Vec<u8>)>> {
+    let a = SeekableArchive::from_source(Source::with_index_recording(archive, index)?)?;
+    Ok(a.shared.source.take_recorded())
 }
 
 impl sealed::Input for &SeekableArchive {}

@@ -33,7 +33,7 @@ use std::fs::File;
 use std::io::{self, BufReader, Read};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 pub use vma_format::seek_table::MAX_FRAME_CONTENT;
 use vma_format::seek_table::{SeekIndex, SeekTableError, ZSTD_FRAME_MAGIC};
@@ -127,9 +127,56 @@ impl Source {
     /// against the file (see [`ZstdIndex::from_file`]).
     pub(crate) fn with_index(file: File, index: File) -> Result<Source> {
         let zindex = ZstdIndex::from_file(&index, &file).map_err(zindex_error)?;
+        let headers = match zindex.header_section() {
+            None => Vec::new(),
+            Some((at, len)) => {
+                let mut stored = vec![0u8; len as usize];
+                index.read_exact_at(&mut stored, at).map_err(|source| {
+                    zindex_error(ZstdIndexError::IndexIo {
+                        index_offset: at,
+                        source,
+                    })
+                })?;
+                crate::zstd_index::parse_headers(&stored, at, zindex.content_len())
+                    .map_err(zindex_error)?
+            }
+        };
         Ok(Source::Indexed(Box::new(IndexedSource::new(
-            file, index, zindex,
+            file, index, zindex, headers, false,
         ))))
+    }
+
+    /// [`with_index`](Self::with_index) of an index without stored header reads, keeping
+    /// a copy of every read ([`take_recorded`](Self::take_recorded)).
+    pub(crate) fn with_index_recording(file: File, index: File) -> Result<Source> {
+        let zindex = ZstdIndex::from_file(&index, &file).map_err(zindex_error)?;
+        Ok(Source::Indexed(Box::new(IndexedSource::new(
+            file,
+            index,
+            zindex,
+            Vec::new(),
+            true,
+        ))))
+    }
+
+    /// The reads a recording source made, in order.
+    pub(crate) fn take_recorded(&self) -> Vec<(u64, Vec<u8>)> {
+        match self {
+            Source::Indexed(x) => x.record.as_ref().map_or(Vec::new(), |r| {
+                std::mem::take(&mut *r.lock().unwrap_or_else(PoisonError::into_inner))
+            }),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Opening is over: header reads kept for it are dropped.
+    pub(crate) fn opened(&self) {
+        if let Source::Indexed(x) = self {
+            x.headers
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clear();
+        }
     }
 
     /// Bytes of the (decompressed) archive.
@@ -390,8 +437,15 @@ impl LzopSource {
 /// ahead on other threads: a segment cannot be decoded from its middle, so opening (which
 /// walks the extent headers, spread over every segment) and `cat` or `qemu-img convert`
 /// decode every segment, and that is their cost.
+/// Reads of the archive: offset and bytes.
+type Reads = Vec<(u64, Vec<u8>)>;
+
 pub(crate) struct IndexedSource {
     inner: Arc<Indexed>,
+    /// Header reads stored in the sidecar (`vma index` stores them), served while opening.
+    headers: Mutex<Reads>,
+    /// Every read, when recording them.
+    record: Option<Mutex<Reads>>,
 }
 
 struct Indexed {
@@ -426,8 +480,16 @@ impl Indexed {
 }
 
 impl IndexedSource {
-    fn new(file: File, sidecar: File, index: ZstdIndex) -> IndexedSource {
+    fn new(
+        file: File,
+        sidecar: File,
+        index: ZstdIndex,
+        headers: Vec<(u64, Vec<u8>)>,
+        record: bool,
+    ) -> IndexedSource {
         IndexedSource {
+            headers: Mutex::new(headers),
+            record: record.then(|| Mutex::new(Vec::new())),
             inner: Arc::new(Indexed {
                 file,
                 sidecar,
@@ -440,6 +502,26 @@ impl IndexedSource {
     }
 
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        {
+            let headers = self.headers.lock().unwrap_or_else(PoisonError::into_inner);
+            let i = headers.partition_point(|(o, _)| *o <= offset);
+            if let Some((o, bytes)) = i.checked_sub(1).map(|i| &headers[i]) {
+                let within = (offset - o) as usize;
+                if within + buf.len() <= bytes.len() {
+                    buf.copy_from_slice(&bytes[within..within + buf.len()]);
+                    return Ok(());
+                }
+            }
+        }
+        self.read_segments(buf, offset)?;
+        if let Some(record) = &self.record {
+            let mut r = record.lock().unwrap_or_else(PoisonError::into_inner);
+            r.push((offset, buf.to_vec()));
+        }
+        Ok(())
+    }
+
+    fn read_segments(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let inner = &self.inner;
         let locate = |at| {
             let n = inner.index.segment_at(at)?;

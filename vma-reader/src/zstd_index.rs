@@ -687,6 +687,7 @@ pub fn build<R: Read, W: Write>(input: R, out: W) -> Result<BuildSummary> {
     LE::write_u64(&mut t[24..], table.len() as u64 / ENTRY_SIZE);
     LE::write_u64(&mut t[32..], table_offset);
     LE::write_u32(&mut t[40..], crc32c::crc32c(&table));
+    // Bytes 44..56: the header section, which add_headers may add (none yet).
     let crc = crc32c::crc32c(&t[..56]);
     LE::write_u32(&mut t[56..], crc);
     t[60..].copy_from_slice(&TRAILER_MAGIC);
@@ -941,6 +942,8 @@ pub struct ZstdIndex {
     content_len: u64,
     archive_len: u64,
     index_len: u64,
+    /// Where the stored header reads are in the sidecar, and their stored bytes.
+    headers: Option<(u64, u32)>,
 }
 
 impl ZstdIndex {
@@ -1023,7 +1026,7 @@ impl ZstdIndex {
         if LE::read_u32(&t[56..]) != crc32c::crc32c(&t[..56]) {
             return Err(bad(at + 56, "trailer CRC32C mismatch".into()));
         }
-        if t[12..16] != [0; 4] || t[44..56] != [0; 12] {
+        if t[12..16] != [0; 4] {
             return Err(bad(at + 12, "reserved trailer bytes are not zero".into()));
         }
         let indexed_len = LE::read_u64(&t[0..]);
@@ -1047,11 +1050,14 @@ impl ZstdIndex {
                 format!("{count} segments cannot fit (room for {room} in the index)"),
             ));
         }
-        if table_offset != at - count * ENTRY_SIZE {
+        let headers = header_section(&t, at).map_err(|what| bad(at + 44, what))?;
+        let table_end = headers.map_or(at, |(offset, _)| offset);
+        if Some(table_offset) != table_end.checked_sub(count * ENTRY_SIZE) {
             return Err(bad(
                 at + 32,
                 format!(
-                    "the table at byte {table_offset} does not end where the trailer starts ({at})"
+                    "the table at byte {table_offset} does not end where what follows it starts \
+                     ({table_end})"
                 ),
             ));
         }
@@ -1090,7 +1096,14 @@ impl ZstdIndex {
             content_len,
             archive_len,
             index_len,
+            headers,
         })
+    }
+
+    /// Where the header reads stored by [`add_headers`] are in the sidecar (offset and
+    /// stored bytes), if it has them.
+    pub fn header_section(&self) -> Option<(u64, u32)> {
+        self.headers
     }
 
     /// Number of segments.
@@ -1212,6 +1225,112 @@ fn check_header(read_at: &mut dyn FnMut(&mut [u8], u64) -> Result<()>) -> Result
         return Err(bad(12, "reserved header bytes are not zero".into()));
     }
     Ok(())
+}
+
+/// The header section a trailer (at sidecar offset `at`) names: `None` when its fields
+/// are zero; it must end where the trailer starts.
+fn header_section(t: &[u8], at: u64) -> std::result::Result<Option<(u64, u32)>, String> {
+    let offset = LE::read_u64(&t[44..]);
+    let len = LE::read_u32(&t[52..]);
+    match (offset, len) {
+        (0, 0) => Ok(None),
+        _ if offset >= HEADER_SIZE && len > 0 && offset + u64::from(len) == at => {
+            Ok(Some((offset, len)))
+        }
+        _ => Err(format!(
+            "a header section of {len} bytes at byte {offset} does not end where the trailer \
+             starts ({at})"
+        )),
+    }
+}
+
+/// The most bytes of stored header reads (decompressed) an index may hold: the archive
+/// header and 512 bytes per extent of about 1.8 TB of archive. A larger archive's index
+/// stores none (opening then decodes every segment).
+pub const MAX_HEADER_BYTES: usize = 256 << 20;
+
+/// The header reads of a sidecar's header section (`stored`, at sidecar offset `at`), for
+/// an archive of `content_len` bytes: ascending, not overlapping, inside the archive.
+pub fn parse_headers(stored: &[u8], at: u64, content_len: u64) -> Result<Vec<(u64, Vec<u8>)>> {
+    let bad = |what: String| ZstdIndexError::BadIndex {
+        index_offset: at,
+        what: format!("header section: {what}"),
+    };
+    let bytes = zstd::bulk::Decompressor::new()
+        .and_then(|mut d| d.decompress(stored, MAX_HEADER_BYTES))
+        .map_err(|e| bad(format!("does not decompress: {e}")))?;
+    let mut b = &bytes[..];
+    let mut out = Vec::new();
+    let mut end = 0u64;
+    while !b.is_empty() {
+        if b.len() < 12 {
+            return Err(bad("ends inside an entry".into()));
+        }
+        let offset = LE::read_u64(b);
+        let len = LE::read_u32(&b[8..]) as usize;
+        b = &b[12..];
+        if len == 0 || len > b.len() || offset < end || offset + len as u64 > content_len {
+            return Err(bad(format!(
+                "{len} bytes at archive byte {offset} (after {end}, of {content_len})"
+            )));
+        }
+        out.push((offset, b[..len].to_vec()));
+        end = offset + len as u64;
+        b = &b[len..];
+    }
+    Ok(out)
+}
+
+/// Stores in the sidecar `index` (as [`build`] wrote it, open for reading and writing)
+/// the reads that opening the archive `archive` through it makes (the archive header and
+/// every extent header), so that opening later reads them from the sidecar instead of
+/// decoding every segment. Returns the sidecar's new length; an index of an archive whose
+/// header reads exceed [`MAX_HEADER_BYTES`] is left as it is.
+pub fn add_headers(archive: File, index: &File) -> std::result::Result<u64, crate::Error> {
+    let io_err = |index_offset: u64| {
+        move |source| {
+            crate::Error::ZstdIndex(ZstdIndexError::IndexIo {
+                index_offset,
+                source,
+            })
+        }
+    };
+    let reads =
+        crate::seekable::recorded_header_reads(archive, index.try_clone().map_err(io_err(0))?)?;
+    let len = index.metadata().map_err(io_err(0))?.len();
+    let mut merged: Vec<(u64, Vec<u8>)> = Vec::new();
+    for (offset, bytes) in reads {
+        match merged.last_mut() {
+            Some((o, b)) if *o + b.len() as u64 >= offset => {
+                let keep =
+                    (offset + bytes.len() as u64).saturating_sub(*o + b.len() as u64) as usize;
+                b.extend_from_slice(&bytes[bytes.len() - keep..]);
+            }
+            _ => merged.push((offset, bytes)),
+        }
+    }
+    let mut raw = Vec::new();
+    for (offset, bytes) in &merged {
+        raw.extend_from_slice(&offset.to_le_bytes());
+        raw.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+        raw.extend_from_slice(bytes);
+    }
+    if raw.is_empty() || raw.len() > MAX_HEADER_BYTES {
+        return Ok(len);
+    }
+    let stored = zstd::bulk::compress(&raw, PREFIX_LEVEL).map_err(io_err(len))?;
+    let at = len - TRAILER_SIZE;
+    let mut t = [0u8; TRAILER_SIZE as usize];
+    index.read_exact_at(&mut t, at).map_err(io_err(at))?;
+    LE::write_u64(&mut t[44..], at);
+    LE::write_u32(&mut t[52..], stored.len() as u32);
+    let crc = crc32c::crc32c(&t[..56]);
+    LE::write_u32(&mut t[56..], crc);
+    index.write_all_at(&stored, at).map_err(io_err(at))?;
+    let end = at + stored.len() as u64;
+    index.write_all_at(&t, end).map_err(io_err(end))?;
+    index.set_len(end + TRAILER_SIZE).map_err(io_err(end))?;
+    Ok(end + TRAILER_SIZE)
 }
 
 /// Checks one entry of the table, given where the entries before it end.

@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 
 use common::{assert_same_devices, mixed_image, write_file, Builder};
 use vma_reader::zstd_index::{
-    build, ZstdIndex, ZstdIndexError, ENTRY_SIZE, MAX_SEGMENT, TRAILER_SIZE,
+    add_headers, build, ZstdIndex, ZstdIndexError, ENTRY_SIZE, MAX_SEGMENT, TRAILER_SIZE,
 };
 use vma_reader::{Error, ErrorKind, Packing, SeekableArchive};
 use vma_testkit::{require_tool, Rng};
@@ -235,6 +235,60 @@ fn rle_and_raw_blocks_of_a_sparse_archive() {
         let p = &idx[s.prefix_offset as usize..][..s.prefix_stored_len as usize];
         assert!(index.decode(n, c, p).unwrap()[..] == plain[s.offset as usize..][..s.len as usize]);
     }
+}
+
+#[test]
+fn stored_header_reads_open_without_decoding_and_read_the_same() {
+    let plain = big_archive();
+    let (f, summary) = indexed(&plain, &["--rsyncable", "-T1", "-3"]);
+    let idx = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&f.idx)
+        .unwrap();
+    let len = add_headers(std::fs::File::open(&f.zst).unwrap(), &idx).unwrap();
+    assert!(
+        len > summary.index_len && len < summary.index_len + (64 << 10),
+        "{len}"
+    );
+    drop(idx);
+    let plain_archive = SeekableArchive::open(&f.plain).unwrap();
+    assert_same_devices(&plain_archive, &open(&f).unwrap(), 5, 1 << 20);
+    // Opening reads no segment now: a changed segment shows when its data is read.
+    let index = ZstdIndex::from_file(
+        &std::fs::File::open(&f.idx).unwrap(),
+        &std::fs::File::open(&f.zst).unwrap(),
+    )
+    .unwrap();
+    assert!(index.header_section().is_some());
+    let s = *index.segment(2).unwrap();
+    let mut zst = std::fs::read(&f.zst).unwrap();
+    zst[s.compressed_offset as usize + 500] ^= 0x08;
+    std::fs::write(&f.zst, &zst).unwrap();
+    let archive = open(&f).unwrap();
+    let mut sink = Vec::new();
+    let e = archive
+        .device("drive-scsi0")
+        .unwrap()
+        .read_to_end(&mut sink)
+        .unwrap_err();
+    let e = *e.into_inner().unwrap().downcast::<Error>().unwrap();
+    assert!(
+        matches!(
+            e,
+            Error::ZstdIndex(ZstdIndexError::Segment { segment: 2, .. })
+        ),
+        "{e}"
+    );
+    // A header section that lies about where it is: a typed error at the trailer.
+    let idx = std::fs::read(&f.idx).unwrap();
+    let t = idx.len() as u64 - TRAILER_SIZE;
+    let bad = patched(&idx, |_, tr| {
+        tr[44..52].copy_from_slice(&17u64.to_le_bytes())
+    });
+    let tail: [u8; 4] = zst[zst.len() - 4..].try_into().unwrap();
+    let e = ZstdIndex::from_bytes(&bad, zst.len() as u64, tail).unwrap_err();
+    assert_eq!(bad_index_at(e), t + 44);
 }
 
 // --- hostile -----------------------------------------------------------------------

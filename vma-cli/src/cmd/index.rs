@@ -71,7 +71,13 @@ pub(crate) fn run(args: Args) -> Result<()> {
     temp_name.push(name);
     temp_name.push(format!(".tmp{}", std::process::id()));
     let temp = dir.join(temp_name);
-    let file = File::create(&temp).map_err(|e| CliError::io(temp.display(), e))?;
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&temp)
+        .map_err(|e| CliError::io(temp.display(), e))?;
     let result = (|| {
         let mut out = BufWriter::with_capacity(1 << 20, &file);
         let summary =
@@ -88,6 +94,13 @@ pub(crate) fn run(args: Args) -> Result<()> {
             })?;
         out.flush().map_err(|e| CliError::io(temp.display(), e))?;
         drop(out);
+        // The archive's header reads, so that opening reads them from the index.
+        let archive = File::open(&args.file).map_err(|e| CliError::io(args.file.display(), e))?;
+        let mut summary = summary;
+        summary.index_len = vma_reader::zstd_index::add_headers(archive, &file).map_err(|e| {
+            let e = CliError::from(e);
+            CliError::new(e.exit, format!("{}: {}", args.file.display(), e.message))
+        })?;
         file.sync_all()
             .map_err(|e| CliError::io(temp.display(), e))?;
         fs::rename(&temp, &output).map_err(|e| CliError::io(output.display(), e))?;
