@@ -605,7 +605,8 @@ pub fn check_roundtrip(plan: &Plan) {
 /// The sidecar index of a stock `.vma.zst` over arbitrary bytes, two ways. As a sidecar
 /// (checked against the archive its own trailer names, so the table's checks are reached):
 /// one that parses describes contiguous segments, ascending and within the archive, every
-/// content offset mapping to its segment. As a zstd stream: one that indexes has an index
+/// content offset mapping to its segment, and header reads that parse are ascending and
+/// within the archive. As a zstd stream: one that indexes has an index
 /// that parses against it, and decoding every segment gives what zstd decodes of the
 /// whole stream; a stream zstd decodes within 16 MiB either indexes or is refused as
 /// `CannotIndex`, never as damage.
@@ -634,6 +635,17 @@ pub fn check_zstd_index(data: &[u8]) {
             }
             assert_eq!(content, index.content_len());
             assert_eq!(index.segment_at(content), None);
+            if let Some((at, len)) = index.header_section() {
+                let stored = &data[at as usize..][..len as usize];
+                if let Ok(reads) = vma_reader::zstd_index::parse_headers(stored, at, content) {
+                    let mut end = 0;
+                    for (offset, bytes) in reads {
+                        assert!(offset >= end && !bytes.is_empty());
+                        end = offset + bytes.len() as u64;
+                        assert!(end <= content);
+                    }
+                }
+            }
         }
     }
     // As a stream: bounded by what zstd decodes of it.

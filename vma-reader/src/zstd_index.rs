@@ -1318,7 +1318,13 @@ pub fn add_headers(archive: File, index: &File) -> std::result::Result<u64, crat
     if raw.is_empty() || raw.len() > MAX_HEADER_BYTES {
         return Ok(len);
     }
-    let stored = zstd::bulk::compress(&raw, PREFIX_LEVEL).map_err(io_err(len))?;
+    // With zstd's content checksum: the trailer's CRC covers only where the section is.
+    let stored = zstd::bulk::Compressor::new(PREFIX_LEVEL)
+        .and_then(|mut c| {
+            c.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))?;
+            c.compress(&raw)
+        })
+        .map_err(io_err(len))?;
     let at = len - TRAILER_SIZE;
     let mut t = [0u8; TRAILER_SIZE as usize];
     index.read_exact_at(&mut t, at).map_err(io_err(at))?;
