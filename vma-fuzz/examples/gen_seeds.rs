@@ -169,6 +169,46 @@ fn nbd_sessions() -> Vec<Vec<u8>> {
     sessions
 }
 
+/// Stock zstd streams (`zstd -T1`, as vzdump runs it, and single-threaded) of small
+/// inputs, and each one's sidecar index as a seed of its own.
+fn zstd_index_seeds(corpus: &Path) {
+    let tmp = std::env::temp_dir().join(format!("vma-fuzz-zstd-{}", std::process::id()));
+    fs::create_dir_all(&tmp).unwrap();
+    let inputs: Vec<(&str, Vec<u8>)> = vec![
+        ("text", b"hello zstd hello zstd hello zstd\n".repeat(3000)),
+        ("zeros", vec![0; 300_000]),
+        (
+            "mixed",
+            (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect(),
+        ),
+    ];
+    for (name, data) in inputs {
+        let src = tmp.join(name);
+        fs::write(&src, &data).unwrap();
+        for (tag, args) in [
+            ("mt", &["-T1", "--rsyncable", "-3"][..]),
+            ("st", &["--single-thread", "-1"][..]),
+        ] {
+            let Ok(out) = Command::new("zstd")
+                .args(["-q", "-c"])
+                .args(args)
+                .arg(&src)
+                .output()
+            else {
+                eprintln!("gen_seeds: no zstd, no zstd_index seeds");
+                return;
+            };
+            assert!(out.status.success(), "zstd {args:?}");
+            put(corpus, &format!("{name}.{tag}.zst"), &out.stdout);
+            let mut idx = Vec::new();
+            if vma_reader::zstd_index::build(&out.stdout[..], &mut idx).is_ok() {
+                put(corpus, &format!("{name}.{tag}.idx"), &idx);
+            }
+        }
+    }
+    let _ = fs::remove_dir_all(&tmp);
+}
+
 fn lzop_seeds(corpus: &Path) {
     let tmp = std::env::temp_dir().join(format!("vma-fuzz-lzop-{}", std::process::id()));
     fs::create_dir_all(&tmp).unwrap();
@@ -326,6 +366,7 @@ fn main() {
 
     lzop_seeds(&corpus.join("lzop"));
     lzop_seeds(&corpus.join("lzop_index"));
+    zstd_index_seeds(&corpus.join("zstd_index"));
 
     for (i, s) in nbd_sessions().iter().enumerate() {
         put(&corpus.join("nbd_session"), &format!("session{i}"), s);

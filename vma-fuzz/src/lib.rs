@@ -601,3 +601,84 @@ pub fn check_roundtrip(plan: &Plan) {
         assert!(got == model.bytes, "device d{i} differs when read in place");
     }
 }
+
+/// The sidecar index of a stock `.vma.zst` over arbitrary bytes, two ways. As a sidecar
+/// (checked against the archive its own trailer names, so the table's checks are reached):
+/// one that parses describes contiguous segments, ascending and within the archive, every
+/// content offset mapping to its segment, and header reads that parse are ascending and
+/// within the archive. As a zstd stream: one that indexes has an index
+/// that parses against it, and decoding every segment gives what zstd decodes of the
+/// whole stream; a stream zstd decodes within 16 MiB either indexes or is refused as
+/// `CannotIndex`, never as damage.
+pub fn check_zstd_index(data: &[u8]) {
+    use std::io::Read;
+    use vma_reader::zstd_index::{build, ZstdIndex, ZstdIndexError, MAX_SEGMENT, TRAILER_SIZE};
+    const CAP: u64 = 16 << 20;
+    if data.len() as u64 >= TRAILER_SIZE {
+        let t = &data[data.len() - TRAILER_SIZE as usize..];
+        let archive_len = u64::from_le_bytes(t[..8].try_into().expect("8 bytes"));
+        let tail: [u8; 4] = t[8..12].try_into().expect("4 bytes");
+        if let Ok(index) = ZstdIndex::from_bytes(data, archive_len, tail) {
+            let mut content = 0u64;
+            let mut end = 0u64;
+            for n in 0..index.segments() {
+                let s = *index.segment(n).expect("a listed segment");
+                assert_eq!(s.offset, content);
+                assert!(s.len > 0 && u64::from(s.len) <= MAX_SEGMENT);
+                assert!(s.compressed_offset >= end);
+                end = s.compressed_offset + u64::from(s.compressed_len);
+                assert!(end <= archive_len);
+                assert!(s.prefix_offset + u64::from(s.prefix_stored_len) <= data.len() as u64);
+                assert_eq!(index.segment_at(s.offset), Some(n));
+                assert_eq!(index.segment_at(s.offset + u64::from(s.len) - 1), Some(n));
+                content += u64::from(s.len);
+            }
+            assert_eq!(content, index.content_len());
+            assert_eq!(index.segment_at(content), None);
+            if let Some((at, len)) = index.header_section() {
+                let stored = &data[at as usize..][..len as usize];
+                if let Ok(reads) = vma_reader::zstd_index::parse_headers(stored, at, content) {
+                    let mut end = 0;
+                    for (offset, bytes) in reads {
+                        assert!(offset >= end && !bytes.is_empty());
+                        end = offset + bytes.len() as u64;
+                        assert!(end <= content);
+                    }
+                }
+            }
+        }
+    }
+    // As a stream: bounded by what zstd decodes of it.
+    let mut whole = Vec::new();
+    let decoded = zstd::stream::read::Decoder::new(data)
+        .map(|d| d.take(CAP + 1).read_to_end(&mut whole).is_ok())
+        .unwrap_or(false);
+    if whole.len() as u64 > CAP {
+        return;
+    }
+    let mut idx = Vec::new();
+    match build(data, &mut idx) {
+        Ok(summary) => {
+            assert!(decoded, "indexes but zstd does not decode it");
+            assert_eq!(summary.content_len, whole.len() as u64);
+            let tail: [u8; 4] = data[data.len() - 4..].try_into().expect("4 bytes");
+            let index = ZstdIndex::from_bytes(&idx, data.len() as u64, tail).expect("its index");
+            for n in 0..index.segments() {
+                let s = *index.segment(n).expect("a listed segment");
+                let c = &data[s.compressed_offset as usize..][..s.compressed_len as usize];
+                let p = &idx[s.prefix_offset as usize..][..s.prefix_stored_len as usize];
+                let out = index.decode(n, c, p).expect("a verified segment decodes");
+                assert!(
+                    out[..] == whole[s.offset as usize..][..s.len as usize],
+                    "segment {n}"
+                );
+            }
+        }
+        Err(ZstdIndexError::CannotIndex { .. }) => {}
+        Err(e) => {
+            // zstd's own decoder tolerates what we refuse only at the edges we are
+            // stricter about (trailing bytes, dictionaries, windows): never a panic.
+            let _ = e;
+        }
+    }
+}

@@ -40,6 +40,12 @@ impl UnitCache {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Whether unit `unit` is cached (whole or in part) or being loaded.
+    pub(crate) fn has(&self, unit: usize) -> bool {
+        let state = self.lock();
+        state.loading.contains(&unit) || state.units.iter().any(|(u, _)| *u == unit)
+    }
+
     /// Bytes of content the cache holds.
     pub(crate) fn bytes(&self) -> usize {
         self.lock().bytes

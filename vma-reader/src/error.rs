@@ -260,9 +260,11 @@ pub enum Error {
     /// so vzdump) writes it, which cannot be read at random.
     #[error(
         "the {stream_len}-byte zstd stream has no seek table (it is compressed as one stream, \
-         as zstd and vzdump write it, or cut short), so it cannot be read at random: \
-         decompress it (zstd -d -o ARCHIVE.vma ARCHIVE.vma.zst), or create it seekable \
-         (vma create ARCHIVE.vma.zst ...)"
+         as zstd and vzdump write it, or cut short), so it cannot be read at random \
+         without an index: index it once (vma index ARCHIVE.vma.zst writes \
+         ARCHIVE.vma.zst.idx, used from then on), make it seekable (vma recompress \
+         ARCHIVE.vma.zst SEEKABLE.vma.zst), decompress it (zstd -d -o ARCHIVE.vma \
+         ARCHIVE.vma.zst), or create it seekable (vma create ARCHIVE.vma.zst ...)"
     )]
     NotSeekable {
         /// Bytes of the compressed file.
@@ -285,6 +287,10 @@ pub enum Error {
     /// block, a checksum that fails (the error names the byte offset).
     #[error("{0}")]
     Lzop(crate::lzop::LzopError),
+    /// Indexing a zstd stream failed, or its sidecar index is wrong, is another archive's,
+    /// or disagrees with the archive (the error names the byte offset and which file).
+    #[error("{0}")]
+    ZstdIndex(crate::zstd_index::ZstdIndexError),
     /// A streaming reader used again after it returned an error.
     #[error("the reader already failed; no more extents can be read")]
     Failed,
@@ -302,6 +308,8 @@ impl Error {
             | Error::Usage(_)
             | Error::NotSeekable { .. }
             | Error::Failed => ErrorKind::Usage,
+            Error::ZstdIndex(e) if e.is_usage() => ErrorKind::Usage,
+            Error::ZstdIndex(e) if e.is_io() => ErrorKind::Io,
             _ => ErrorKind::Damaged,
         }
     }

@@ -20,6 +20,7 @@ mod stream;
 mod validate;
 mod verify;
 mod walk;
+pub mod zstd_index;
 
 pub use error::{Error, ErrorKind, Result};
 pub use extract::{DamagedRange, ExtractReport, ExtractedFile, Extractor, Zeroing};

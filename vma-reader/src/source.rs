@@ -10,6 +10,10 @@
 //!   headers, at opening, indexes which compressed bytes hold which archive bytes (see
 //!   [`crate::lzop::LzopIndex`]), and blocks are decompressed on demand, their data
 //!   checksums verified, into a cache of the same design and bound.
+//! - a zstd archive as `zstd` and vzdump write it (one frame, no seek table), read through
+//!   its sidecar index ([`crate::zstd_index`]): segments of whole blocks that a fresh
+//!   decoder decodes from a stored prefix, decoded on demand into a cache of the same
+//!   design and bound (a segment is at most [`crate::zstd_index::MAX_SEGMENT`]).
 //!
 //! Cache bound: frames are kept, most recently used last, while they hold at most
 //! [`FRAME_CACHE_BYTES`] in all (at least the last one used, whatever its size); each
@@ -28,7 +32,8 @@ use std::fmt;
 use std::fs::File;
 use std::io::{self, BufReader, Read};
 use std::os::unix::fs::FileExt;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 pub use vma_format::seek_table::MAX_FRAME_CONTENT;
 use vma_format::seek_table::{SeekIndex, SeekTableError, ZSTD_FRAME_MAGIC};
@@ -36,9 +41,13 @@ use vma_format::seek_table::{SeekIndex, SeekTableError, ZSTD_FRAME_MAGIC};
 use crate::cache::{read_units, UnitCache};
 use crate::error::{Error, Result};
 use crate::lzop::{LzopIndex, LZOP_MAGIC};
+use crate::zstd_index::{ZstdIndex, ZstdIndexError};
 
 /// Bytes of decompressed frames (or lzop blocks) the cache of a compressed archive keeps.
 pub const FRAME_CACHE_BYTES: usize = 32 << 20;
+/// Segments of a sidecar-indexed zstd file decoded ahead of a sequential reader, each on
+/// a thread of its own (so memory holds up to this many segments more than the cache).
+pub(crate) const READ_AHEAD: usize = 2;
 /// Bytes of a frame's content decompressed when only its start is needed.
 const PREFIX: usize = 128 << 10;
 
@@ -55,6 +64,16 @@ pub enum Packing {
         /// Bytes of the compressed file.
         compressed_len: u64,
     },
+    /// One zstd stream as `zstd` (and so Proxmox's vzdump) writes it, read through a
+    /// sidecar index (see [`crate::zstd_index`]).
+    IndexedZstd {
+        /// Segments the index lists.
+        segments: u64,
+        /// Bytes of the compressed file.
+        compressed_len: u64,
+        /// Bytes of the sidecar index.
+        index_len: u64,
+    },
     /// lzop (`.vma.lzo`), indexed by its block headers.
     Lzop {
         /// lzop blocks in the file.
@@ -69,6 +88,7 @@ pub(crate) enum Source {
     Plain { file: File, len: u64 },
     Zstd(Box<ZstdSource>),
     Lzop(Box<LzopSource>),
+    Indexed(Box<IndexedSource>),
 }
 
 impl fmt::Debug for Source {
@@ -77,6 +97,7 @@ impl fmt::Debug for Source {
             Source::Plain { len, .. } => write!(f, "Plain({len} bytes)"),
             Source::Zstd(z) => write!(f, "SeekableZstd({} frames)", z.index.frames()),
             Source::Lzop(l) => write!(f, "Lzop({} blocks)", l.index.blocks()),
+            Source::Indexed(x) => write!(f, "IndexedZstd({} segments)", x.inner.index.segments()),
         }
     }
 }
@@ -102,12 +123,69 @@ impl Source {
         }
     }
 
+    /// The source of a zstd file read through its sidecar index `index`, which is checked
+    /// against the file (see [`ZstdIndex::from_file`]).
+    pub(crate) fn with_index(file: File, index: File) -> Result<Source> {
+        let zindex = ZstdIndex::from_file(&index, &file).map_err(zindex_error)?;
+        let headers = match zindex.header_section() {
+            None => Vec::new(),
+            Some((at, len)) => {
+                let mut stored = vec![0u8; len as usize];
+                index.read_exact_at(&mut stored, at).map_err(|source| {
+                    zindex_error(ZstdIndexError::IndexIo {
+                        index_offset: at,
+                        source,
+                    })
+                })?;
+                crate::zstd_index::parse_headers(&stored, at, zindex.content_len())
+                    .map_err(zindex_error)?
+            }
+        };
+        Ok(Source::Indexed(Box::new(IndexedSource::new(
+            file, index, zindex, headers, false,
+        ))))
+    }
+
+    /// [`with_index`](Self::with_index) of an index without stored header reads, keeping
+    /// a copy of every read ([`take_recorded`](Self::take_recorded)).
+    pub(crate) fn with_index_recording(file: File, index: File) -> Result<Source> {
+        let zindex = ZstdIndex::from_file(&index, &file).map_err(zindex_error)?;
+        Ok(Source::Indexed(Box::new(IndexedSource::new(
+            file,
+            index,
+            zindex,
+            Vec::new(),
+            true,
+        ))))
+    }
+
+    /// The reads a recording source made, in order.
+    pub(crate) fn take_recorded(&self) -> Vec<(u64, Vec<u8>)> {
+        match self {
+            Source::Indexed(x) => x.record.as_ref().map_or(Vec::new(), |r| {
+                std::mem::take(&mut *r.lock().unwrap_or_else(PoisonError::into_inner))
+            }),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Opening is over: header reads kept for it are dropped.
+    pub(crate) fn opened(&self) {
+        if let Source::Indexed(x) = self {
+            x.headers
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clear();
+        }
+    }
+
     /// Bytes of the (decompressed) archive.
     pub(crate) fn len(&self) -> u64 {
         match self {
             Source::Plain { len, .. } => *len,
             Source::Zstd(z) => z.index.content_len(),
             Source::Lzop(l) => l.index.content_len(),
+            Source::Indexed(x) => x.inner.index.content_len(),
         }
     }
 
@@ -122,6 +200,11 @@ impl Source {
                 blocks: l.index.blocks() as u64,
                 compressed_len: l.index.compressed_len(),
             },
+            Source::Indexed(x) => Packing::IndexedZstd {
+                segments: x.inner.index.segments() as u64,
+                compressed_len: x.inner.index.compressed_len(),
+                index_len: x.inner.index.index_len(),
+            },
         }
     }
 
@@ -131,7 +214,29 @@ impl Source {
             Source::Plain { .. } => 0,
             Source::Zstd(z) => z.index.memory() + z.cache.bytes(),
             Source::Lzop(l) => l.index.memory() + l.cache.bytes(),
+            Source::Indexed(x) => x.inner.index.memory() + x.inner.cache.bytes(),
         }
+    }
+
+    /// For an archive read through a sidecar index, reads every segment's compressed bytes
+    /// and checks them against the index's CRC32Cs (nothing is decompressed); other
+    /// sources have nothing to check beyond what reading them checks.
+    pub(crate) fn check_unchanged(&self) -> Result<()> {
+        let Source::Indexed(x) = self else {
+            return Ok(());
+        };
+        let inner = &x.inner;
+        let mut compressed = Vec::new();
+        for n in 0..inner.index.segments() {
+            let s = *inner.index.segment(n).expect("a segment of the index");
+            compressed.resize(s.compressed_len as usize, 0);
+            read_file(&inner.file, &mut compressed, s.compressed_offset)?;
+            inner
+                .index
+                .check_segment(n, &compressed)
+                .map_err(zindex_error)?;
+        }
+        Ok(())
     }
 
     /// Fills `buf` from archive offset `offset`; the archive must hold all of it.
@@ -142,6 +247,7 @@ impl Source {
                 .map_err(|source| Error::Read { offset, source }),
             Source::Zstd(z) => z.read_exact_at(buf, offset),
             Source::Lzop(l) => l.read_exact_at(buf, offset),
+            Source::Indexed(x) => x.read_exact_at(buf, offset),
         }
     }
 
@@ -362,6 +468,152 @@ impl LzopSource {
                 self.index.decode(n, &bytes).map_err(lzop_error)
             })
         })
+    }
+}
+
+/// A zstd file read through a sidecar index: a unit of the cache is a segment (about
+/// one job of zstd's multi-threaded compressor, 8 MiB at level 3, at most
+/// [`crate::zstd_index::MAX_SEGMENT`]), decoded from its compressed bytes (their CRC32C
+/// checked) and its prefix (read from the sidecar). Read sequentially (the segment after
+/// the one read last, or the same again), the next [`READ_AHEAD`] segments are decoded
+/// ahead on other threads: a segment cannot be decoded from its middle, so opening (which
+/// walks the extent headers, spread over every segment) and `cat` or `qemu-img convert`
+/// decode every segment, and that is their cost.
+/// Reads of the archive: offset and bytes.
+type Reads = Vec<(u64, Vec<u8>)>;
+
+pub(crate) struct IndexedSource {
+    inner: Arc<Indexed>,
+    /// Header reads stored in the sidecar (`vma index` stores them), served while opening.
+    headers: Mutex<Reads>,
+    /// Every read, when recording them.
+    record: Option<Mutex<Reads>>,
+}
+
+struct Indexed {
+    file: File,
+    sidecar: File,
+    index: ZstdIndex,
+    cache: UnitCache,
+    /// The segment read last (`usize::MAX`: none yet).
+    last: AtomicUsize,
+    /// Segments being decoded ahead.
+    ahead: AtomicUsize,
+}
+
+impl Indexed {
+    fn load(&self, n: usize) -> Result<Vec<u8>> {
+        let s = *self.index.segment(n).expect("a segment of the index");
+        let mut compressed = vec![0u8; s.compressed_len as usize];
+        read_file(&self.file, &mut compressed, s.compressed_offset)?;
+        let mut prefix = vec![0u8; s.prefix_stored_len as usize];
+        self.sidecar
+            .read_exact_at(&mut prefix, s.prefix_offset)
+            .map_err(|source| {
+                zindex_error(ZstdIndexError::IndexIo {
+                    index_offset: s.prefix_offset,
+                    source,
+                })
+            })?;
+        self.index
+            .decode(n, &compressed, &prefix)
+            .map_err(zindex_error)
+    }
+}
+
+impl IndexedSource {
+    fn new(
+        file: File,
+        sidecar: File,
+        index: ZstdIndex,
+        headers: Vec<(u64, Vec<u8>)>,
+        record: bool,
+    ) -> IndexedSource {
+        IndexedSource {
+            headers: Mutex::new(headers),
+            record: record.then(|| Mutex::new(Vec::new())),
+            inner: Arc::new(Indexed {
+                file,
+                sidecar,
+                index,
+                cache: UnitCache::new(FRAME_CACHE_BYTES),
+                last: AtomicUsize::new(usize::MAX),
+                ahead: AtomicUsize::new(0),
+            }),
+        }
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        {
+            let headers = self.headers.lock().unwrap_or_else(PoisonError::into_inner);
+            let i = headers.partition_point(|(o, _)| *o <= offset);
+            if let Some((o, bytes)) = i.checked_sub(1).map(|i| &headers[i]) {
+                let within = (offset - o) as usize;
+                if within + buf.len() <= bytes.len() {
+                    buf.copy_from_slice(&bytes[within..within + buf.len()]);
+                    return Ok(());
+                }
+            }
+        }
+        self.read_segments(buf, offset)?;
+        if let Some(record) = &self.record {
+            let mut r = record.lock().unwrap_or_else(PoisonError::into_inner);
+            r.push((offset, buf.to_vec()));
+        }
+        Ok(())
+    }
+
+    fn read_segments(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let inner = &self.inner;
+        let locate = |at| {
+            let n = inner.index.segment_at(at)?;
+            let s = inner.index.segment(n).expect("segment_at names a segment");
+            Some((n, s.offset, s.len))
+        };
+        read_units(buf, offset, locate, |n, _| {
+            self.read_ahead(n);
+            inner.cache.get(n, 0, || inner.load(n))
+        })
+    }
+
+    /// Decodes the [`READ_AHEAD`] segments after `n` on other threads if `n` is read
+    /// sequentially (after `n - 1`, or again), at most [`READ_AHEAD`] at a time. Their
+    /// errors are left to the read that needs them (nothing is cached then).
+    fn read_ahead(&self, n: usize) {
+        let inner = &self.inner;
+        let prev = inner.last.swap(n, Ordering::Relaxed);
+        if prev != n && prev.wrapping_add(1) != n {
+            return;
+        }
+        for next in n + 1..(n + 1 + READ_AHEAD).min(inner.index.segments()) {
+            if inner.cache.has(next) {
+                continue;
+            }
+            if inner.ahead.fetch_add(1, Ordering::AcqRel) >= READ_AHEAD {
+                inner.ahead.fetch_sub(1, Ordering::AcqRel);
+                return;
+            }
+            let worker = Arc::clone(inner);
+            let spawned = std::thread::Builder::new()
+                .name("vma-zstd-ahead".into())
+                .spawn(move || {
+                    let _ = worker.cache.get(next, 0, || worker.load(next));
+                    worker.ahead.fetch_sub(1, Ordering::AcqRel);
+                });
+            if spawned.is_err() {
+                inner.ahead.fetch_sub(1, Ordering::AcqRel);
+                return;
+            }
+        }
+    }
+}
+
+/// A sidecar index error as this crate's: a failing read of the archive stays a read
+/// error.
+pub(crate) fn zindex_error(e: ZstdIndexError) -> Error {
+    match e {
+        ZstdIndexError::Io { offset, source } => Error::Read { offset, source },
+        other => Error::ZstdIndex(other),
     }
 }
 

@@ -1,5 +1,5 @@
-//! `vma-randread ARCHIVE RAW COUNT`: COUNT random 4 KiB reads of the archive's first disk
-//! through the seekable reader, then the same offsets with `pread` on the raw image;
+//! `vma-randread ARCHIVE RAW COUNT [INDEX]`: COUNT random 4 KiB reads of the archive's first
+//! disk through the seekable reader (a stock `.vma.zst` through its sidecar INDEX), then the same offsets with `pread` on the raw image;
 //! prints both rates and their ratio, and checks that the bytes agree.
 #![warn(clippy::too_many_lines)]
 
@@ -12,12 +12,15 @@ use vma_reader::SeekableArchive;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
-    if args.len() != 4 {
-        return Err("usage: vma-randread ARCHIVE RAW COUNT".into());
+    if args.len() != 4 && args.len() != 5 {
+        return Err("usage: vma-randread ARCHIVE RAW COUNT [INDEX]".into());
     }
     let count: u64 = args[3].parse()?;
     let open_start = Instant::now();
-    let archive = SeekableArchive::open(&args[1])?;
+    let archive = match args.get(4) {
+        Some(index) => SeekableArchive::open_with_index(&args[1], index)?,
+        None => SeekableArchive::open(&args[1])?,
+    };
     let open_time = open_start.elapsed();
     let device = archive
         .devices()

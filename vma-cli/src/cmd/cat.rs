@@ -6,8 +6,8 @@ use std::path::Path;
 use super::{open_seekable, stdout_error};
 use crate::error::{CliError, Exit, Result};
 
-pub(crate) fn run(file: &Path, device: &str) -> Result<()> {
-    let archive = open_seekable(file)?;
+pub(crate) fn run(file: &Path, device: &str, index: Option<&Path>) -> Result<()> {
+    let archive = open_seekable(file, index)?;
     if archive.header().device_by_name(device).is_none() {
         let names: Vec<&str> = archive.devices().iter().map(|d| d.name.as_str()).collect();
         return Err(CliError::new(

@@ -43,7 +43,7 @@ pub(crate) fn print_listing(header: &ArchiveHeader) -> Result<()> {
         .map_err(stdout_error)
 }
 
-pub(crate) fn list(file: &Path, json: bool) -> Result<()> {
+pub(crate) fn list(file: &Path, json: bool, index: Option<&Path>) -> Result<()> {
     let stream = open_stream(file, ReadOptions::default())?;
     let header = stream.header().clone();
     if !json {
@@ -54,10 +54,11 @@ pub(crate) fn list(file: &Path, json: bool) -> Result<()> {
     let integrity = match file.as_os_str() != "-" && is_random_access(file) {
         true => {
             drop(stream);
-            match open_seekable(file) {
+            match open_seekable(file, index) {
                 Ok(archive) => Some(archive.integrity().clone()),
-                // A zstd file as zstd writes it: listed all the same, without integrity.
-                Err(e) if e.exit == Exit::Usage => None,
+                // A zstd file as zstd writes it, without an index: listed all the same,
+                // without integrity. An index given that does not fit is an error.
+                Err(e) if e.exit == Exit::Usage && index.is_none() => None,
                 Err(e) => return Err(e),
             }
         }

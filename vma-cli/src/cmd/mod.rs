@@ -11,6 +11,7 @@ use crate::error::{CliError, Exit, Result};
 mod cat;
 mod create;
 mod extract;
+mod index;
 mod list;
 mod recompress;
 mod reorder;
@@ -36,9 +37,13 @@ enum Command {
         /// The archive, or `-` for standard input.
         file: PathBuf,
         /// Print JSON instead (with integrity information for plain, seekable zstd and lzop
-        /// archive files).
+        /// archive files, and zstd ones with an index).
         #[arg(long)]
         json: bool,
+        /// The sidecar index of a zstd archive without a seek table (`vma index` writes
+        /// it); default: ARCHIVE.idx when it exists.
+        #[arg(long, value_name = "FILE")]
+        index: Option<PathBuf>,
     },
     /// Write one config blob to standard output.
     Config {
@@ -56,13 +61,21 @@ enum Command {
     Verify(verify::Args),
     /// Write one device's raw image to standard output.
     Cat {
-        /// The archive: a plain, seekable zstd or lzop archive file.
+        /// The archive: a plain, seekable zstd or lzop archive file, or a zstd one
+        /// indexed by `vma index`.
         file: PathBuf,
         /// The device's name, e.g. drive-scsi0.
         device: String,
+        /// The sidecar index of a zstd archive without a seek table (`vma index` writes
+        /// it); default: ARCHIVE.idx when it exists.
+        #[arg(long, value_name = "FILE")]
+        index: Option<PathBuf>,
     },
     /// Export the archive's disks read-only over NBD, without extracting.
     Serve(serve::Args),
+    /// Index a .vma.zst as zstd (and Proxmox's vzdump) writes it, so that serve, cat,
+    /// verify --quick and list --json read it at random (writes ARCHIVE.idx).
+    Index(index::Args),
     /// Rewrite an archive in canonical order (device by device, ascending clusters), with
     /// the integrity extension: what a deduplicating store keeps once across backups.
     Reorder(reorder::Args),
@@ -92,12 +105,17 @@ where
         }
     };
     let result = match cli.command {
-        Command::List { file, json } => list::list(&file, json),
+        Command::List { file, json, index } => list::list(&file, json, index.as_deref()),
         Command::Config { file, config } => list::config(&file, &config),
         Command::Create(args) => create::run(args),
         Command::Extract(args) => extract::run(args),
         Command::Verify(args) => verify::run(args),
-        Command::Cat { file, device } => cat::run(&file, &device),
+        Command::Cat {
+            file,
+            device,
+            index,
+        } => cat::run(&file, &device, index.as_deref()),
+        Command::Index(args) => index::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Reorder(args) => reorder::run(args),
         Command::Recompress(args) => recompress::run(args),
@@ -132,8 +150,12 @@ pub(crate) fn open_stream(
 }
 
 /// Opens a plain, seekable zstd or lzop archive file for random access, explaining what to do
-/// with another compressed one or with standard input.
-pub(crate) fn open_seekable(file: &std::path::Path) -> Result<vma_reader::SeekableArchive> {
+/// with another compressed one or with standard input. A zstd file without a seek table is
+/// read through its sidecar index: `index`, else ARCHIVE.idx when it exists.
+pub(crate) fn open_seekable(
+    file: &std::path::Path,
+    index: Option<&std::path::Path>,
+) -> Result<vma_reader::SeekableArchive> {
     if file.as_os_str() == "-" {
         return Err(CliError::usage(
             "this needs an archive file, not standard input: save it to a file first",
@@ -151,7 +173,27 @@ pub(crate) fn open_seekable(file: &std::path::Path) -> Result<vma_reader::Seekab
             file.display()
         )));
     }
+    let with_index = |idx: &std::path::Path| {
+        vma_reader::SeekableArchive::open_with_index(file, idx).map_err(|e| {
+            let e = CliError::from(e);
+            CliError::new(
+                e.exit,
+                format!(
+                    "{} (index {}): {}",
+                    file.display(),
+                    idx.display(),
+                    e.message
+                ),
+            )
+        })
+    };
+    if let Some(idx) = index {
+        return with_index(idx);
+    }
     match vma_reader::SeekableArchive::open(file) {
+        Err(vma_reader::Error::NotSeekable { .. }) if index::default_index(file).is_file() => {
+            with_index(&index::default_index(file))
+        }
         Err(e @ vma_reader::Error::NotSeekable { .. }) => {
             Err(CliError::usage(format!("{}: {e}", file.display())))
         }

@@ -40,7 +40,7 @@ pub struct Args {
 
 pub(crate) fn run(args: Args) -> Result<()> {
     let uuid = super::create::pinned_uuid(args.uuid.as_deref(), args.uuid_from.as_deref())?;
-    let archive = open_seekable(&args.input)?;
+    let archive = open_seekable(&args.input, None)?;
     check_input(&archive, &args)?;
     let header = archive.header();
     let mut builder = Builder::new();

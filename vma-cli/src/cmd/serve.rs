@@ -16,8 +16,13 @@ use crate::error::{CliError, Exit, Result};
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// The archive: a plain, seekable zstd (as `vma create X.vma.zst` writes it) or lzop
-    /// (`.vma.lzo`) archive file; another compressed one must be decompressed first.
+    /// (`.vma.lzo`) archive file, or a zstd one as vzdump writes it with its index (`vma
+    /// index`); another compressed one must be decompressed first.
     file: PathBuf,
+    /// The sidecar index of a zstd archive without a seek table (`vma index` writes it);
+    /// default: ARCHIVE.idx when it exists.
+    #[arg(long, value_name = "FILE")]
+    index: Option<PathBuf>,
     /// Listen on this unix socket (removed again at exit).
     #[arg(long, conflicts_with = "listen", required_unless_present = "listen")]
     socket: Option<PathBuf>,
@@ -85,7 +90,7 @@ impl Export for DeviceExport {
 }
 
 pub(crate) fn run(args: Args) -> Result<()> {
-    let archive = open_seekable(&args.file)?;
+    let archive = open_seekable(&args.file, args.index.as_deref())?;
     let mut builder = Server::builder().stop_after_last_client(args.once);
     let mut names = Vec::new();
     for device in archive.devices() {
