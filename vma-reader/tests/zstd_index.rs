@@ -9,7 +9,7 @@ use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
-use common::{assert_same_devices, mixed_image, write_file, Builder};
+use common::{archive_of, assert_same_devices, mixed_image, write_file};
 use vma_reader::zstd_index::{
     add_headers, build, ZstdIndex, ZstdIndexError, ENTRY_SIZE, MAX_SEGMENT, TRAILER_SIZE,
 };
@@ -55,19 +55,7 @@ fn text(len: usize, seed: u64) -> Vec<u8> {
 
 /// About 40 MiB of archive: 32 MiB of text and 8 MiB of mixed data.
 fn big_archive() -> Vec<u8> {
-    let a = text(32 << 20, 1);
-    let b = mixed_image(8 << 20, 2);
-    let mut builder = Builder::new(
-        &[
-            ("drive-scsi0", a.len() as u64),
-            ("drive-scsi1", b.len() as u64),
-        ],
-        &[("qemu-server.conf", b"memory: 512\n")],
-    )
-    .checksums(true);
-    builder.device(1, &a);
-    builder.device(2, &b);
-    builder.finish_sealed()
+    archive_of(&text(32 << 20, 1), &mixed_image(8 << 20, 2))
 }
 
 struct Indexed {

@@ -363,17 +363,22 @@ pub fn assert_same_and_verified(
 /// 40 MiB in two devices, sealed: 30 MiB of mixed data (seed 5) and `second` (10 MiB and
 /// a bit, say).
 pub fn two_device_archive(second: &[u8]) -> Vec<u8> {
-    let a = mixed_image(30 << 20, 5);
+    archive_of(&mixed_image(30 << 20, 5), second)
+}
+
+/// A sealed archive with checksums of devices `drive-scsi0` (`first`) and `drive-scsi1`
+/// (`second`), written in that order, and a config.
+pub fn archive_of(first: &[u8], second: &[u8]) -> Vec<u8> {
     let mut builder = Builder::new(
         &[
-            ("drive-scsi0", a.len() as u64),
+            ("drive-scsi0", first.len() as u64),
             ("drive-scsi1", second.len() as u64),
         ],
         &[("qemu-server.conf", b"memory: 512\n")],
     )
     .checksums(true);
+    builder.device(1, first);
     builder.device(2, second);
-    builder.device(1, &a);
     builder.finish_sealed()
 }
 
