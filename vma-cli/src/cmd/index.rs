@@ -35,6 +35,14 @@ pub(crate) fn default_index(archive: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// The error of an output that exists (without `--force`).
+fn exists(output: &Path) -> CliError {
+    CliError::new(
+        Exit::Io,
+        format!("{} already exists (--force replaces it)", output.display()),
+    )
+}
+
 /// The CLI error of an index error.
 pub(crate) fn index_error(e: ZstdIndexError) -> CliError {
     let exit = if e.is_usage() {
@@ -53,10 +61,7 @@ pub(crate) fn run(args: Args) -> Result<()> {
         .clone()
         .unwrap_or_else(|| default_index(&args.file));
     if !args.force && fs::symlink_metadata(&output).is_ok() {
-        return Err(CliError::new(
-            Exit::Io,
-            format!("{} already exists (--force replaces it)", output.display()),
-        ));
+        return Err(exists(&output));
     }
     let started = Instant::now();
     let input = File::open(&args.file).map_err(|e| CliError::io(args.file.display(), e))?;
@@ -67,52 +72,51 @@ pub(crate) fn run(args: Args) -> Result<()> {
     let name = output
         .file_name()
         .ok_or_else(|| CliError::usage(format!("{}: not a file name", output.display())))?;
-    let mut temp_name = std::ffi::OsString::from(".");
-    temp_name.push(name);
-    temp_name.push(format!(".tmp{}", std::process::id()));
-    let temp = dir.join(temp_name);
-    let file = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&temp)
-        .map_err(|e| CliError::io(temp.display(), e))?;
-    let result = (|| {
-        let mut out = BufWriter::with_capacity(1 << 20, &file);
-        let summary =
-            build(BufReader::with_capacity(1 << 20, input), &mut out).map_err(|e| match e {
-                ZstdIndexError::Io { .. } => {
-                    CliError::new(Exit::Io, format!("{}: {e}", args.file.display()))
-                }
-                ZstdIndexError::Write(e) => CliError::io(temp.display(), e),
-                other => {
-                    let mut c = index_error(other);
-                    c.message = format!("{}: {}", args.file.display(), c.message);
-                    c
-                }
-            })?;
-        out.flush().map_err(|e| CliError::io(temp.display(), e))?;
-        drop(out);
-        // The archive's header reads, so that opening reads them from the index.
-        let archive = File::open(&args.file).map_err(|e| CliError::io(args.file.display(), e))?;
-        let mut summary = summary;
-        summary.index_len = vma_reader::zstd_index::add_headers(archive, &file).map_err(|e| {
+    // A temporary file beside the output, removed if anything fails (or dropped).
+    let mut prefix = std::ffi::OsString::from(".");
+    prefix.push(name);
+    prefix.push(".");
+    let temp = tempfile::Builder::new()
+        .prefix(&prefix)
+        .suffix(".partial")
+        .tempfile_in(&dir)
+        .map_err(|e| CliError::io(dir.display(), e))?;
+    let temp_name = temp.path().display().to_string();
+    let mut out = BufWriter::with_capacity(1 << 20, temp.as_file());
+    let summary =
+        build(BufReader::with_capacity(1 << 20, input), &mut out).map_err(|e| match e {
+            ZstdIndexError::Io { .. } => {
+                CliError::new(Exit::Io, format!("{}: {e}", args.file.display()))
+            }
+            ZstdIndexError::Write(e) => CliError::io(&temp_name, e),
+            other => {
+                let mut c = index_error(other);
+                c.message = format!("{}: {}", args.file.display(), c.message);
+                c
+            }
+        })?;
+    out.flush().map_err(|e| CliError::io(&temp_name, e))?;
+    drop(out);
+    // The archive's header reads, so that opening reads them from the index.
+    let archive = File::open(&args.file).map_err(|e| CliError::io(args.file.display(), e))?;
+    let mut summary = summary;
+    summary.index_len =
+        vma_reader::zstd_index::add_headers(archive, temp.as_file()).map_err(|e| {
             let e = CliError::from(e);
             CliError::new(e.exit, format!("{}: {}", args.file.display(), e.message))
         })?;
-        file.sync_all()
-            .map_err(|e| CliError::io(temp.display(), e))?;
-        fs::rename(&temp, &output).map_err(|e| CliError::io(output.display(), e))?;
-        Ok(summary)
-    })();
-    let summary = match result {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = fs::remove_file(&temp);
-            return Err(e);
-        }
+    temp.as_file()
+        .sync_all()
+        .map_err(|e| CliError::io(&temp_name, e))?;
+    // Without --force, an index that appeared meanwhile is not replaced either.
+    let persisted = match args.force {
+        true => temp.persist(&output),
+        false => temp.persist_noclobber(&output),
     };
+    persisted.map_err(|e| match e.error.kind() {
+        std::io::ErrorKind::AlreadyExists => exists(&output),
+        _ => CliError::io(output.display(), e.error),
+    })?;
     let mut lens = summary.segment_lens.clone();
     lens.sort_unstable();
     let median = lens.get(lens.len() / 2).copied().unwrap_or(0);
