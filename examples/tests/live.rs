@@ -290,6 +290,24 @@ fn signal(pid: u32, signal: &str) {
     assert!(st.success(), "kill -{signal} {pid}");
 }
 
+/// The nice value of every thread of process `pid` (field 19 of /proc/PID/task/TID/stat).
+fn thread_nices(pid: u32) -> Vec<i64> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|t| {
+            let stat = std::fs::read_to_string(t.unwrap().path().join("stat")).unwrap();
+            // After the command name in parentheses, fields 3 onwards.
+            let after = &stat[stat.rfind(')').unwrap() + 1..];
+            after
+                .split_whitespace()
+                .nth(19 - 3)
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect()
+}
+
 #[test]
 #[ignore = "boots QEMU (qemu-system-x86); scripts/test runs it with --include-ignored"]
 fn stalled_archive_writer_fails_the_backup_not_the_guest() {
@@ -309,8 +327,18 @@ fn stalled_archive_writer_fails_the_backup_not_the_guest() {
         &["--cbw-timeout", &bound, "--no-progress"],
     );
     wait_for_jobs(&mut ctl, 2, Duration::from_secs(30)).unwrap();
-    // The whole backup process stops: archive writer, NBD server and all.
     let pid = child.id();
+    // Every thread of the backup (NBD server, archive writer, ...) runs at --nice's
+    // default, below the QEMU it backs up.
+    let nices = thread_nices(pid);
+    assert!(
+        nices.len() > 2
+            && nices
+                .iter()
+                .all(|&n| n == i64::from(vma_live::DEFAULT_NICE)),
+        "{nices:?}"
+    );
+    // The whole backup process stops: archive writer, NBD server and all.
     signal(pid, "STOP");
     let resume = thread::spawn(move || {
         thread::sleep(STALL);
