@@ -164,6 +164,20 @@ impl Sink {
     }
 }
 
+/// The error of an output that failed: a command the archive went into is stopped (unless
+/// it has ended) and how it ended is the message; for another output, `e`.
+pub(crate) fn output_failure(
+    target: &Target,
+    command: Option<&mut Running>,
+    e: CliError,
+) -> CliError {
+    match command.and_then(Running::stop) {
+        Some(status) if status.success() => command_stopped_reading(target, status),
+        Some(status) => command_failed(target, status),
+        None => e,
+    }
+}
+
 /// The error of a command that did not succeed.
 pub(crate) fn command_failed(target: &Target, status: ExitStatus) -> CliError {
     CliError::new(

@@ -167,3 +167,15 @@ fn an_existing_output_is_never_replaced() {
     run_fails_saying(vma().arg("recompress").arg(v.path()).arg(&out), 4, "exists");
     assert_eq!(fs::read(&out).unwrap(), b"precious");
 }
+
+#[test]
+fn an_output_command_that_fails_or_stops_reading_is_an_io_error() {
+    let v = &vectors()[0];
+    // The command stops reading after 100 bytes; the command cannot write what it reads.
+    for (exec, words) in [
+        ("exec:head -c 100 > /dev/null", "stopped reading"),
+        ("exec:cat > /dev/full", "failed"),
+    ] {
+        run_fails_saying(vma().arg("recompress").arg(v.path()).arg(exec), 4, words);
+    }
+}

@@ -347,19 +347,16 @@ fn failure(
     e: vma_writer::Error,
 ) -> CliError {
     let output_failed = matches!(e, vma_writer::Error::Sink { .. });
-    let status = command.and_then(output::Running::stop);
-    if let (true, Some(status)) = (output_failed, status) {
-        return match status.success() {
-            true => output::command_stopped_reading(target, status),
-            false => output::command_failed(target, status),
-        };
-    }
     let mut err = CliError::from(e);
     let what = match path.filter(|p| !output_failed && !p.as_os_str().is_empty()) {
         Some(p) => p.display().to_string(),
         None => target.describe(),
     };
     err.message = format!("{what}: {}", err.message);
+    if output_failed {
+        return output::output_failure(target, command, err);
+    }
+    command.and_then(output::Running::stop);
     err
 }
 

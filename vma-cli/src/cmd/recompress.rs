@@ -16,7 +16,7 @@ use vma_reader::VerifyOptions;
 
 use super::verify::damage_message;
 use crate::error::{CliError, Exit, Result};
-use crate::output::{Sink, Target};
+use crate::output::{output_failure, Sink, Target};
 use crate::packed::{Packed, Packing};
 
 /// Arguments of `vma recompress`.
@@ -58,21 +58,18 @@ pub(crate) fn run(args: Args) -> Result<()> {
     // is the one to report.
     if let Some(e) = failed.into_inner() {
         drop(out);
-        let status = command.as_mut().and_then(crate::output::Running::stop);
-        return Err(match status {
-            Some(status) if e.kind() == io::ErrorKind::BrokenPipe => {
-                crate::output::command_stopped_reading(&target, status)
-            }
-            _ => CliError::io(target.describe(), e),
-        });
+        let e = CliError::io(target.describe(), e);
+        return Err(output_failure(&target, command.as_mut(), e));
     }
     let report = verified?;
     if !report.is_ok() {
         return Err(CliError::new(Exit::Damaged, damage_message(&report)));
     }
-    out.into_inner()
-        .finish(&target)?
-        .complete(command, &target, args.sync)
+    let sink = out
+        .into_inner()
+        .finish(&target)
+        .map_err(|e| output_failure(&target, command.as_mut(), e))?;
+    sink.complete(command, &target, args.sync)
 }
 
 /// The input as the verifier reads it, every byte read written to the output too.
