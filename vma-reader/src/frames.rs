@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 
 use crate::error::{Error, Result};
+use crate::read_at::ReadAt;
 use crate::source::{into_io, ZstdSource, FRAME_CACHE_BYTES};
 
 /// A frame to decompress, and the buffer to decompress it into.
@@ -64,10 +65,14 @@ impl ParallelZstdReader {
     /// Opens a seekable zstd file for one pass with `threads` decompressing workers (at
     /// least one). A zstd file without a seek table is [`Error::NotSeekable`].
     pub fn open(file: File, threads: usize) -> Result<ParallelZstdReader> {
+        Self::from_source(Arc::new(file), threads)
+    }
+
+    /// [`open`](Self::open) of any byte source (a file, an object in a bucket).
+    pub fn from_source(file: Arc<dyn ReadAt>, threads: usize) -> Result<ParallelZstdReader> {
         let len = file
-            .metadata()
-            .map_err(|source| Error::Read { offset: 0, source })?
-            .len();
+            .size()
+            .map_err(|source| Error::Read { offset: 0, source })?;
         let source = Arc::new(ZstdSource::open(file, len)?);
         let lens = (0..source.index().frames())
             .map(|f| source.index().frame(f).expect("a frame of the index").len as usize)

@@ -13,6 +13,7 @@ pub mod lzop;
 mod names;
 mod options;
 mod prefetch;
+mod read_at;
 mod seekable;
 mod sink;
 mod source;
@@ -32,6 +33,7 @@ pub use names::{
 };
 pub use options::{OnDamage, ReadOptions, VerifyOptions};
 pub use prefetch::{PrefetchingReader, PREFETCH_BUFFERS};
+pub use read_at::ReadAt;
 pub use seekable::{Allocation, DeviceReader, DeviceRef, SeekableArchive};
 pub use sink::DeviceSink;
 pub use source::{Packing, FRAME_CACHE_BYTES, MAX_FRAME_CONTENT};

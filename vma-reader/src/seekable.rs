@@ -25,6 +25,7 @@ use crate::index::{DeviceIndex, MAX_RELATIVE_OFFSET};
 use crate::integrity::IntegrityReport;
 use crate::options::OnDamage;
 use crate::options::ReadOptions;
+use crate::read_at::ReadAt;
 use crate::source::{from_io, into_io, Packing, Source};
 use crate::stream::read_header;
 use crate::stream::{sealed, IntoArchiveStream, StreamReader};
@@ -99,7 +100,20 @@ impl SeekableArchive {
 
     /// Indexes an open archive file, plain, seekable zstd or lzop.
     pub fn from_file(file: File) -> Result<SeekableArchive> {
-        Self::from_source(Source::open(file)?)
+        Self::from_read_at(Arc::new(file))
+    }
+
+    /// Indexes an archive in any byte source ([`ReadAt`]: a file, an object in a bucket
+    /// read by ranged requests), plain, seekable zstd or lzop, as [`open`](Self::open)
+    /// does a file.
+    pub fn from_read_at(bytes: Arc<dyn ReadAt>) -> Result<SeekableArchive> {
+        Self::from_source(Source::open(bytes)?)
+    }
+
+    /// [`from_file_with_index`](Self::from_file_with_index) of an archive in any byte
+    /// source, with its sidecar index in a local file.
+    pub fn from_read_at_with_index(bytes: Arc<dyn ReadAt>, index: File) -> Result<SeekableArchive> {
+        Self::from_source(Source::with_index(bytes, index)?)
     }
 
     /// Opens a zstd archive (one stream, as `zstd` and Proxmox's vzdump write it) through
@@ -127,7 +141,7 @@ impl SeekableArchive {
     /// segments are about 8 MiB at zstd's level 3, at most 64 MiB) plus one segment per
     /// reading thread while it decodes.
     pub fn from_file_with_index(archive: File, index: File) -> Result<SeekableArchive> {
-        Self::from_source(Source::with_index(archive, index)?)
+        Self::from_source(Source::with_index(Arc::new(archive), index)?)
     }
 
     pub(crate) fn from_source(source: Source) -> Result<SeekableArchive> {
@@ -237,7 +251,7 @@ impl SeekableArchive {
 /// The reads of the archive that opening `archive` through the sidecar `index` makes
 /// (the archive header and every extent header), in order.
 pub(crate) fn recorded_header_reads(archive: File, index: File) -> Result<Vec<(u64, Vec<u8>)>> {
-    let a = SeekableArchive::from_source(Source::with_index_recording(archive, index)?)?;
+    let a = SeekableArchive::from_source(Source::with_index_recording(Arc::new(archive), index)?)?;
     Ok(a.shared.source.take_recorded())
 }
 

@@ -41,6 +41,7 @@ use vma_format::seek_table::{SeekIndex, SeekTableError, ZSTD_FRAME_MAGIC};
 use crate::cache::{read_units, UnitCache};
 use crate::error::{Error, Result};
 use crate::lzop::{LzopIndex, LZOP_MAGIC};
+use crate::read_at::{Bytes, ReadAt};
 use crate::zstd_index::{ZstdIndex, ZstdIndexError};
 
 /// Bytes of decompressed frames (or lzop blocks) the cache of a compressed archive keeps.
@@ -85,7 +86,7 @@ pub enum Packing {
 
 /// Archive bytes at any offset.
 pub(crate) enum Source {
-    Plain { file: File, len: u64 },
+    Plain { file: Bytes, len: u64 },
     Zstd(Box<ZstdSource>),
     Lzop(Box<LzopSource>),
     Indexed(Box<IndexedSource>),
@@ -106,14 +107,13 @@ impl Source {
     /// The source of an archive file: seekable zstd if it starts like zstd, lzop if it
     /// starts like lzop, else plain. A zstd file without a seek table is
     /// [`Error::NotSeekable`].
-    pub(crate) fn open(file: File) -> Result<Source> {
+    pub(crate) fn open(file: Bytes) -> Result<Source> {
         let len = file
-            .metadata()
-            .map_err(|source| Error::Read { offset: 0, source })?
-            .len();
+            .size()
+            .map_err(|source| Error::Read { offset: 0, source })?;
         let mut magic = [0u8; LZOP_MAGIC.len()];
         let head = (len as usize).min(magic.len());
-        read_file(&file, &mut magic[..head], 0)?;
+        read_file(&*file, &mut magic[..head], 0)?;
         if magic[..head].starts_with(&ZSTD_FRAME_MAGIC) {
             ZstdSource::open(file, len).map(|z| Source::Zstd(Box::new(z)))
         } else if magic == LZOP_MAGIC {
@@ -125,13 +125,13 @@ impl Source {
 
     /// The source of a zstd file read through its sidecar index `index`, which is checked
     /// against the file (see [`ZstdIndex::from_file`]).
-    pub(crate) fn with_index(file: File, index: File) -> Result<Source> {
-        let zindex = ZstdIndex::from_file(&index, &file).map_err(zindex_error)?;
+    pub(crate) fn with_index(file: Bytes, index: File) -> Result<Source> {
+        let zindex = ZstdIndex::from_file(&index, &*file).map_err(zindex_error)?;
         let headers = match zindex.header_section() {
             None => Vec::new(),
             Some((at, len)) => {
                 let mut stored = vec![0u8; len as usize];
-                index.read_exact_at(&mut stored, at).map_err(|source| {
+                FileExt::read_exact_at(&index, &mut stored, at).map_err(|source| {
                     zindex_error(ZstdIndexError::IndexIo {
                         index_offset: at,
                         source,
@@ -148,8 +148,8 @@ impl Source {
 
     /// [`with_index`](Self::with_index) of an index without stored header reads, keeping
     /// a copy of every read ([`take_recorded`](Self::take_recorded)).
-    pub(crate) fn with_index_recording(file: File, index: File) -> Result<Source> {
-        let zindex = ZstdIndex::from_file(&index, &file).map_err(zindex_error)?;
+    pub(crate) fn with_index_recording(file: Bytes, index: File) -> Result<Source> {
+        let zindex = ZstdIndex::from_file(&index, &*file).map_err(zindex_error)?;
         Ok(Source::Indexed(Box::new(IndexedSource::new(
             file,
             index,
@@ -230,7 +230,7 @@ impl Source {
         for n in 0..inner.index.segments() {
             let s = *inner.index.segment(n).expect("a segment of the index");
             compressed.resize(s.compressed_len as usize, 0);
-            read_file(&inner.file, &mut compressed, s.compressed_offset)?;
+            read_file(&*inner.file, &mut compressed, s.compressed_offset)?;
             inner
                 .index
                 .check_segment(n, &compressed)
@@ -287,7 +287,7 @@ pub(crate) fn from_io(e: Error) -> Error {
 
 /// A seekable zstd archive file.
 pub(crate) struct ZstdSource {
-    file: File,
+    file: Bytes,
     file_len: u64,
     index: SeekIndex,
     cache: UnitCache,
@@ -296,17 +296,17 @@ pub(crate) struct ZstdSource {
 impl ZstdSource {
     /// Opens a seekable zstd file of `file_len` bytes: reads and checks its seek table
     /// ([`Error::NotSeekable`] without one).
-    pub(crate) fn open(file: File, file_len: u64) -> Result<ZstdSource> {
+    pub(crate) fn open(file: Bytes, file_len: u64) -> Result<ZstdSource> {
         let table_err = |e: SeekTableError| match e {
             SeekTableError::NoFooter { stream_len } => Error::NotSeekable { stream_len },
             other => Error::SeekTable(other),
         };
         let tail = (vma_format::seek_table::FOOTER_SIZE as u64).min(file_len);
         let mut footer = vec![0u8; tail as usize];
-        read_file(&file, &mut footer, file_len - tail)?;
+        read_file(&*file, &mut footer, file_len - tail)?;
         let len = SeekIndex::table_len(&footer, file_len).map_err(table_err)?;
         let mut table = vec![0u8; len];
-        read_file(&file, &mut table, file_len - len as u64)?;
+        read_file(&*file, &mut table, file_len - len as u64)?;
         let index = SeekIndex::parse(&table, file_len).map_err(table_err)?;
         Ok(ZstdSource {
             file,
@@ -372,7 +372,7 @@ impl ZstdSource {
     ) -> Result<()> {
         let span = self.index.frame(frame).expect("a frame of the index");
         compressed.resize(span.compressed_len as usize, 0);
-        read_file(&self.file, compressed, span.compressed_offset)?;
+        read_file(&*self.file, compressed, span.compressed_offset)?;
         // The frame header's own content size (our writer records it), against the table.
         if let Ok(Some(n)) = zstd::zstd_safe::get_frame_content_size(compressed) {
             if n != u64::from(span.len) {
@@ -408,7 +408,7 @@ impl ZstdSource {
     fn decompress_prefix(&self, frame: usize, len: usize) -> Result<Vec<u8>> {
         let span = self.index.frame(frame).expect("a frame of the index");
         let compressed = FileRange {
-            file: &self.file,
+            file: &*self.file,
             at: span.compressed_offset,
             end: span.compressed_offset + span.compressed_len as u64,
         };
@@ -439,14 +439,19 @@ impl ZstdSource {
 
 /// An lzop archive file, indexed by its block headers.
 pub(crate) struct LzopSource {
-    file: File,
+    file: Bytes,
     index: LzopIndex,
     cache: UnitCache,
 }
 
 impl LzopSource {
-    fn open(file: File, file_len: u64) -> Result<LzopSource> {
-        let index = LzopIndex::scan(BufReader::new(&file), file_len).map_err(lzop_error)?;
+    fn open(file: Bytes, file_len: u64) -> Result<LzopSource> {
+        let whole = FileRange {
+            file: &*file,
+            at: 0,
+            end: file_len,
+        };
+        let index = LzopIndex::scan(BufReader::new(whole), file_len).map_err(lzop_error)?;
         Ok(LzopSource {
             file,
             index,
@@ -464,7 +469,7 @@ impl LzopSource {
             self.cache.get(n, 0, || {
                 let b = self.index.block(n).expect("a block of the index");
                 let mut bytes = vec![0u8; b.file_len() as usize];
-                read_file(&self.file, &mut bytes, b.header_offset)?;
+                read_file(&*self.file, &mut bytes, b.header_offset)?;
                 self.index.decode(n, &bytes).map_err(lzop_error)
             })
         })
@@ -491,7 +496,7 @@ pub(crate) struct IndexedSource {
 }
 
 struct Indexed {
-    file: File,
+    file: Bytes,
     sidecar: File,
     index: ZstdIndex,
     cache: UnitCache,
@@ -505,16 +510,14 @@ impl Indexed {
     fn load(&self, n: usize) -> Result<Vec<u8>> {
         let s = *self.index.segment(n).expect("a segment of the index");
         let mut compressed = vec![0u8; s.compressed_len as usize];
-        read_file(&self.file, &mut compressed, s.compressed_offset)?;
+        read_file(&*self.file, &mut compressed, s.compressed_offset)?;
         let mut prefix = vec![0u8; s.prefix_stored_len as usize];
-        self.sidecar
-            .read_exact_at(&mut prefix, s.prefix_offset)
-            .map_err(|source| {
-                zindex_error(ZstdIndexError::IndexIo {
-                    index_offset: s.prefix_offset,
-                    source,
-                })
-            })?;
+        FileExt::read_exact_at(&self.sidecar, &mut prefix, s.prefix_offset).map_err(|source| {
+            zindex_error(ZstdIndexError::IndexIo {
+                index_offset: s.prefix_offset,
+                source,
+            })
+        })?;
         self.index
             .decode(n, &compressed, &prefix)
             .map_err(zindex_error)
@@ -523,7 +526,7 @@ impl Indexed {
 
 impl IndexedSource {
     fn new(
-        file: File,
+        file: Bytes,
         sidecar: File,
         index: ZstdIndex,
         headers: Vec<(u64, Vec<u8>)>,
@@ -625,7 +628,7 @@ fn lzop_error(e: crate::lzop::LzopError) -> Error {
     }
 }
 
-fn read_file(file: &File, buf: &mut [u8], offset: u64) -> Result<()> {
+fn read_file(file: &dyn ReadAt, buf: &mut [u8], offset: u64) -> Result<()> {
     file.read_exact_at(buf, offset)
         .map_err(|source| Error::Read { offset, source })
 }
@@ -644,19 +647,32 @@ impl std::error::Error for ReadError {}
 
 /// A range of a file as a `Read`, by positional reads.
 struct FileRange<'f> {
-    file: &'f File,
+    file: &'f dyn ReadAt,
     at: u64,
     end: u64,
+}
+
+impl io::Seek for FileRange<'_> {
+    fn seek(&mut self, pos: io::SeekFrom) -> io::Result<u64> {
+        let to = match pos {
+            io::SeekFrom::Start(n) => Some(n),
+            io::SeekFrom::Current(d) => self.at.checked_add_signed(d),
+            io::SeekFrom::End(d) => self.end.checked_add_signed(d),
+        };
+        self.at = to
+            .filter(|&n| n <= self.end)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "seek outside the file"))?;
+        Ok(self.at)
+    }
 }
 
 impl Read for FileRange<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = (buf.len() as u64).min(self.end - self.at) as usize;
-        let got = self
-            .file
-            .read_at(&mut buf[..n], self.at)
+        self.file
+            .read_exact_at(&mut buf[..n], self.at)
             .map_err(|e| io::Error::new(e.kind(), ReadError(self.at, e)))?;
-        self.at += got as u64;
-        Ok(got)
+        self.at += n as u64;
+        Ok(n)
     }
 }

@@ -29,6 +29,8 @@
 //! trailer ([`ZstdIndex::from_file`]); prefixes are read on demand with positional reads.
 
 use std::fs::File;
+
+use crate::read_at::ReadAt;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 
@@ -952,11 +954,10 @@ impl ZstdIndex {
     /// trailer and table (not the prefixes), which must describe `archive` (its length and
     /// last 4 bytes) and be consistent (segments contiguous in content, ascending and
     /// within the file in compressed bytes, prefixes within the sidecar).
-    pub fn from_file(index: &File, archive: &File) -> Result<ZstdIndex> {
+    pub fn from_file(index: &File, archive: &dyn ReadAt) -> Result<ZstdIndex> {
         let archive_len = archive
-            .metadata()
-            .map_err(|source| ZstdIndexError::Io { offset: 0, source })?
-            .len();
+            .size()
+            .map_err(|source| ZstdIndexError::Io { offset: 0, source })?;
         let mut tail = [0u8; 4];
         if archive_len >= 4 {
             archive
@@ -974,7 +975,7 @@ impl ZstdIndex {
             })?
             .len();
         Self::parse(
-            &mut |buf, at| index.read_exact_at(buf, at),
+            &mut |buf, at| FileExt::read_exact_at(index, buf, at),
             index_len,
             archive_len,
             tail,
@@ -1340,7 +1341,7 @@ pub fn add_headers(archive: File, index: &File) -> std::result::Result<u64, crat
         .map_err(io_err(len))?;
     let at = len - TRAILER_SIZE;
     let mut t = [0u8; TRAILER_SIZE as usize];
-    index.read_exact_at(&mut t, at).map_err(io_err(at))?;
+    FileExt::read_exact_at(index, &mut t, at).map_err(io_err(at))?;
     LE::write_u64(&mut t[44..], at);
     LE::write_u32(&mut t[52..], stored.len() as u32);
     let crc = crc32c::crc32c(&t[..56]);
