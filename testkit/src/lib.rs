@@ -8,7 +8,9 @@ use std::path::PathBuf;
 
 use sha2::{Digest, Sha256};
 
+pub mod s3;
 pub mod serve;
+pub use s3::{S3Server, SlowProxy};
 pub use serve::Serve;
 
 /// The vectors' folder, `spec/vectors` at the repository root.
