@@ -31,8 +31,9 @@ pub const INTEGRITY_VERSION: u8 = 1;
 /// The seal version this crate writes and understands. Version 1 (an early development
 /// format that hashed every archive byte) is read as an unknown version.
 pub const SEAL_VERSION: u8 = 2;
-/// Payload bytes per seal slot: the 56 bits beside dev_id.
-const SEAL_BYTES_PER_SLOT: usize = 7;
+/// Payload bytes per dev_id-0 slot: the 56 bits beside dev_id (mask, reserved, cluster).
+pub const PAYLOAD_BYTES_PER_SLOT: usize = 7;
+const SEAL_BYTES_PER_SLOT: usize = PAYLOAD_BYTES_PER_SLOT;
 /// Payload of a version-2 seal: extent count and SHA-256.
 const SEAL_PAYLOAD_LEN: usize = 8 + 32;
 
@@ -170,19 +171,7 @@ impl Seal {
             dev_id: 0,
             cluster: SEAL_PAYLOAD_LEN as u32,
         };
-        for (slot, chunk) in slots[1..]
-            .iter_mut()
-            .zip(payload.chunks(SEAL_BYTES_PER_SLOT))
-        {
-            let mut b = [0u8; SEAL_BYTES_PER_SLOT];
-            b[..chunk.len()].copy_from_slice(chunk);
-            *slot = BlockInfo {
-                mask: BlockMask::from_bits_retain(BigEndian::read_u16(&b[0..2])),
-                reserved: b[2],
-                dev_id: 0,
-                cluster: BigEndian::read_u32(&b[3..7]),
-            };
-        }
+        pack_payload(&payload, &mut slots[1..]);
         ExtentHeader::new(uuid, slots)
     }
 
@@ -201,21 +190,43 @@ impl Seal {
         if first.cluster as usize != SEAL_PAYLOAD_LEN {
             return SealKind::Malformed;
         }
-        let mut payload = Vec::with_capacity(SEAL_PAYLOAD_LEN + SEAL_BYTES_PER_SLOT);
-        for slot in &extent.blockinfo[1..] {
-            let mut b = [0u8; SEAL_BYTES_PER_SLOT];
-            BigEndian::write_u16(&mut b[0..2], slot.mask.bits());
-            b[2] = slot.reserved;
-            BigEndian::write_u32(&mut b[3..7], slot.cluster);
-            payload.extend_from_slice(&b);
-            if payload.len() >= SEAL_PAYLOAD_LEN {
-                break;
-            }
-        }
+        let mut payload =
+            [0u8; SEAL_PAYLOAD_LEN.div_ceil(SEAL_BYTES_PER_SLOT) * SEAL_BYTES_PER_SLOT];
+        unpack_payload(&extent.blockinfo[1..], &mut payload);
         SealKind::Seal(Seal {
             extents: BigEndian::read_u64(&payload[..8]),
             sha256: payload[8..SEAL_PAYLOAD_LEN].try_into().unwrap(),
         })
+    }
+}
+
+/// Packs `payload` into `slots`, [`PAYLOAD_BYTES_PER_SLOT`] bytes each in the order mask
+/// (big-endian), reserved, cluster (big-endian), dev_id 0, the last slot used zero padded.
+/// Slots beyond the payload are left alone. The payload must fit.
+pub(crate) fn pack_payload(payload: &[u8], slots: &mut [BlockInfo]) {
+    debug_assert!(payload.len() <= slots.len() * PAYLOAD_BYTES_PER_SLOT);
+    for (slot, chunk) in slots.iter_mut().zip(payload.chunks(PAYLOAD_BYTES_PER_SLOT)) {
+        let mut b = [0u8; PAYLOAD_BYTES_PER_SLOT];
+        b[..chunk.len()].copy_from_slice(chunk);
+        *slot = BlockInfo {
+            mask: BlockMask::from_bits_retain(BigEndian::read_u16(&b[0..2])),
+            reserved: b[2],
+            dev_id: 0,
+            cluster: BigEndian::read_u32(&b[3..7]),
+        };
+    }
+}
+
+/// The inverse of [`pack_payload`]: fills `out` from the slots' 7 bytes each (as many
+/// slots as `out` needs; `out` must not be longer than the slots hold).
+pub(crate) fn unpack_payload(slots: &[BlockInfo], out: &mut [u8]) {
+    debug_assert!(out.len() <= slots.len() * PAYLOAD_BYTES_PER_SLOT);
+    for (slot, chunk) in slots.iter().zip(out.chunks_mut(PAYLOAD_BYTES_PER_SLOT)) {
+        let mut b = [0u8; PAYLOAD_BYTES_PER_SLOT];
+        BigEndian::write_u16(&mut b[0..2], slot.mask.bits());
+        b[2] = slot.reserved;
+        BigEndian::write_u32(&mut b[3..7], slot.cluster);
+        chunk.copy_from_slice(&b[..chunk.len()]);
     }
 }
 

@@ -8,6 +8,7 @@ mod consts;
 mod copies;
 mod error;
 mod extent;
+pub mod extent_index;
 mod header;
 pub mod integrity;
 pub mod names;

@@ -112,6 +112,53 @@ pub fn check_seek_table(data: &[u8]) {
     }
 }
 
+/// Decodes `data` as a run of 512-byte extents taken as an extent index
+/// ([`vma_format::extent_index`]) and checks what an index that decodes promises: the
+/// streaming decoder agrees with [`decode`](vma_format::extent_index::decode), the number
+/// of index extents is the fewest the copies need, and encoding the copies again with the
+/// same uuid gives the same extents.
+pub fn check_extent_index(data: &[u8]) {
+    use vma_format::extent_index::{self, Decoder, IndexExtent, IndexKind};
+    use vma_format::ExtentHeader;
+    let mut extents = Vec::new();
+    let mut uuid = None;
+    for raw in data.chunks_exact(512) {
+        let Ok(e) = ExtentHeader::decode(raw) else {
+            return;
+        };
+        if *uuid.get_or_insert(e.uuid) != e.uuid {
+            return;
+        }
+        match IndexExtent::from_extent(&e) {
+            IndexKind::Index(x) => {
+                assert_eq!(x.to_extent(e.uuid).encode()[..], raw[..]);
+                extents.push(*x);
+            }
+            _ => return,
+        }
+    }
+    let whole = extent_index::decode(&extents);
+    let mut decoder = Decoder::new();
+    let mut streamed = Vec::new();
+    let pushed = extents
+        .iter()
+        .try_for_each(|x| decoder.push(x, |h| streamed.push(*h)));
+    let finished = pushed.and_then(|()| decoder.finish());
+    match (&whole, finished) {
+        (Ok(copies), Ok(n)) => {
+            assert_eq!(n, copies.len() as u64);
+            assert_eq!(&streamed, copies);
+            assert_eq!(extent_index::extents_for(n), extents.len() as u64);
+            let again =
+                extent_index::encode(uuid.expect("one extent at least"), copies).expect("encodes");
+            let raw: Vec<u8> = again.iter().flatten().copied().collect();
+            assert_eq!(raw[..], data[..raw.len()]);
+        }
+        (Err(a), Err(b)) => assert_eq!(*a, b),
+        (a, b) => panic!("decode {a:?} but streaming {b:?}"),
+    }
+}
+
 /// Indexes `data` as a whole lzop file ([`vma_reader::lzop::LzopIndex`]) and checks what
 /// an index that scans promises: blocks follow each other in the file and in the content,
 /// each within lzop's limits, every content offset maps to the block that holds it; and

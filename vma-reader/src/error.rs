@@ -197,6 +197,62 @@ pub enum Error {
         /// Archive offset of the seal extent.
         offset: u64,
     },
+    /// An extent tagged as an extent index extent but not laid out as one.
+    #[error("extent at byte {offset}: malformed extent index extent")]
+    MalformedIndex {
+        /// Archive offset of the extent.
+        offset: u64,
+    },
+    /// A data extent after the extent index, which comes only right before the seal.
+    #[error("data extent at byte {offset} after the extent index")]
+    DataAfterIndex {
+        /// Archive offset of the data extent.
+        offset: u64,
+    },
+    /// The extent index does not decode (its extents disagree on their number, the count
+    /// does not fit them, non-zero padding).
+    #[error("extent index at byte {offset}: {source}")]
+    ExtentIndex {
+        /// Archive offset of the first index extent (or, when that is unknown, of the one
+        /// at fault).
+        offset: u64,
+        /// What is wrong.
+        source: vma_format::extent_index::ExtentIndexError,
+    },
+    /// The extent index decodes but does not fit the archive: it lists data extents that
+    /// do not end where it starts, does not fit in the file, or lists a seal or an index
+    /// extent.
+    #[error("extent index at byte {offset}: {reason}")]
+    ExtentIndexLayout {
+        /// Archive offset of the first index extent.
+        offset: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A header copy in the extent index that is not a valid extent header (opening
+    /// through the index).
+    #[error(
+        "extent index at byte {offset}: copy {copy} (of the data extent at byte {at}): {source}"
+    )]
+    IndexCopy {
+        /// Archive offset of the first index extent.
+        offset: u64,
+        /// Which copy, 0 for the first data extent's.
+        copy: u64,
+        /// Where the data extent it copies is.
+        at: u64,
+        /// What is wrong with it.
+        source: FormatError,
+    },
+    /// The extent index's copies differ from the data extent headers read (only an error
+    /// when stopping at damage).
+    #[error("extent index at byte {offset}: {reason}")]
+    ExtentIndexMismatch {
+        /// Archive offset of the first index extent.
+        offset: u64,
+        /// What differs.
+        reason: String,
+    },
     /// Bytes after the seal, which must close the archive.
     #[error("archive continues at byte {offset} after its seal")]
     DataAfterSeal {

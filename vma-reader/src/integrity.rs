@@ -48,6 +48,60 @@ pub enum SealStatus {
     NotVerified,
 }
 
+/// Whether the archive carries an extent index (see
+/// [`vma_format::extent_index`]), and whether its copies are the headers they copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ExtentIndexStatus {
+    /// No extent index: an archive from Proxmox's writer, without the integrity extension,
+    /// or written with `Builder::extent_index(false)`.
+    Absent,
+    /// Present, and its copies equal the data extent headers read.
+    Consistent {
+        /// Index extents.
+        extents: u64,
+    },
+    /// The seekable reader opened the archive through it: the copies passed every check a
+    /// scan of the headers makes and the seal (which covers the copies), but the headers
+    /// they copy were not read. A full verify (the streaming reader) compares them.
+    Opened {
+        /// Index extents.
+        extents: u64,
+    },
+    /// Present, but it does not decode or its copies differ from the headers read.
+    Mismatch {
+        /// Archive offset of the first index extent.
+        offset: u64,
+        /// What differs.
+        reason: String,
+    },
+    /// An extent index of a version this crate does not know.
+    UnknownVersion(u8),
+}
+
+impl fmt::Display for ExtentIndexStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExtentIndexStatus::Absent => f.write_str("absent"),
+            ExtentIndexStatus::Consistent { extents } => {
+                write!(
+                    f,
+                    "present ({extents} extents), consistent with the headers"
+                )
+            }
+            ExtentIndexStatus::Opened { extents } => {
+                write!(f, "present ({extents} extents), used to open the archive")
+            }
+            ExtentIndexStatus::Mismatch { offset, reason } => {
+                write!(f, "extent index mismatch at byte {offset}: {reason}")
+            }
+            ExtentIndexStatus::UnknownVersion(v) => {
+                write!(f, "present with unknown version {v}")
+            }
+        }
+    }
+}
+
 /// Checks a seal found at `offset` after `extents` data extents against the headers
 /// hashed so far (`None`: hashing was turned off).
 pub(crate) fn check_seal(
@@ -101,7 +155,9 @@ pub struct DamagedExtent {
 pub struct IntegrityReport {
     /// The seal.
     pub seal: SealStatus,
-    /// Data extents (the seal not counted).
+    /// The extent index.
+    pub extent_index: ExtentIndexStatus,
+    /// Data extents (the seal and the index extents not counted).
     pub total_extents: u64,
     /// Extents whose CRC32C was checked (matching or not).
     pub checksummed_extents: u64,
@@ -115,6 +171,7 @@ impl Default for IntegrityReport {
     fn default() -> Self {
         IntegrityReport {
             seal: SealStatus::Unsealed,
+            extent_index: ExtentIndexStatus::Absent,
             total_extents: 0,
             checksummed_extents: 0,
             unverifiable_extents: 0,
@@ -124,10 +181,12 @@ impl Default for IntegrityReport {
 }
 
 impl IntegrityReport {
-    /// No damaged extent and no seal mismatch. (An unsealed or unchecksummed archive is
-    /// "ok": nothing says it is damaged.)
+    /// No damaged extent, no seal mismatch and no extent index mismatch. (An unsealed or
+    /// unchecksummed archive is "ok": nothing says it is damaged.)
     pub fn is_ok(&self) -> bool {
-        self.damaged.is_empty() && !matches!(self.seal, SealStatus::Mismatch { .. })
+        self.damaged.is_empty()
+            && !matches!(self.seal, SealStatus::Mismatch { .. })
+            && !matches!(self.extent_index, ExtentIndexStatus::Mismatch { .. })
     }
 
     /// Every extent carries a verified-format checksum and the seal holds.

@@ -26,7 +26,9 @@ pub mod zstd_index;
 pub use error::{Error, ErrorKind, Result};
 pub use extract::{DamagedRange, ExtractReport, ExtractedFile, Extractor, Zeroing};
 pub use frames::ParallelZstdReader;
-pub use integrity::{ClusterAddress, DamagedExtent, ExtentChecksum, IntegrityReport, SealStatus};
+pub use integrity::{
+    ClusterAddress, DamagedExtent, ExtentChecksum, ExtentIndexStatus, IntegrityReport, SealStatus,
+};
 pub use names::{
     config_file_name, device_file_name, device_temp_file_name, safe_file_name, MAX_FILE_NAME_LEN,
     VMSTATE_FILE_NAME,

@@ -10,10 +10,12 @@
 //! memory.
 
 use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 use std::sync::Arc;
 
+use vma_format::extent_index::{self, Decoder, IndexExtent, IndexKind};
+use vma_format::integrity::{Seal, SealKind};
 use vma_format::{
     cluster, ArchiveHeader, BlockMask, DeviceId, DeviceInfo, ExtentHeader, VMA_BLOCKS_PER_CLUSTER,
     VMA_BLOCKS_PER_EXTENT, VMA_BLOCK_SIZE, VMA_CLUSTER_SIZE, VMA_EXTENT_HEADER_SIZE,
@@ -22,7 +24,7 @@ use vma_format::{
 
 use crate::error::{Error, Result};
 use crate::index::{DeviceIndex, MAX_RELATIVE_OFFSET};
-use crate::integrity::IntegrityReport;
+use crate::integrity::{IntegrityReport, SealStatus};
 use crate::options::OnDamage;
 use crate::options::ReadOptions;
 use crate::read_at::ReadAt;
@@ -34,14 +36,37 @@ use crate::walk::{DataCheck, Step, Walker};
 /// Bytes read at once while scanning headers of extents that store no data.
 const SCAN_WINDOW: usize = 64 * 1024;
 
+/// Bytes read at once from the start of the archive for its header (the fixed 12 KiB and,
+/// usually, all of the blob buffer).
+const HEAD_WINDOW: usize = 16 * 1024;
+
+/// Bytes read at once from the end of the archive to find the extent index: the seal,
+/// the index and, when it is small (up to about 400 data extents), all of it. A larger
+/// index takes one more read.
+pub(crate) const TAIL_WINDOW: usize = 256 * 1024;
+
 /// An archive file opened for random access.
 ///
-/// Opening reads the header and every extent header (seeking over the data), checks
-/// them all as the streaming reader does (header MD5s, uuid, reserved fields, unknown
-/// devices, clusters past the end, duplicates, missing clusters, truncation) and builds
-/// an index from each cluster to its stored data. See the crate docs for the index's
-/// memory. The seal is checked too (it hashes headers only); the data's CRC32Cs need the
-/// data: [`verify`](crate::verify)`(&archive, ...)` reads them.
+/// Opening reads the header and every extent header, checks them all as the streaming
+/// reader does (header MD5s, uuid, reserved fields, unknown devices, clusters past the
+/// end, duplicates, missing clusters, truncation) and builds an index from each cluster
+/// to its stored data. See the crate docs for the index's memory. The seal is checked too
+/// (it hashes headers only); the data's CRC32Cs need the data:
+/// [`verify`](crate::verify)`(&archive, ...)` reads them.
+///
+/// Where the headers come from: an archive written by vma-rs with the integrity extension
+/// ends with an *extent index* (copies of every data extent's header, then the seal; see
+/// [`vma_format::extent_index`]). Opening reads the header, then the last 256 KiB
+/// and, for a large index (over about 400 data extents), the rest of it in one more read: three
+/// or four reads whatever the archive's size, which matters when every read is a round
+/// trip (a bucket read by ranged requests). The copies go through every check a scan
+/// makes, and the seal, which covers them, must hold: an index that does not decode or
+/// whose seal fails is an error, not a reason to scan. The trust limit: opening checks
+/// the copies against the seal, not against the headers they copy, which it does not
+/// read; a full verify (the streaming reader, [`verify`](crate::verify)) reads and
+/// compares them ([`ExtentIndexStatus`](crate::ExtentIndexStatus)). Any other archive
+/// (Proxmox's, `--no-integrity`, no seal, no index) is scanned: one read per extent
+/// that stores data, seeking over the data, in larger windows over runs of empty ones.
 ///
 /// The archive must not change while open: reads of a truncated file fail with an I/O
 /// error, and a rewritten file yields whatever its bytes now are.
@@ -146,13 +171,22 @@ impl SeekableArchive {
 
     pub(crate) fn from_source(source: Source) -> Result<SeekableArchive> {
         let file_len = source.len();
-        let (header, bytes) = read_header(&mut Positional::new(&source)).map_err(from_io)?;
+        let head = (HEAD_WINDOW as u64).min(file_len).max(1) as usize;
+        let (header, bytes) = read_header(&mut BufReader::with_capacity(
+            head,
+            Positional::new(&source),
+        ))
+        .map_err(from_io)?;
         let header_size = bytes.len() as u64;
-        let walker = Walker::new(&header, &bytes, true, OnDamage::Report);
-        drop(bytes);
         check_fits(&header, header_size, file_len)?;
-        let (mut index, integrity) =
-            index_extents(&source, file_len, &header, header_size, walker)?;
+        let (mut index, integrity) = match index_from_tail(&source, file_len, &header, &bytes)? {
+            Some(opened) => opened,
+            None => {
+                let walker = Walker::new(&header, &bytes, true, OnDamage::Report);
+                drop(bytes);
+                index_extents(&source, file_len, &header, header_size, walker)?
+            }
+        };
         for ix in index.iter_mut().flatten() {
             ix.shrink();
         }
@@ -249,10 +283,13 @@ impl SeekableArchive {
 }
 
 /// The reads of the archive that opening `archive` through the sidecar `index` makes
-/// (the archive header and every extent header), in order.
+/// (the archive header, the look at the end for an extent index, and every extent header
+/// or the index), by offset (opening looks at the end first).
 pub(crate) fn recorded_header_reads(archive: File, index: File) -> Result<Vec<(u64, Vec<u8>)>> {
     let a = SeekableArchive::from_source(Source::with_index_recording(Arc::new(archive), index)?)?;
-    Ok(a.shared.source.take_recorded())
+    let mut reads = a.shared.source.take_recorded();
+    reads.sort_by_key(|(offset, _)| *offset);
+    Ok(reads)
 }
 
 impl sealed::Input for &SeekableArchive {}
@@ -304,10 +341,7 @@ fn index_extents(
     header_size: u64,
     mut walker: Walker,
 ) -> Result<(Vec<Option<DeviceIndex>>, IntegrityReport)> {
-    let mut index: Vec<Option<DeviceIndex>> = (0..VMA_MAX_DEVICES).map(|_| None).collect();
-    for d in &header.devices {
-        index[d.id.index()] = Some(DeviceIndex::default());
-    }
+    let mut index = empty_index(header);
     let mut scanner = Scanner::new(file, file_len);
     loop {
         let pos = walker.position();
@@ -337,6 +371,260 @@ fn index_extents(
         scanner.last_data = extent.data_len();
     }
     Ok((index, walker.into_integrity()))
+}
+
+/// A fresh index with an entry per declared device, by device id.
+fn empty_index(header: &ArchiveHeader) -> Vec<Option<DeviceIndex>> {
+    let mut index: Vec<Option<DeviceIndex>> = (0..VMA_MAX_DEVICES).map(|_| None).collect();
+    for d in &header.devices {
+        index[d.id.index()] = Some(DeviceIndex::default());
+    }
+    index
+}
+
+/// Opens through the extent index at the end of the archive, if there is one: `None`
+/// when the last extent is not a seal of a known version preceded by an index extent
+/// (then the archive is scanned). Once the tail claims an index, whatever is wrong with
+/// it is an error.
+fn index_from_tail(
+    file: &Source,
+    file_len: u64,
+    header: &ArchiveHeader,
+    header_bytes: &[u8],
+) -> Result<Option<(Vec<Option<DeviceIndex>>, IntegrityReport)>> {
+    let Some(tail) = read_tail(file, file_len, header, header_bytes.len() as u64)? else {
+        return Ok(None);
+    };
+    walk_index(&tail, file_len, header, header_bytes).map(Some)
+}
+
+/// The extent index and the seal, as read from the end of an archive.
+struct Tail {
+    /// Archive offset of the first index extent.
+    index_start: u64,
+    /// The index extents, 512 bytes each.
+    index: Vec<u8>,
+    /// The seal extent.
+    seal: Vec<u8>,
+}
+
+/// Reads the end of the archive: `None` unless it ends with an index extent and a seal.
+fn read_tail(
+    file: &Source,
+    file_len: u64,
+    header: &ArchiveHeader,
+    header_size: u64,
+) -> Result<Option<Tail>> {
+    const H: u64 = VMA_EXTENT_HEADER_SIZE as u64;
+    let body = file_len.saturating_sub(header_size);
+    if body < 2 * H {
+        return Ok(None);
+    }
+    // A zstd file read through its sidecar index replays the reads opening made, stored
+    // in the index: read just the seal and the extent before it there, the rest (if it
+    // is an index) after.
+    let window = match file {
+        Source::Indexed(_) => 2 * H,
+        _ => TAIL_WINDOW as u64,
+    };
+    let tail_len = window.min(body);
+    let tail_start = file_len - tail_len;
+    let mut tail = vec![0u8; tail_len as usize];
+    file.read_exact_at(&mut tail, tail_start)?;
+    let in_tail = |at: u64| &tail[(at - tail_start) as usize..][..VMA_EXTENT_HEADER_SIZE];
+    let ours = |at: u64| {
+        ExtentHeader::decode(in_tail(at))
+            .ok()
+            .filter(|e| e.uuid == header.uuid)
+    };
+    let seal_at = file_len - H;
+    match ours(seal_at).map(|e| Seal::from_extent(&e)) {
+        Some(SealKind::Seal(_)) => {}
+        _ => return Ok(None),
+    }
+    let last_at = seal_at - H;
+    let total = match ours(last_at).map(|e| IndexExtent::from_extent(&e)) {
+        Some(IndexKind::Index(x)) => x.total,
+        Some(IndexKind::Malformed) => return Err(Error::MalformedIndex { offset: last_at }),
+        _ => return Ok(None),
+    };
+    // At most as many index extents as the copies of the headers before them could
+    // fill: this bounds what a lying total makes us read.
+    let start = seal_at
+        .checked_sub(u64::from(total) * H)
+        .filter(|&start| start >= header_size && total > 0)
+        .filter(|&start| extent_index::extents_for((start - header_size) / H) >= u64::from(total));
+    let Some(index_start) = start else {
+        return Err(Error::ExtentIndexLayout {
+            offset: last_at,
+            reason: format!(
+                "its last extent says it has {total} extents, which the {body} bytes after \
+                 the archive header cannot hold with the data extents they copy"
+            ),
+        });
+    };
+    let index = if index_start >= tail_start {
+        tail[(index_start - tail_start) as usize..(seal_at - tail_start) as usize].to_vec()
+    } else {
+        let mut index = vec![0u8; (seal_at - index_start) as usize];
+        let (before, within) = index.split_at_mut((tail_start - index_start) as usize);
+        file.read_exact_at(before, index_start)?;
+        within.copy_from_slice(&tail[..(seal_at - tail_start) as usize]);
+        index
+    };
+    Ok(Some(Tail {
+        index_start,
+        index,
+        seal: in_tail(seal_at).to_vec(),
+    }))
+}
+
+/// Runs the walk of a scan over the copies the index holds (as the data extents at the
+/// offsets they add up to), then over the index extents and the seal, and indexes the
+/// clusters from the copies.
+fn walk_index(
+    tail: &Tail,
+    file_len: u64,
+    header: &ArchiveHeader,
+    header_bytes: &[u8],
+) -> Result<(Vec<Option<DeviceIndex>>, IntegrityReport)> {
+    const H: u64 = VMA_EXTENT_HEADER_SIZE as u64;
+    let index_start = tail.index_start;
+    let mut walker = Walker::new(header, header_bytes, true, OnDamage::Report);
+    walker.opening_through_index();
+    let mut index = empty_index(header);
+    let mut decoder = Decoder::new();
+    let mut copies: Vec<[u8; VMA_EXTENT_HEADER_SIZE]> = Vec::with_capacity(1);
+    let mut copy = 0u64;
+    for (i, raw) in tail.index.chunks_exact(VMA_EXTENT_HEADER_SIZE).enumerate() {
+        let at = index_start + i as u64 * H;
+        let extent =
+            ExtentHeader::decode(raw).map_err(|source| Error::Extent { offset: at, source })?;
+        if extent.uuid != header.uuid {
+            return Err(Error::ExtentUuid {
+                offset: at,
+                expected: header.uuid,
+                found: extent.uuid,
+            });
+        }
+        let x = match IndexExtent::from_extent(&extent) {
+            IndexKind::Index(x) => x,
+            IndexKind::Malformed => return Err(Error::MalformedIndex { offset: at }),
+            _ => {
+                return Err(index_layout(
+                    index_start,
+                    format!("the extent at byte {at} is not one of its extents"),
+                ))
+            }
+        };
+        decoder
+            .push(&x, |h| copies.push(*h))
+            .map_err(|source| Error::ExtentIndex {
+                offset: index_start,
+                source,
+            })?;
+        for raw in copies.drain(..) {
+            feed_copy(
+                &mut walker,
+                &mut index,
+                header_bytes.len() as u64,
+                index_start,
+                copy,
+                &raw,
+            )?;
+            copy += 1;
+        }
+    }
+    decoder.finish().map_err(|source| Error::ExtentIndex {
+        offset: index_start,
+        source,
+    })?;
+    if walker.position() != index_start {
+        return Err(index_layout(
+            index_start,
+            format!(
+                "the data extents it lists end at byte {}, it starts at byte {index_start}",
+                walker.position()
+            ),
+        ));
+    }
+    // Its own extents (checked above), then the seal as a scan meets it.
+    for raw in tail.index.chunks_exact(VMA_EXTENT_HEADER_SIZE) {
+        walker.checked_index_extent(raw)?;
+    }
+    walker.more(file_len - walker.position())?;
+    if let Step::Data(_) = walker.extent(ExtentHeader::decode(&tail.seal))? {
+        unreachable!("the tail ends with a seal");
+    }
+    walker.more(file_len - walker.position())?;
+    let integrity = walker.into_integrity();
+    if let SealStatus::Mismatch { offset, reason } = &integrity.seal {
+        return Err(Error::SealMismatch {
+            offset: *offset,
+            reason: format!("{reason} (opening through the extent index)"),
+        });
+    }
+    Ok((index, integrity))
+}
+
+/// [`Error::ExtentIndexLayout`].
+fn index_layout(offset: u64, reason: String) -> Error {
+    Error::ExtentIndexLayout { offset, reason }
+}
+
+/// One header copy, walked as the data extent at the walker's position (which must end
+/// before the index), its clusters indexed.
+fn feed_copy(
+    walker: &mut Walker,
+    index: &mut [Option<DeviceIndex>],
+    header_size: u64,
+    index_start: u64,
+    copy: u64,
+    raw: &[u8; VMA_EXTENT_HEADER_SIZE],
+) -> Result<()> {
+    const H: u64 = VMA_EXTENT_HEADER_SIZE as u64;
+    let pos = walker.position();
+    let past = || {
+        index_layout(
+            index_start,
+            format!("the data extents it lists run past its start (copy {copy})"),
+        )
+    };
+    if pos + H > index_start {
+        return Err(past());
+    }
+    let extent = ExtentHeader::decode(raw).map_err(|source| Error::IndexCopy {
+        offset: index_start,
+        copy,
+        at: pos,
+        source,
+    })?;
+    walker.more(index_start - pos)?;
+    let extent = match walker.extent(Ok(extent))? {
+        Step::Data(e) if !IndexExtent::is_tagged(&e) => e,
+        _ => {
+            return Err(index_layout(
+                index_start,
+                format!("copy {copy} is not a data extent's header"),
+            ))
+        }
+    };
+    if pos + extent.extent_len() as u64 > index_start {
+        return Err(past());
+    }
+    let data_start = pos + H - header_size;
+    walker.data(
+        &extent,
+        index_start - pos,
+        raw,
+        DataCheck::Count,
+        |slot, range| {
+            if let Some(ix) = index[slot.device.index()].as_mut() {
+                ix.set(slot.cluster, slot.mask, data_start + range.start as u64);
+            }
+        },
+    )?;
+    Ok(())
 }
 
 /// Reads extent headers, in windows when extents are small so that an archive of

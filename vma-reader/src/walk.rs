@@ -1,5 +1,5 @@
 //! The archive grammar, once for every reader: after the header come data extents, then
-//! optionally a seal, then nothing. The [`Walker`] is told what the reader found at the
+//! optionally the extent index's extents, then optionally a seal, then nothing. The [`Walker`] is told what the reader found at the
 //! current archive offset and says what it is, keeping every per-archive count and check
 //! (the slots through [`Validator`], extent counts, CRC32C damage, the seal hash) and the
 //! checks at the end (every cluster present, nothing after a seal).
@@ -17,6 +17,7 @@
 
 use std::ops::Range;
 
+use vma_format::extent_index::{Decoder, IndexExtent, IndexKind};
 use vma_format::integrity::{self, DataChecksum, Seal, SealHasher, SealKind};
 use vma_format::{
     ArchiveHeader, DeviceId, ExtentHeader, FormatError, Uuid, VMA_EXTENT_HEADER_SIZE,
@@ -24,8 +25,8 @@ use vma_format::{
 
 use crate::error::{Error, Result};
 use crate::integrity::{
-    check_seal, describe_clusters, ClusterAddress, DamagedExtent, ExtentChecksum, IntegrityReport,
-    SealStatus,
+    check_seal, describe_clusters, ClusterAddress, DamagedExtent, ExtentChecksum,
+    ExtentIndexStatus, IntegrityReport, SealStatus,
 };
 use crate::options::OnDamage;
 use crate::validate::{CheckedSlot, Validator};
@@ -67,6 +68,48 @@ pub(crate) struct Walker {
     on_damage: OnDamage,
     pos: u64,
     state: State,
+    /// Extents before the seal (data and index extents): what the seal counts.
+    extents: u64,
+    index: IndexCheck,
+}
+
+/// The check of the extent index against the data extent headers, in constant memory:
+/// the SHA-256 of the headers read against the SHA-256 of the copies the index holds.
+struct IndexCheck {
+    /// Archive offset of the first index extent, once one came.
+    offset: Option<u64>,
+    /// A known-version index extent came: data extents may no longer follow.
+    started: bool,
+    decoder: Decoder,
+    /// SHA-256 of the data extent headers read (a [`SealHasher`] over no archive header).
+    real: SealHasher,
+    /// SHA-256 of the copies.
+    copies: SealHasher,
+    /// The first thing found wrong.
+    failure: Option<String>,
+    /// The status was settled.
+    done: bool,
+    /// The archive is opened through the index: the data extents fed are its copies, so
+    /// there is nothing to compare (see [`Walker::opening_through_index`]).
+    opening: bool,
+    /// Index extents fed while opening through the index.
+    opened: u64,
+}
+
+impl Default for IndexCheck {
+    fn default() -> Self {
+        IndexCheck {
+            offset: None,
+            started: false,
+            decoder: Decoder::new(),
+            real: SealHasher::new(&[]),
+            copies: SealHasher::new(&[]),
+            failure: None,
+            done: false,
+            opening: false,
+            opened: 0,
+        }
+    }
 }
 
 impl Walker {
@@ -86,6 +129,8 @@ impl Walker {
             on_damage,
             pos: header_bytes.len() as u64,
             state: State::Reading,
+            extents: 0,
+            index: IndexCheck::default(),
         }
     }
 
@@ -112,6 +157,7 @@ impl Walker {
         if available == 0 {
             if self.state != State::Sealed {
                 // Sealed: checked at the seal already.
+                self.finish_index()?;
                 self.validator.finish(offset)?;
             }
             self.state = State::Done;
@@ -147,12 +193,8 @@ impl Walker {
         match Seal::from_extent(&extent) {
             SealKind::NotASeal => Ok(Step::Data(extent)),
             SealKind::Seal(seal) => {
-                let status = check_seal(
-                    offset,
-                    &seal,
-                    self.integrity.total_extents,
-                    self.seal.as_ref(),
-                );
+                self.finish_index()?;
+                let status = check_seal(offset, &seal, self.extents, self.seal.as_ref());
                 if let (SealStatus::Mismatch { reason, .. }, OnDamage::Fail) =
                     (&status, self.on_damage)
                 {
@@ -200,15 +242,128 @@ impl Walker {
                 needed: len,
             });
         }
+        if IndexExtent::is_tagged(extent) {
+            return self.index_extent(offset, extent, raw_header);
+        }
+        if self.index.started {
+            return Err(Error::DataAfterIndex { offset });
+        }
         self.validator.check_extent(offset, extent, each)?;
-        let index = self.integrity.total_extents;
+        let index = self.extents;
         let checksum = self.checksum(offset, index, extent, check)?;
         if let Some(seal) = &mut self.seal {
             seal.extent(raw_header);
         }
+        if !self.index.opening {
+            self.index.real.extent(raw_header);
+        }
         self.integrity.total_extents += 1;
+        self.extents += 1;
         self.pos += len;
         Ok((index, checksum))
+    }
+
+    /// An extent of the extent index (empty, like the seal): hashed for the seal, counted
+    /// among the extents before it, its copies compared with the headers read.
+    fn index_extent(
+        &mut self,
+        offset: u64,
+        extent: &ExtentHeader,
+        raw_header: &[u8],
+    ) -> Result<(u64, ExtentChecksum)> {
+        let ix = &mut self.index;
+        ix.offset.get_or_insert(offset);
+        match IndexExtent::from_extent(extent) {
+            IndexKind::Index(x) => {
+                ix.started = true;
+                if ix.opening {
+                    // Decoded by the opener already.
+                    ix.opened += 1;
+                } else if ix.failure.is_none() {
+                    let copies = &mut ix.copies;
+                    if let Err(e) = ix.decoder.push(&x, |h| copies.extent(h)) {
+                        ix.failure = Some(e.to_string());
+                    }
+                }
+            }
+            IndexKind::UnknownVersion(v) => {
+                // Reported, skipped like an empty extent.
+                self.integrity.extent_index = ExtentIndexStatus::UnknownVersion(v);
+                ix.done = true;
+            }
+            IndexKind::Malformed => return Err(Error::MalformedIndex { offset }),
+            IndexKind::NotIndex => unreachable!("tagged"),
+        }
+        if let Some(seal) = &mut self.seal {
+            seal.extent(raw_header);
+        }
+        let index = self.extents;
+        self.extents += 1;
+        self.pos += VMA_EXTENT_HEADER_SIZE as u64;
+        Ok((index, ExtentChecksum::Absent))
+    }
+
+    /// At the seal or the end: settles the extent index's status (an error for a mismatch
+    /// when stopping at damage).
+    fn finish_index(&mut self) -> Result<()> {
+        let ix = &mut self.index;
+        let Some(offset) = ix.offset else {
+            return Ok(());
+        };
+        if std::mem::replace(&mut ix.done, true) {
+            return Ok(());
+        }
+        if ix.opening {
+            self.integrity.extent_index = ExtentIndexStatus::Opened { extents: ix.opened };
+            return Ok(());
+        }
+        let data = self.integrity.total_extents;
+        let failure = ix.failure.take().or_else(|| match ix.decoder.finish() {
+            Err(e) => Some(e.to_string()),
+            Ok(count) if count != data => Some(format!(
+                "it copies {count} data extent headers, the archive has {data}"
+            )),
+            Ok(_) if ix.real.seal() != ix.copies.seal() => {
+                Some("its copies differ from the data extent headers".into())
+            }
+            Ok(_) => None,
+        });
+        self.integrity.extent_index = match failure {
+            None => ExtentIndexStatus::Consistent {
+                extents: ix.decoder.extents(),
+            },
+            Some(reason) if self.on_damage == OnDamage::Fail => {
+                return Err(Error::ExtentIndexMismatch { offset, reason });
+            }
+            Some(reason) => ExtentIndexStatus::Mismatch { offset, reason },
+        };
+        Ok(())
+    }
+
+    /// Opening through the index: the next extent is this index extent, which the opener
+    /// decoded and checked already (MD5, uuid, layout, its place in the index): hashed
+    /// for the seal and counted, without decoding it again.
+    pub(crate) fn checked_index_extent(&mut self, raw_header: &[u8]) -> Result<()> {
+        debug_assert!(self.index.opening);
+        if self.state == State::Sealed {
+            return Err(Error::DataAfterSeal { offset: self.pos });
+        }
+        self.index.offset.get_or_insert(self.pos);
+        self.index.started = true;
+        self.index.opened += 1;
+        if let Some(seal) = &mut self.seal {
+            seal.extent(raw_header);
+        }
+        self.extents += 1;
+        self.pos += VMA_EXTENT_HEADER_SIZE as u64;
+        Ok(())
+    }
+
+    /// The data extents to come are the extent index's copies, then come its own
+    /// extents and the seal: every check runs as usual but the comparison of the copies
+    /// with the headers, which are not read ([`ExtentIndexStatus::Opened`]).
+    pub(crate) fn opening_through_index(&mut self) {
+        self.index.opening = true;
     }
 
     fn checksum(

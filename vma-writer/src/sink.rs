@@ -1,12 +1,15 @@
 //! The sink thread: the only place that touches the user's `Write`. It receives finished
 //! extents over a bounded channel, hashes their headers for the seal, writes them, and
-//! gives the cluster buffers back to the producers.
+//! gives the cluster buffers back to the producers. At the end (integrity on) it writes
+//! the extent index (copies of every data extent's header, kept as they went by) and the
+//! seal.
 
 use std::io::{self, IoSlice, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use crossbeam_channel::{Receiver, Sender};
+use vma_format::extent_index;
 use vma_format::integrity::{data_crc32c_append, SealHasher};
 use vma_format::{
     BlockInfo, ExtentHeader, Uuid, VMA_BLOCKS_PER_EXTENT, VMA_WRITER_CLUSTERS_PER_EXTENT,
@@ -121,6 +124,9 @@ impl Health {
 pub(crate) struct SinkSetup {
     pub(crate) uuid: Uuid,
     pub(crate) integrity: bool,
+    /// With `integrity`: keep every data extent's header and write the extent index
+    /// before the seal.
+    pub(crate) extent_index: bool,
     pub(crate) header: Vec<u8>,
     pub(crate) rx: Receiver<Msg>,
     pub(crate) clusters_back: Sender<Vec<u8>>,
@@ -133,8 +139,10 @@ pub(crate) struct SinkSetup {
 pub(crate) struct SinkReport {
     /// Archive bytes written, seal included.
     pub(crate) bytes: u64,
-    /// Data extents written (the seal not counted).
+    /// Data extents written (the seal and the index extents not counted).
     pub(crate) extents: u64,
+    /// Index extents written (0 without the extent index).
+    pub(crate) index_extents: u64,
 }
 
 /// Runs the sink thread. Always hands the sink back; the result says whether the archive
@@ -160,6 +168,9 @@ fn run_dyn(sink: &mut dyn Write, setup: SinkSetup) -> Result<SinkReport> {
         return Err(fail(&out, e));
     }
     let mut extents = 0u64;
+    // The extent index's input: 512 bytes per data extent (see `Builder::extent_index`).
+    let mut headers: Option<Vec<[u8; 512]>> =
+        (setup.integrity && setup.extent_index).then(Vec::new);
     for msg in setup.rx.iter() {
         match msg {
             Msg::Extent(extent) => {
@@ -175,6 +186,9 @@ fn run_dyn(sink: &mut dyn Write, setup: SinkSetup) -> Result<SinkReport> {
                 if let Some(hasher) = &mut hasher {
                     hasher.extent(&encoded);
                 }
+                if let Some(headers) = &mut headers {
+                    headers.push(encoded);
+                }
                 let mut parts: Vec<&[u8]> = Vec::with_capacity(extent.data.len() + 1);
                 parts.push(&encoded);
                 parts.extend(extent.data.iter().map(Vec::as_slice));
@@ -187,8 +201,28 @@ fn run_dyn(sink: &mut dyn Write, setup: SinkSetup) -> Result<SinkReport> {
                 extents += 1;
             }
             Msg::Finish => {
+                let mut index_extents = 0u64;
+                if let (Some(hasher), Some(headers)) = (&mut hasher, headers.take()) {
+                    let index = extent_index::encode(setup.uuid, &headers).map_err(|e| {
+                        let error = Error::Sink {
+                            offset: out.offset,
+                            source: Arc::new(io::Error::other(e)),
+                        };
+                        health.poison(error.clone());
+                        error
+                    })?;
+                    drop(headers);
+                    for extent in &index {
+                        hasher.extent(extent);
+                    }
+                    let parts: Vec<&[u8]> = index.iter().map(|e| &e[..]).collect();
+                    if let Err(e) = out.write(&parts) {
+                        return Err(fail(&out, e));
+                    }
+                    index_extents = index.len() as u64;
+                }
                 if let Some(hasher) = hasher.take() {
-                    debug_assert_eq!(hasher.extents(), extents);
+                    debug_assert_eq!(hasher.extents(), extents + index_extents);
                     let encoded = hasher.seal().to_extent(setup.uuid).encode();
                     if let Err(e) = out.write(&[&encoded]) {
                         return Err(fail(&out, e));
@@ -200,6 +234,7 @@ fn run_dyn(sink: &mut dyn Write, setup: SinkSetup) -> Result<SinkReport> {
                 return Ok(SinkReport {
                     bytes: out.offset,
                     extents,
+                    index_extents,
                 });
             }
             Msg::Abort => break,

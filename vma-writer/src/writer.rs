@@ -46,8 +46,11 @@ pub struct Summary {
     pub uuid: Uuid,
     /// Bytes written to the sink, header and seal included.
     pub archive_bytes: u64,
-    /// Data extents written (the seal not counted).
+    /// Data extents written (the seal and the index extents not counted).
     pub extents: u64,
+    /// Index extents written before the seal (0 without the extent index, see
+    /// [`Builder::extent_index`](crate::Builder::extent_index)).
+    pub index_extents: u64,
     /// Whether the integrity extension (checksums and seal) was on.
     pub integrity: bool,
     /// One entry per device, in id order.
@@ -958,6 +961,7 @@ impl<W: Write + Send + 'static> Writer<W> {
         let setup = SinkSetup {
             uuid: builder.header.uuid,
             integrity: builder.integrity,
+            extent_index: builder.extent_index,
             header,
             rx,
             clusters_back: clusters_tx,
@@ -1033,6 +1037,7 @@ impl<W: Write + Send + 'static> Writer<W> {
                 uuid: shared.uuid,
                 archive_bytes: report.bytes,
                 extents: report.extents,
+                index_extents: report.index_extents,
                 integrity: self.integrity,
                 devices,
             },

@@ -230,7 +230,12 @@ fn config_only_archive_has_one_empty_extent() {
         let d = decode(&bytes);
         assert_eq!(d.extents, 1);
         assert_eq!(summary.extents, 1);
-        let extra = if integrity { 512 } else { 0 };
+        // With integrity: the extent index (8 + 512 bytes of payload, 406 per index
+        // extent: 2 extents) and the seal.
+        let index = if integrity { 2 } else { 0 };
+        assert_eq!(d.index_extents, index);
+        assert_eq!(summary.index_extents, index as u64);
+        let extra = if integrity { 512 + index * 512 } else { 0 };
         assert_eq!(bytes.len(), 12288 + 512 + 512 + extra);
     }
 }
@@ -301,5 +306,29 @@ proptest! {
         let d = decode(&bytes);
         prop_assert!(d.devices["drive-scsi0"] == img, "image differs");
         prop_assert_eq!(d.seal.is_some(), integrity);
+    }
+}
+
+#[test]
+fn the_extent_index_can_be_left_out() {
+    let img = image(300_000, 3);
+    for index in [true, false] {
+        let mut builder = Builder::new();
+        builder.extent_index(index);
+        let dev = builder.add_device("d", img.len() as u64).unwrap();
+        let w = builder.build(Vec::new()).unwrap();
+        w.write_range(dev, 0, &img).unwrap();
+        let (summary, bytes) = w.finish().unwrap();
+        let d = decode(&bytes);
+        assert!(d.seal.is_some(), "sealed either way");
+        assert_eq!(d.extents as u64, summary.extents);
+        let want = if index {
+            vma_format::extent_index::extents_for(summary.extents)
+        } else {
+            0
+        };
+        assert_eq!(summary.index_extents, want);
+        assert_eq!(d.index_extents as u64, want);
+        assert_eq!(summary.archive_bytes, bytes.len() as u64);
     }
 }

@@ -75,8 +75,15 @@ fn with_integrity_the_data_is_the_same_and_sealed() {
         for (name, data) in &r.devices {
             assert_same(&d.devices[name], data, name);
         }
-        // Only the seal was added.
-        assert_eq!(ours.len(), reference.len() + 512, "{}", v.file);
+        // Only the extent index and the seal were added.
+        let index = vma_format::extent_index::extents_for(d.extents as u64) as usize;
+        assert_eq!(d.index_extents, index, "{}", v.file);
+        assert_eq!(
+            ours.len(),
+            reference.len() + 512 * index + 512,
+            "{}",
+            v.file
+        );
     }
 }
 

@@ -3,7 +3,9 @@
 use std::path::PathBuf;
 
 use serde_json::json;
-use vma_reader::{IntegrityReport, ReadOptions, SealStatus, VerifyOptions, VerifyReport};
+use vma_reader::{
+    ExtentIndexStatus, IntegrityReport, ReadOptions, SealStatus, VerifyOptions, VerifyReport,
+};
 
 use super::list::{integrity_json, print_json, print_listing};
 use super::{open_seekable, open_stream};
@@ -50,6 +52,7 @@ pub(crate) fn run(args: Args) -> Result<()> {
                 "mode": "quick",
                 "devices": archive.devices().iter().map(|d| json!({"id": d.id.get(), "name": d.name, "size": d.size})).collect::<Vec<_>>(),
                 "integrity": integrity_json(&integrity),
+                "extent_index": extent_index_json(&integrity),
             }))?;
         } else if args.verbose || args.summary {
             println!("headers verified: {}", describe_integrity(&integrity, true));
@@ -104,6 +107,7 @@ fn report_json(r: &VerifyReport) -> serde_json::Value {
             "stored_bytes": d.stored_bytes, "zero_bytes": d.zero_bytes,
         })).collect::<Vec<_>>(),
         "integrity": integrity_json(&r.integrity),
+        "extent_index": extent_index_json(&r.integrity),
     })
 }
 
@@ -136,7 +140,38 @@ pub(crate) fn describe_integrity(r: &IntegrityReport, headers_only: bool) -> Str
         SealStatus::Mismatch { reason, .. } => format!("SEAL MISMATCH: {reason}"),
         other => other.to_string(),
     };
-    format!("{checksums}; {seal}")
+    // Said only when there is one: the line stays as it was for every other archive.
+    let index = match &r.extent_index {
+        ExtentIndexStatus::Absent => String::new(),
+        ExtentIndexStatus::Consistent { .. } => "; extent index verified".to_string(),
+        ExtentIndexStatus::Opened { .. } => "; extent index checked against the seal".to_string(),
+        ExtentIndexStatus::UnknownVersion(v) => {
+            format!("; extent index of an unknown version {v}")
+        }
+        ExtentIndexStatus::Mismatch { reason, .. } => {
+            format!("; EXTENT INDEX MISMATCH: {reason}")
+        }
+        other => format!("; extent index {other}"),
+    };
+    format!("{checksums}; {seal}{index}")
+}
+
+/// The `extent_index` field of the JSON reports.
+fn extent_index_json(r: &IntegrityReport) -> serde_json::Value {
+    match &r.extent_index {
+        ExtentIndexStatus::Absent => json!("absent"),
+        ExtentIndexStatus::Consistent { extents } => {
+            json!({"status": "consistent", "extents": extents})
+        }
+        ExtentIndexStatus::Opened { extents } => {
+            json!({"status": "checked against the seal", "extents": extents})
+        }
+        ExtentIndexStatus::UnknownVersion(v) => json!(format!("unknown version {v}")),
+        ExtentIndexStatus::Mismatch { offset, reason } => {
+            json!({"status": "mismatch", "offset": offset, "reason": reason})
+        }
+        other => json!(other.to_string()),
+    }
 }
 
 /// The error message of a verify or extract that found damaged data.
@@ -169,6 +204,9 @@ pub(crate) fn damage_message(r: &VerifyReport) -> String {
     }
     if let SealStatus::Mismatch { offset, reason } = &r.integrity.seal {
         parts.push(format!("seal at byte {offset}: {reason}"));
+    }
+    if let ExtentIndexStatus::Mismatch { offset, reason } = &r.integrity.extent_index {
+        parts.push(format!("extent index at byte {offset}: {reason}"));
     }
     if !r.complete {
         parts.push("archive incomplete".into());

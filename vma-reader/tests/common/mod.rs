@@ -392,3 +392,43 @@ pub fn open_in_tempdir(
     let archive = vma_reader::SeekableArchive::open(&path).unwrap();
     (dir, bytes, archive)
 }
+
+/// A byte source that counts its positional reads (what each costs over a network).
+#[derive(Debug)]
+pub struct CountingReadAt {
+    pub bytes: Vec<u8>,
+    pub reads: std::sync::atomic::AtomicUsize,
+}
+
+impl CountingReadAt {
+    pub fn new(bytes: Vec<u8>) -> std::sync::Arc<CountingReadAt> {
+        std::sync::Arc::new(CountingReadAt {
+            bytes,
+            reads: Default::default(),
+        })
+    }
+
+    /// Reads so far.
+    pub fn reads(&self) -> usize {
+        self.reads.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl vma_reader::ReadAt for CountingReadAt {
+    fn size(&self) -> std::io::Result<u64> {
+        Ok(self.bytes.len() as u64)
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        match self.bytes.get(start..).and_then(|b| b.get(..buf.len())) {
+            Some(src) => {
+                buf.copy_from_slice(src);
+                Ok(())
+            }
+            None => Err(std::io::ErrorKind::UnexpectedEof.into()),
+        }
+    }
+}

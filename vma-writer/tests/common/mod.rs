@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use sha2::{Digest, Sha256};
 use vma_format::cluster::{cluster_count, cluster_span, is_zero, span_mask, unpack_cluster};
+use vma_format::extent_index::{self, IndexExtent, IndexKind};
 use vma_format::integrity::{data_crc32c, DataChecksum, Seal, SealKind};
 use vma_format::{
     ArchiveHeader, ExtentHeader, VMA_BLOCK_SIZE, VMA_CLUSTER_SIZE, VMA_WRITER_CLUSTERS_PER_EXTENT,
@@ -24,8 +25,11 @@ pub struct Decoded {
     pub devices: BTreeMap<String, Vec<u8>>,
     /// (dev_id, cluster) of every used slot, in archive order.
     pub slots: Vec<(u8, u32)>,
-    /// Data extents (the seal not counted).
+    /// Data extents (the seal and the index extents not counted).
     pub extents: usize,
+    /// Index extents (between the last data extent and the seal), checked to copy the
+    /// data extents' headers.
+    pub index_extents: usize,
     /// Extents whose CRC32C was present and verified.
     pub checksummed: usize,
     /// The seal, if the archive has one.
@@ -49,6 +53,8 @@ pub fn decode(bytes: &[u8]) -> Decoded {
     let mut extents = 0;
     let mut checksummed = 0;
     let mut seal = None;
+    let mut index: Vec<IndexExtent> = Vec::new();
+    let mut data_headers: Vec<[u8; 512]> = Vec::new();
     // The seal's hash, computed here independently of vma-format: the archive header,
     // then each extent header as stored.
     let mut headers = Sha256::new_with_prefix(&bytes[..header_size]);
@@ -65,7 +71,11 @@ pub fn decode(bytes: &[u8]) -> Decoded {
             SealKind::Seal(s) => {
                 let digest: [u8; 32] = headers.clone().finalize().into();
                 assert_eq!(s.sha256, digest, "seal SHA-256");
-                assert_eq!(s.extents, extents as u64, "seal extent count");
+                assert_eq!(
+                    s.extents,
+                    (extents + index.len()) as u64,
+                    "seal extent count"
+                );
                 seal = Some(s);
                 pos = data_end;
                 continue;
@@ -74,6 +84,17 @@ pub fn decode(bytes: &[u8]) -> Decoded {
             other => panic!("bad seal at {pos}: {other:?}"),
         }
         headers.update(&bytes[pos..data_start]);
+        match IndexExtent::from_extent(&extent) {
+            IndexKind::Index(x) => {
+                index.push(*x);
+                pos = data_end;
+                continue;
+            }
+            IndexKind::NotIndex => {}
+            other => panic!("bad index extent at {pos}: {other:?}"),
+        }
+        assert!(index.is_empty(), "data extent after the index at {pos}");
+        data_headers.push(bytes[pos..data_start].try_into().unwrap());
         extents += 1;
         match extent.data_checksum() {
             DataChecksum::Crc32c(crc) => {
@@ -132,6 +153,14 @@ pub fn decode(bytes: &[u8]) -> Decoded {
         pos = data_end;
     }
     assert!(extents >= 1, "at least one extent");
+    if !index.is_empty() {
+        assert!(seal.is_some(), "an extent index without a seal");
+        let copies = extent_index::decode(&index).expect("the extent index decodes");
+        assert!(
+            copies == data_headers,
+            "the index copies the data extent headers"
+        );
+    }
     for d in &header.devices {
         if d.is_vmstate() {
             continue;
@@ -160,6 +189,7 @@ pub fn decode(bytes: &[u8]) -> Decoded {
         devices,
         slots,
         extents,
+        index_extents: index.len(),
         checksummed,
         seal,
     }
