@@ -18,7 +18,20 @@ impl Serve {
     /// Starts `vma` (the binary at `vma`) serving `archive` on the unix socket `socket`,
     /// with `extra` arguments, and waits until the socket exists.
     pub fn start(vma: &Path, archive: &Path, socket: &Path, extra: &[&str]) -> Serve {
+        Self::start_with_env(vma, archive, socket, extra, &[])
+    }
+
+    /// [`start`](Self::start) with these environment variables set (an S3 server's
+    /// credentials and endpoint, say).
+    pub fn start_with_env(
+        vma: &Path,
+        archive: &Path,
+        socket: &Path,
+        extra: &[&str],
+        env: &[(String, String)],
+    ) -> Serve {
         let child = Command::new(vma)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .arg("serve")
             .arg(archive)
             .arg("--socket")

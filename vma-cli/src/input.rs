@@ -6,9 +6,10 @@
 use std::fs::File;
 use std::io::{self, Read};
 use std::path::Path;
+use std::sync::Arc;
 
 use vma_reader::lzop::{LzopReader, LZOP_MAGIC};
-use vma_reader::ParallelZstdReader;
+use vma_reader::{ParallelZstdReader, ReadAt};
 
 /// How the archive bytes are packed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +67,14 @@ pub fn detect_file(path: &Path) -> io::Result<Compression> {
     Ok(Compression::detect(&head))
 }
 
+/// The packing of a positional source (an object in a bucket), from its first bytes.
+pub fn detect_positional(source: &dyn ReadAt) -> io::Result<Compression> {
+    let mut head = [0u8; 9];
+    let n = source.size()?.min(head.len() as u64) as usize;
+    source.read_exact_at(&mut head[..n], 0)?;
+    Ok(Compression::detect(&head[..n]))
+}
+
 /// The first bytes of a stream, as many as arrive of the 9 that tell a compression
 /// apart.
 fn read_head(source: &mut dyn Read) -> io::Result<Vec<u8>> {
@@ -84,13 +93,28 @@ pub fn open(path: &Path) -> io::Result<(Box<dyn Read + Send>, Compression)> {
     }
     let file = File::open(path)?;
     if file.metadata()?.is_file() && detect_file(path)? == Compression::Zstd {
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         // Without a (valid) seek table the stream decoder reads it, as any zstd file.
-        if let Ok(frames) = ParallelZstdReader::open(file.try_clone()?, threads) {
+        if let Ok(frames) = ParallelZstdReader::open(file.try_clone()?, threads()) {
             return Ok((Box::new(frames), Compression::Zstd));
         }
     }
     open_reader(Box::new(file))
+}
+
+/// [`open`] of a positional source (an object in a bucket): read once from its start, a
+/// seekable zstd one a frame per core at once.
+pub fn open_positional(source: Arc<dyn ReadAt>) -> io::Result<(Box<dyn Read + Send>, Compression)> {
+    if detect_positional(&*source)? == Compression::Zstd {
+        if let Ok(frames) = ParallelZstdReader::from_source(Arc::clone(&source), threads()) {
+            return Ok((Box::new(frames), Compression::Zstd));
+        }
+    }
+    open_reader(Box::new(Sequential::new(source)?))
+}
+
+/// Decompressing workers: one per core.
+fn threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// Wraps any byte source: detects compression and decompresses as needed.
@@ -177,5 +201,29 @@ impl Decoded {
 impl Read for Decoded {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.0.read(buf).map_err(|e| Decoded::damage(self.1, e))
+    }
+}
+
+/// A positional source read once from its start, as a `Read`.
+struct Sequential {
+    source: Arc<dyn ReadAt>,
+    at: u64,
+    len: u64,
+}
+
+impl Sequential {
+    /// Reads `source` from its start.
+    fn new(source: Arc<dyn ReadAt>) -> io::Result<Sequential> {
+        let len = source.size()?;
+        Ok(Sequential { source, at: 0, len })
+    }
+}
+
+impl Read for Sequential {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = (buf.len() as u64).min(self.len - self.at) as usize;
+        self.source.read_exact_at(&mut buf[..n], self.at)?;
+        self.at += n as u64;
+        Ok(n)
     }
 }

@@ -11,6 +11,7 @@ mod output;
 mod packed;
 mod progress;
 mod qemu;
+mod remote;
 
 pub use cmd::run;
 pub use error::{CliError, Exit};

@@ -1,7 +1,9 @@
 //! Where `vma create` writes the archive, as Proxmox's writer takes an output name:
 //! `exec:CMD` runs CMD through the shell and writes into its standard input (vzdump's
 //! backup of a VM without disks runs `vma create ... 'exec:zstd --threads=1 > FILE'`), an
-//! existing FIFO is written into, `-` is standard output, and anything else is a new file,
+//! existing FIFO is written into, `-` is standard output, `s3://BUCKET/KEY` is an object
+//! written by a multipart upload that is completed only once the archive is complete (and
+//! aborted otherwise: no object appears under the key), and anything else is a new file,
 //! written under a temporary name and renamed only once complete.
 
 use std::fs::{File, OpenOptions};
@@ -10,10 +12,28 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use vma_writer::PartialFile;
 
 use crate::error::{CliError, Exit, Result};
+
+/// Set by SIGINT, SIGTERM or SIGHUP once asked for (`vma create`, an upload): the archive
+/// is abandoned (a temporary file removed, a multipart upload aborted rather than
+/// completed) instead of the process dying with it half made. The handler is installed
+/// on the first call; without one (none could be installed) a signal ends the process
+/// as before.
+pub(crate) fn interrupt_flag() -> Arc<AtomicBool> {
+    static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+    FLAG.get_or_init(|| {
+        let flag = Arc::new(AtomicBool::new(false));
+        let set = Arc::clone(&flag);
+        let _ = ctrlc::set_handler(move || set.store(true, Ordering::Relaxed));
+        flag
+    })
+    .clone()
+}
 
 /// An output as named on the command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,11 +46,20 @@ pub(crate) enum Target {
     Stdout,
     /// A shell command's standard input (`exec:CMD`).
     Exec(String),
+    /// An object in a bucket (`s3://BUCKET/KEY`).
+    S3(vma_s3::Location),
 }
 
 impl Target {
-    /// What the name means.
-    pub(crate) fn parse(name: &Path) -> Target {
+    /// What the name means (a malformed `s3://` URL is a usage error).
+    pub(crate) fn parse(name: &Path) -> Result<Target> {
+        if let Some(at) = crate::remote::location(name) {
+            return at.map(Target::S3);
+        }
+        Ok(Self::parse_local(name))
+    }
+
+    fn parse_local(name: &Path) -> Target {
         let text = name.as_os_str().as_encoded_bytes();
         if let Some(command) = text.strip_prefix(b"exec:") {
             return Target::Exec(String::from_utf8_lossy(command).into_owned());
@@ -50,6 +79,7 @@ impl Target {
             Target::File(p) | Target::Fifo(p) => p.display().to_string(),
             Target::Stdout => "standard output".into(),
             Target::Exec(c) => format!("exec:{c}"),
+            Target::S3(at) => at.to_string(),
         }
     }
 }
@@ -64,6 +94,8 @@ pub(crate) enum Sink {
     /// The pipe into a command's standard input (the command is the [`Running`]
     /// [`Sink::open`] returns beside it).
     Exec(ChildStdin),
+    /// A multipart upload (dropped unfinished, it is aborted).
+    S3(Box<vma_s3::S3Upload>),
 }
 
 /// A command the archive is written into. Dropped before it was waited for (after a
@@ -101,8 +133,10 @@ impl Drop for Running {
 
 impl Sink {
     /// Opens the output: creates the temporary file, opens the FIFO (which waits for a
-    /// reader, as Proxmox's writer does), or starts the command (returned beside).
-    pub(crate) fn open(target: &Target) -> Result<(Sink, Option<Running>)> {
+    /// reader, as Proxmox's writer does), starts the command (returned beside), or starts
+    /// the multipart upload (sized for an archive of at most `size_hint` bytes, when
+    /// known: S3 takes at most 10,000 parts).
+    pub(crate) fn open(target: &Target, size_hint: Option<u64>) -> Result<(Sink, Option<Running>)> {
         let fail = |e: io::Error| CliError::io(target.describe(), e);
         Ok(match target {
             Target::File(path) => (Sink::File(PartialFile::create(path)?), None),
@@ -124,6 +158,11 @@ impl Sink {
                 let stdin = child.stdin.take().expect("stdin is piped");
                 let running = Running { child: Some(child) };
                 (Sink::Exec(stdin), Some(running))
+            }
+            Target::S3(at) => {
+                let mut upload = crate::remote::create(at, size_hint)?;
+                upload.cancel_when(interrupt_flag());
+                (Sink::S3(Box::new(upload)), None)
             }
         })
     }
@@ -147,6 +186,7 @@ impl Sink {
                     _ => Err(e),
                 })
                 .map_err(|e| CliError::io(target.describe(), e)),
+            Sink::S3(upload) => upload.finish().map(drop).map_err(crate::remote::error),
             Sink::Exec(stdin) => {
                 drop(stdin);
                 let Some(mut running) = command else {
@@ -203,6 +243,7 @@ impl Write for Sink {
             Sink::File(f) => f.write(buf),
             Sink::Pipe(p) => p.write(buf),
             Sink::Exec(s) => s.write(buf),
+            Sink::S3(u) => u.write(buf),
         }
     }
 
@@ -211,6 +252,7 @@ impl Write for Sink {
             Sink::File(f) => f.write_vectored(bufs),
             Sink::Pipe(p) => p.write_vectored(bufs),
             Sink::Exec(s) => s.write_vectored(bufs),
+            Sink::S3(u) => u.write_vectored(bufs),
         }
     }
 
@@ -219,6 +261,7 @@ impl Write for Sink {
             Sink::File(f) => f.flush(),
             Sink::Pipe(p) => p.flush(),
             Sink::Exec(s) => s.flush(),
+            Sink::S3(u) => u.flush(),
         }
     }
 }
@@ -229,15 +272,24 @@ mod tests {
 
     #[test]
     fn names_mean_what_proxmox_makes_of_them() {
+        let parse = |name: &str| Target::parse(Path::new(name)).expect("a valid name");
         assert_eq!(
-            Target::parse(Path::new("exec:zstd --threads=1 > x.dat")),
+            parse("exec:zstd --threads=1 > x.dat"),
             Target::Exec("zstd --threads=1 > x.dat".into())
         );
-        assert_eq!(Target::parse(Path::new("-")), Target::Stdout);
+        assert_eq!(parse("-"), Target::Stdout);
         assert_eq!(
-            Target::parse(Path::new("/nonexistent/a.vma")),
+            parse("/nonexistent/a.vma"),
             Target::File("/nonexistent/a.vma".into())
         );
-        assert_eq!(Target::parse(Path::new("./-")), Target::File("./-".into()));
+        assert_eq!(parse("./-"), Target::File("./-".into()));
+        assert_eq!(
+            parse("s3://bucket/dir/a.vma.zst"),
+            Target::S3(vma_s3::Location::parse("s3://bucket/dir/a.vma.zst").expect("valid"))
+        );
+        assert_eq!(
+            Target::parse(Path::new("s3://bucket")).map_err(|e| e.exit),
+            Err(crate::error::Exit::Usage)
+        );
     }
 }

@@ -33,6 +33,7 @@ impl Packing {
                 Target::File(path) if path.extension().is_some_and(|e| e == "zst") => {
                     Packing::Zstd(DEFAULT_LEVEL)
                 }
+                Target::S3(at) if at.key().ends_with(".zst") => Packing::Zstd(DEFAULT_LEVEL),
                 _ => Packing::Plain,
             });
         };
@@ -128,7 +129,7 @@ mod tests {
     use std::path::Path;
 
     fn choose(option: Option<&str>, name: &str) -> Result<Packing> {
-        Packing::choose(option, &Target::parse(Path::new(name)))
+        Packing::choose(option, &Target::parse(Path::new(name))?)
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use vma_writer::{round_up_to_sector, source_size, uuid_from_name, Builder, Uuid, Writer};
 
-use crate::error::{CliError, Result};
+use crate::error::{CliError, Exit, Result};
 use crate::output::{self, Sink, Target};
 use crate::packed::Packing;
 use crate::progress::{CreateLines, Progress};
@@ -229,14 +229,25 @@ pub(crate) fn run(args: Args) -> Result<()> {
         }
     });
 
-    let target = Target::parse(&args.file);
+    let target = Target::parse(&args.file)?;
     let packing = Packing::choose(args.compress.as_deref(), &target)?;
-    let (sink, mut command) = Sink::open(&target)?;
+    // The archive's size at most: the data, an extent header per 58 clusters (well under
+    // 1/4096 of it), the header, the extent index and the seal.
+    let bound = total + total / 4096 + (16 << 20);
+    let (sink, mut command) = Sink::open(&target, Some(bound))?;
     let sink = packing.wrap(sink)?;
     let writer = builder.build(sink)?;
-    let failed = write_disks(&writer, &disks, &devices, !args.verbose);
+    let interrupted = &*output::interrupt_flag();
+    let failed = write_disks(&writer, &disks, &devices, !args.verbose, interrupted);
     if let Some((path, e)) = failed {
         let _ = writer.abort();
+        if interrupted.load(Ordering::Relaxed) {
+            command.as_mut().and_then(output::Running::stop);
+            return Err(CliError::new(
+                Exit::Io,
+                format!("{}: interrupted: no archive was written", target.describe()),
+            ));
+        }
         return Err(failure(&target, command.as_mut(), Some(path), e));
     }
     let (summary, sink) = match writer.finish() {
@@ -260,12 +271,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Backs up every disk on a thread of its own, with a bar on a terminal (unless `bar`
-/// is false). Returns the first failure, with the path of the disk it happened on.
+/// is false). Returns the first failure, with the path of the disk it happened on; once
+/// `interrupted` is set, the archive is aborted.
 fn write_disks<W: std::io::Write + Send + 'static>(
     writer: &Writer<W>,
     disks: &[Disk],
     devices: &[vma_writer::Device],
     bar: bool,
+    interrupted: &AtomicBool,
 ) -> Option<(PathBuf, vma_writer::Error)> {
     let total: u64 = disks.iter().map(|d| d.size).sum();
     let done: Vec<AtomicU64> = disks.iter().map(|_| AtomicU64::new(0)).collect();
@@ -305,6 +318,9 @@ fn write_disks<W: std::io::Write + Send + 'static>(
         drop(finished_tx);
         let mut running = workers.len();
         while running > 0 {
+            if interrupted.load(Ordering::Relaxed) {
+                writer.handle().abort();
+            }
             progress.update(done.iter().map(|d| d.load(Ordering::Relaxed)).sum());
             match finished.recv_timeout(Duration::from_millis(100)) {
                 Ok(()) => running -= 1,

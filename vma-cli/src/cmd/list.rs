@@ -77,7 +77,7 @@ pub(crate) fn list(file: &Path, json: bool, index: Option<&Path>) -> Result<()> 
 }
 
 fn is_random_access(file: &Path) -> bool {
-    crate::input::detect_file(file).is_ok_and(Compression::is_random_access)
+    super::detect(file).is_ok_and(Compression::is_random_access)
 }
 
 pub(crate) fn integrity_json(r: &IntegrityReport) -> serde_json::Value {

@@ -28,6 +28,10 @@ mod verify;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// The S3-compatible server of `s3://BUCKET/KEY` archives (default: AWS_ENDPOINT_URL,
+    /// else the profile's endpoint_url, else AWS).
+    #[arg(long, global = true, value_name = "URL")]
+    endpoint: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -104,6 +108,7 @@ where
             };
         }
     };
+    crate::remote::set_endpoint(cli.endpoint);
     let result = match cli.command {
         Command::List { file, json, index } => list::list(&file, json, index.as_deref()),
         Command::Config { file, config } => list::config(&file, &config),
@@ -145,8 +150,33 @@ pub(crate) fn open_stream(
     file: &std::path::Path,
     options: vma_reader::ReadOptions,
 ) -> Result<vma_reader::PrefetchingReader> {
-    let (input, _) = crate::input::open(file).map_err(|e| CliError::io(file.display(), e))?;
+    let input = open_bytes(file)?;
     Ok(vma_reader::PrefetchingReader::with_options(input, options)?)
+}
+
+/// Opens an archive file, object or standard input for one pass, decompressed.
+pub(crate) fn open_bytes(file: &std::path::Path) -> Result<Box<dyn std::io::Read + Send>> {
+    let (input, _) = match crate::remote::location(file) {
+        Some(at) => {
+            let at = at?;
+            crate::input::open_positional(crate::remote::open(&at)?)
+                .map_err(|e| crate::remote::io_error(&at, e))?
+        }
+        None => crate::input::open(file).map_err(|e| CliError::io(file.display(), e))?,
+    };
+    Ok(input)
+}
+
+/// The packing of an archive file or object, from its first bytes.
+pub(crate) fn detect(file: &std::path::Path) -> Result<crate::input::Compression> {
+    match crate::remote::location(file) {
+        Some(at) => {
+            let at = at?;
+            crate::input::detect_positional(&*crate::remote::open(&at)?)
+                .map_err(|e| crate::remote::io_error(&at, e))
+        }
+        None => crate::input::detect_file(file).map_err(|e| CliError::io(file.display(), e)),
+    }
 }
 
 /// Opens a plain, seekable zstd or lzop archive file for random access, explaining what to do
@@ -161,8 +191,14 @@ pub(crate) fn open_seekable(
             "this needs an archive file, not standard input: save it to a file first",
         ));
     }
-    let compression =
-        crate::input::detect_file(file).map_err(|e| CliError::io(file.display(), e))?;
+    let remote = crate::remote::location(file).transpose()?;
+    let object = remote.as_ref().map(crate::remote::open).transpose()?;
+    let compression = match (&object, &remote) {
+        (Some(o), Some(at)) => {
+            crate::input::detect_positional(&**o).map_err(|e| crate::remote::io_error(at, e))?
+        }
+        _ => crate::input::detect_file(file).map_err(|e| CliError::io(file.display(), e))?,
+    };
     if let (Some(hint), false) = (
         compression.decompress_hint(),
         compression.is_random_access(),
@@ -174,7 +210,18 @@ pub(crate) fn open_seekable(
         )));
     }
     let with_index = |idx: &std::path::Path| {
-        vma_reader::SeekableArchive::open_with_index(file, idx).map_err(|e| {
+        let opened = match &object {
+            Some(o) => std::fs::File::open(idx)
+                .map_err(|source| {
+                    vma_reader::Error::ZstdIndex(vma_reader::zstd_index::ZstdIndexError::IndexIo {
+                        index_offset: 0,
+                        source,
+                    })
+                })
+                .and_then(|i| vma_reader::SeekableArchive::from_read_at_with_index(o.clone(), i)),
+            None => vma_reader::SeekableArchive::open_with_index(file, idx),
+        };
+        opened.map_err(|e| {
             let e = CliError::from(e);
             CliError::new(
                 e.exit,
@@ -189,6 +236,16 @@ pub(crate) fn open_seekable(
     };
     if let Some(idx) = index {
         return with_index(idx);
+    }
+    if let Some(o) = object {
+        return match vma_reader::SeekableArchive::from_read_at(o) {
+            Err(e @ vma_reader::Error::NotSeekable { .. }) => Err(CliError::usage(format!(
+                "{}: {e} (index it once with `vma index`, from a local copy, and give the \
+                 index with --index)",
+                file.display()
+            ))),
+            other => Ok(other?),
+        };
     }
     match vma_reader::SeekableArchive::open(file) {
         Err(vma_reader::Error::NotSeekable { .. }) if index::default_index(file).is_file() => {

@@ -38,14 +38,13 @@ pub struct Args {
 }
 
 pub(crate) fn run(args: Args) -> Result<()> {
-    let target = Target::parse(&args.output);
+    let target = Target::parse(&args.output)?;
     let packing = match args.compress.as_deref() {
         None => Packing::Zstd(crate::packed::DEFAULT_LEVEL),
         option => Packing::choose(option, &target)?,
     };
-    let (input, _) =
-        crate::input::open(&args.input).map_err(|e| CliError::io(args.input.display(), e))?;
-    let (sink, mut command) = Sink::open(&target)?;
+    let input = super::open_bytes(&args.input)?;
+    let (sink, mut command) = Sink::open(&target, None)?;
     let out = RefCell::new(packing.wrap(sink)?);
     let failed = RefCell::new(None);
     let tee = Tee {
