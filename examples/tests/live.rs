@@ -18,6 +18,7 @@ use vma_examples::guest_latency;
 use vma_live::agent::{self, GuestAgent};
 use vma_live::{run_backup, BackupOptions, Consistency, Error, ErrorKind, Qmp};
 use vma_testkit::dir_entries;
+use vma_testkit::s3::S3Server;
 
 /// Fixture layout scale (MiB): a 16 MiB qcow2 and a 10 MiB + 12345 raw.
 const SCALE: u64 = 16;
@@ -233,6 +234,98 @@ fn binary_zstd_selected_drive_with_config() {
     // A drive that is not there: 5, as vma's device not in the archive.
     assert_eq!(unknown.status.code(), Some(5), "{unknown:?}");
     assert_eq!(run_bin(&["--bogus"]).status.code(), Some(2));
+}
+
+/// The archive at `s3://BUCKET/KEY` of `server`, opened in place (ranged GETs).
+fn open_in_bucket(server: &S3Server, url: &str) -> vma_reader::SeekableArchive {
+    let env = server.env();
+    let config =
+        vma_s3::Config::from_vars(|k| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()))
+            .unwrap();
+    let object = config.open(&vma_s3::Location::parse(url).unwrap()).unwrap();
+    vma_reader::SeekableArchive::from_read_at(std::sync::Arc::new(object)).unwrap()
+}
+
+#[test]
+#[ignore = "boots QEMU (qemu-system-x86); scripts/test runs it with --include-ignored"]
+fn backups_into_a_bucket_read_in_place_and_faults_leave_no_object() {
+    let fx = fixture();
+    let mut server = S3Server::start();
+    server.create_bucket("live");
+    let qmp = fx.vm.qmp_path.to_str().unwrap();
+    let backup = |url: &str, extra: &[&str]| {
+        let mut c = Command::new(bin());
+        c.envs(server.env())
+            .args(["--qmp", qmp, "--output", url])
+            .args(extra)
+            .stdin(Stdio::null());
+        c
+    };
+    for (url, extra) in [
+        ("s3://live/vm.vma", &[][..]),
+        ("s3://live/vm.vma.zst", &["--zstd"][..]),
+    ] {
+        let out = backup(url, extra).output().unwrap();
+        assert!(out.status.success(), "{url}: {out:?}");
+        let archive = open_in_bucket(&server, url);
+        assert!(matches!(
+            archive.integrity().seal,
+            vma_reader::SealStatus::Sealed
+        ));
+        for (i, before) in fx.before.iter().enumerate() {
+            let mut served = Vec::new();
+            std::io::Read::read_to_end(
+                &mut archive.device(format!("drive-vd{i}").as_str()).unwrap(),
+                &mut served,
+            )
+            .unwrap();
+            assert!(served == *before, "{url}: drive {i} differs from the disk");
+        }
+        // Never replaced: an I/O error, 4.
+        let again = backup(url, extra).output().unwrap();
+        assert_eq!(again.status.code(), Some(4), "{again:?}");
+        assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+    }
+    let kept = |server: &S3Server| {
+        server
+            .objects("live")
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(kept(&server), ["vm.vma", "vm.vma.zst"]);
+
+    // Ctrl-C mid-backup: the upload is aborted, the VM left clean.
+    let mut ctl = fx.vm.control().unwrap();
+    let child = backup("s3://live/int.vma", &["--throttle", "4"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_jobs(&mut ctl, 2, Duration::from_secs(30)).unwrap();
+    signal(child.id(), "INT");
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{out:?}");
+    assert_eq!(kept(&server), ["vm.vma", "vm.vma.zst"]);
+    assert_eq!(server.multipart_uploads("live"), Vec::<String>::new());
+    assert_vm_clean(&mut ctl);
+
+    // The bucket gone mid-backup: an I/O error, the jobs cancelled, the VM left clean.
+    let child = backup("s3://live/gone.vma", &["--throttle", "4"])
+        .env("AWS_MAX_ATTEMPTS", "2")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_jobs(&mut ctl, 2, Duration::from_secs(30)).unwrap();
+    server.kill();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("s3://live/gone.vma"),
+        "{out:?}"
+    );
+    assert_vm_clean(&mut ctl);
 }
 
 /// A small tmpfs, unmounted on drop.

@@ -10,6 +10,11 @@
 //! created the same way (`.NAME.partial-XXXXXX` next to the target),
 //! finished, fsynced and renamed without replacing an existing file here.
 //! Either way an aborted or failed backup removes the temporary file.
+//!
+//! An output `s3://BUCKET/KEY` goes into a multipart upload instead ([`vma_s3`]; endpoint,
+//! region and credentials from the standard AWS environment variables and files),
+//! plain or through the same zstd compressor: the upload is completed only when the
+//! archive is, and aborted on any failure, so no object appears under the key.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,6 +23,8 @@ use vma_writer::{
     Builder, Device, FileWriter, PartialFile, Summary, Writer, WriterHandle, ZstdOptions,
     ZstdWriter,
 };
+
+use vma_s3::{Location, S3Upload};
 
 use crate::export::RangeSink;
 use crate::Error;
@@ -36,6 +43,8 @@ fn zstd_threads() -> usize {
 enum Output {
     File(FileWriter),
     Zstd(Writer<ZstdFile>),
+    S3(Writer<S3Upload>),
+    S3Zstd(Writer<ZstdWriter<S3Upload>>),
 }
 
 /// An archive being written.
@@ -51,6 +60,7 @@ impl Archive {
     /// (which must not exist).
     pub(crate) fn create(
         path: &Path,
+        cancel: &Arc<std::sync::atomic::AtomicBool>,
         zstd: bool,
         configs: &[(String, Vec<u8>)],
         devices: &[(String, u64)],
@@ -63,7 +73,39 @@ impl Archive {
         for (name, size) in devices {
             ids.push(builder.add_device(name, *size)?);
         }
-        let (output, handle) = if zstd {
+        let s3 = Location::is_s3(path.as_os_str())
+            .then(|| {
+                let at = Location::parse(&path.to_string_lossy())?;
+                let config = vma_s3::Config::from_env()?;
+                // As for a file: an existing archive is never replaced (checked by a
+                // HEAD: a multipart upload has no create-only mode).
+                match config.open(&at) {
+                    Ok(_) => return Err(Error::OutputExists(at.to_string())),
+                    Err(vma_s3::Error::NotFound { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                // The archive's size at most: the data and an extent header per 58
+                // clusters (well under 1/4096 of it), the header, index and seal.
+                let total: u64 = devices.iter().map(|(_, size)| size).sum();
+                let mut upload = config.create_sized(&at, total + total / 4096 + (16 << 20))?;
+                // Cancelled (Ctrl-C) before it completes: aborted, not completed.
+                upload.cancel_when(Arc::clone(cancel));
+                Ok(upload)
+            })
+            .transpose()?;
+        let (output, handle) = if let Some(upload) = s3 {
+            if zstd {
+                let encoder = ZstdWriter::new(upload, zstd_options())
+                    .map_err(|source| compress_error(path, "zstd setup", source))?;
+                let writer = builder.build(encoder)?;
+                let handle = writer.handle();
+                (Output::S3Zstd(writer), handle)
+            } else {
+                let writer = builder.build(upload)?;
+                let handle = writer.handle();
+                (Output::S3(writer), handle)
+            }
+        } else if zstd {
             let writer = create_zstd(builder, path)?;
             let handle = writer.handle();
             (Output::Zstd(writer), handle)
@@ -89,19 +131,39 @@ impl Archive {
     }
 
     /// Completes the archive (checking every cluster was written) and gives
-    /// it its final name.
-    pub(crate) fn finish(self) -> Result<Summary, Error> {
+    /// it its final name (completes the upload). Returns the writer's summary
+    /// and the bytes stored (compressed, with zstd).
+    pub(crate) fn finish(self) -> Result<(Summary, u64), Error> {
+        let stored = |path: &Path, summary: &Summary| {
+            std::fs::metadata(path).map_or(summary.archive_bytes, |m| m.len())
+        };
         match self.output {
-            Output::File(w) => Ok(w.finish()?),
+            Output::File(w) => {
+                let summary = w.finish()?;
+                let bytes = stored(&self.path, &summary);
+                Ok((summary, bytes))
+            }
             Output::Zstd(writer) => {
                 let (summary, encoder) = writer.finish()?;
-                let (file, _) = encoder.finish().map_err(|source| Error::Compress {
-                    path: self.path,
-                    op: "zstd finish",
-                    source,
-                })?;
+                let (file, _) = encoder
+                    .finish()
+                    .map_err(|source| compress_error(&self.path, "zstd finish", source))?;
                 file.commit(true)?;
-                Ok(summary)
+                let bytes = stored(&self.path, &summary);
+                Ok((summary, bytes))
+            }
+            Output::S3(writer) => {
+                let (summary, upload) = writer.finish()?;
+                let bytes = upload.finish()?;
+                Ok((summary, bytes))
+            }
+            Output::S3Zstd(writer) => {
+                let (summary, encoder) = writer.finish()?;
+                let (upload, _) = encoder
+                    .finish()
+                    .map_err(|source| compress_error(&self.path, "zstd finish", source))?;
+                let bytes = upload.finish()?;
+                Ok((summary, bytes))
             }
         }
     }
@@ -116,22 +178,37 @@ impl Archive {
                 // Dropping the encoder drops the temporary file, removing it.
                 let _ = writer.abort();
             }
+            // Dropping the upload aborts it.
+            Output::S3(writer) => {
+                let _ = writer.abort();
+            }
+            Output::S3Zstd(writer) => {
+                let _ = writer.abort();
+            }
         }
+    }
+}
+
+fn zstd_options() -> ZstdOptions {
+    ZstdOptions {
+        level: ZSTD_LEVEL,
+        threads: zstd_threads(),
+        ..ZstdOptions::default()
+    }
+}
+
+fn compress_error(path: &Path, op: &'static str, source: std::io::Error) -> Error {
+    Error::Compress {
+        path: path.to_path_buf(),
+        op,
+        source,
     }
 }
 
 fn create_zstd(builder: Builder, path: &Path) -> Result<Writer<ZstdFile>, Error> {
     let file = PartialFile::create(path)?;
-    let options = ZstdOptions {
-        level: ZSTD_LEVEL,
-        threads: zstd_threads(),
-        ..ZstdOptions::default()
-    };
-    let encoder = ZstdFile::new(file, options).map_err(|source| Error::Compress {
-        path: path.to_path_buf(),
-        op: "zstd setup",
-        source,
-    })?;
+    let encoder = ZstdFile::new(file, zstd_options())
+        .map_err(|source| compress_error(path, "zstd setup", source))?;
     Ok(builder.build(encoder)?)
 }
 

@@ -424,7 +424,13 @@ pub fn run_backup(opts: &BackupOptions) -> Result<BackupReport, Error> {
         .iter()
         .map(|d| (d.device_name.clone(), d.size))
         .collect();
-    let archive = Archive::create(&opts.output, opts.zstd, &all_configs, &devices)?;
+    let archive = Archive::create(
+        &opts.output,
+        &opts.cancel,
+        opts.zstd,
+        &all_configs,
+        &devices,
+    )?;
 
     // From here on the archive must be finished or aborted.
     let latch = Arc::new(Latch::default());
@@ -435,10 +441,7 @@ pub fn run_backup(opts: &BackupOptions) -> Result<BackupReport, Error> {
             return Err(e);
         }
     };
-    let summary = archive.finish()?;
-    let archive_bytes = std::fs::metadata(&opts.output)
-        .map(|m| m.len())
-        .unwrap_or(summary.archive_bytes);
+    let (summary, archive_bytes) = archive.finish()?;
     let reports = drives
         .iter()
         .zip(&copied.counters)

@@ -225,6 +225,14 @@ pub enum Error {
     /// The archive writer refused a declaration or failed to write or finish.
     #[error(transparent)]
     Writer(#[from] vma_writer::Error),
+    /// The output object exists already (an archive is never replaced).
+    #[error("{0}: the object already exists")]
+    OutputExists(String),
+
+    /// The archive's bucket (an `s3://` output) failed: starting, uploading or
+    /// completing the upload.
+    #[error(transparent)]
+    S3(#[from] vma_s3::Error),
     /// The zstd encoder around the archive file failed.
     #[error("{}: {op} failed: {source}", .path.display())]
     Compress {
@@ -283,6 +291,9 @@ impl Error {
             E::NoGuestDevice { .. } => ErrorKind::Usage,
             E::ArchiveFailed { source } => source.kind(),
             E::Writer(e) => writer_kind(e),
+            E::OutputExists(_) => ErrorKind::Io,
+            E::S3(e) if e.io_kind() == std::io::ErrorKind::InvalidInput => ErrorKind::Usage,
+            E::S3(_) => ErrorKind::Io,
             E::Nbd(vma_nbd::Error::Bind { .. }) => ErrorKind::Io,
             E::Nbd(_) | E::NoDevice(_) | E::PushThread(_) => ErrorKind::Internal,
             E::Interrupted => ErrorKind::Interrupted,

@@ -33,7 +33,8 @@ Exit codes (0 to 5 mean what they mean for the vma command):
        went away
   130  interrupted (SIGINT, SIGTERM or SIGHUP; a second one exits at once)
 On failure the jobs are cancelled, the VM keeps running (its filesystems
-thawed, with --guest-agent) and no archive is left under FILE.";
+thawed, with --guest-agent) and no archive is left under FILE (an s3://
+upload is aborted).";
 
 /// Back up a running QEMU VM into a VMA archive, live.
 ///
@@ -46,7 +47,9 @@ struct Cli {
     /// QEMU's QMP unix socket (-qmp unix:SOCKET,server=on,wait=off)
     #[arg(long, value_name = "SOCKET", required_unless_present_any = ["demo", "measure", "measure_guest"])]
     qmp: Option<PathBuf>,
-    /// The archive to create; never overwritten; it appears only once complete
+    /// The archive to create: a file, or s3://BUCKET/KEY (a multipart upload; endpoint,
+    /// region and credentials from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ... or the AWS
+    /// config files); never overwritten; it appears only once complete
     #[arg(
         short,
         long,
