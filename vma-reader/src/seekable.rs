@@ -362,11 +362,7 @@ fn index_extents(
             file_len - pos,
             raw,
             DataCheck::Count,
-            |slot, range| {
-                if let Some(ix) = index[slot.device.index()].as_mut() {
-                    ix.set(slot.cluster, slot.mask, data_start + range.start as u64);
-                }
-            },
+            record_in(&mut index, data_start),
         )?;
         scanner.last_data = extent.data_len();
     }
@@ -618,11 +614,7 @@ fn feed_copy(
         index_start - pos,
         raw,
         DataCheck::Count,
-        |slot, range| {
-            if let Some(ix) = index[slot.device.index()].as_mut() {
-                ix.set(slot.cluster, slot.mask, data_start + range.start as u64);
-            }
-        },
+        record_in(index, data_start),
     )?;
     Ok(())
 }
@@ -862,6 +854,20 @@ impl Seek for DeviceReader {
                 io::ErrorKind::InvalidInput,
                 "seek to a negative or overflowing position",
             )),
+        }
+    }
+}
+
+/// What the walker's `each` does while indexing: records each slot's stored blocks in its
+/// device's index, at `data_start` (relative to the header's end) plus their place in the
+/// extent.
+fn record_in(
+    index: &mut [Option<DeviceIndex>],
+    data_start: u64,
+) -> impl FnMut(&crate::validate::CheckedSlot, std::ops::Range<usize>) + '_ {
+    move |slot, range| {
+        if let Some(ix) = index[slot.device.index()].as_mut() {
+            ix.set(slot.cluster, slot.mask, data_start + range.start as u64);
         }
     }
 }
