@@ -254,6 +254,35 @@ fn lzop_seeds(corpus: &Path) {
     let _ = fs::remove_dir_all(&tmp);
 }
 
+/// The index extents of an archive that has them (before its seal, at its end).
+fn index_extents_of(bytes: &[u8]) -> Option<&[u8]> {
+    use vma_format::extent_index::{IndexExtent, IndexKind};
+    let len = bytes.len();
+    let before_seal =
+        vma_format::ExtentHeader::decode(bytes.get(len.checked_sub(1024)?..len - 512)?).ok()?;
+    match IndexExtent::from_extent(&before_seal) {
+        IndexKind::Index(x) => {
+            let start = len.checked_sub(512 * (x.total as usize + 1))?;
+            Some(&bytes[start..len - 512])
+        }
+        _ => None,
+    }
+}
+
+/// Seeds of the extent index decoder: the index extents of the archives that have them,
+/// and one made of three arbitrary header copies.
+fn extent_index_seeds(corpus: &Path, archives: &[(String, Vec<u8>)]) {
+    let dir = corpus.join("extent_index");
+    let made = vma_format::extent_index::encode(vma_format::Uuid::nil(), &[[7u8; 512]; 3])
+        .expect("encode an index");
+    put(&dir, "three-copies", &made.concat());
+    for (name, bytes) in archives {
+        if let Some(index) = index_extents_of(bytes) {
+            put(&dir, name, index);
+        }
+    }
+}
+
 fn main() {
     let mut args = std::env::args_os().skip(1);
     let root = PathBuf::from(
@@ -278,6 +307,7 @@ fn main() {
         archives.push((name, fs::read(&p).unwrap()));
     }
     archives.extend(writer_archives());
+    extent_index_seeds(&corpus, &archives);
     // The same archives as `vma create X.vma.zst` writes them: seekable zstd, whose
     // last bytes are a seek table.
     let compressed: Vec<(String, Vec<u8>)> = archives
