@@ -84,10 +84,9 @@ impl Archive {
                     Err(vma_s3::Error::NotFound { .. }) => {}
                     Err(e) => return Err(e.into()),
                 }
-                // The archive's size at most: the data and an extent header per 58
-                // clusters (well under 1/4096 of it), the header, index and seal.
                 let total: u64 = devices.iter().map(|(_, size)| size).sum();
-                let mut upload = config.create_sized(&at, total + total / 4096 + (16 << 20))?;
+                let bound = vma_writer::max_archive_len(total);
+                let mut upload = config.create_sized(&at, bound)?;
                 // Cancelled (Ctrl-C) before it completes: aborted, not completed.
                 upload.cancel_when(Arc::clone(cancel));
                 Ok(upload)

@@ -42,6 +42,25 @@ pub const fn round_up_to_sector(size: u64) -> u64 {
     }
 }
 
+/// The most bytes an archive of disks holding `device_bytes` in all can take, with the
+/// integrity extension and the extent index: the data, an extent header per 58 clusters
+/// (or per partial extent, one per device at most), the index's copies of those headers,
+/// the seal, and 16 MiB for the archive header and its configs. A bound for sizing an
+/// output ahead (an S3 multipart upload's part size), not the exact size.
+pub fn max_archive_len(device_bytes: u64) -> u64 {
+    use vma_format::{
+        VMA_BLOCKS_PER_EXTENT, VMA_CLUSTER_SIZE, VMA_EXTENT_HEADER_SIZE, VMA_MAX_DEVICES,
+    };
+    let clusters = device_bytes.div_ceil(VMA_CLUSTER_SIZE as u64);
+    // Slot 58 carries the data checksum: 58 clusters per extent.
+    let extents = clusters.div_ceil(VMA_BLOCKS_PER_EXTENT as u64 - 1) + VMA_MAX_DEVICES as u64;
+    let index = vma_format::extent_index::extents_for(extents);
+    let headers = (extents + index + 1) * VMA_EXTENT_HEADER_SIZE as u64;
+    device_bytes
+        .saturating_add(headers)
+        .saturating_add(16 << 20)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

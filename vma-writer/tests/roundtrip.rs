@@ -332,3 +332,35 @@ fn the_extent_index_can_be_left_out() {
         assert_eq!(summary.archive_bytes, bytes.len() as u64);
     }
 }
+
+/// `max_archive_len` bounds what the writer writes, for one device and for several, of
+/// data that does not compress away (no zero clusters).
+#[test]
+fn max_archive_len_bounds_real_archives() {
+    for sizes in [
+        &[1u64][..],
+        &[5 << 20, 70_000],
+        &[64 << 20],
+        &[3 << 20, 4096, 1 << 20],
+    ] {
+        let mut builder = vma_writer::Builder::new();
+        let devs: Vec<_> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| builder.add_device(&format!("d{i}"), s).unwrap())
+            .collect();
+        let w = builder.build(Vec::new()).unwrap();
+        for (&dev, &size) in devs.iter().zip(sizes) {
+            let img: Vec<u8> = (0..size).map(|i| (i % 251) as u8 | 1).collect();
+            w.write_range(dev, 0, &img).unwrap();
+        }
+        let (_, bytes) = w.finish().unwrap();
+        let total: u64 = sizes.iter().sum();
+        assert!(
+            bytes.len() as u64 <= vma_writer::max_archive_len(total),
+            "{sizes:?}: {} > {}",
+            bytes.len(),
+            vma_writer::max_archive_len(total)
+        );
+    }
+}

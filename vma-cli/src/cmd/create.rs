@@ -231,9 +231,7 @@ pub(crate) fn run(args: Args) -> Result<()> {
 
     let target = Target::parse(&args.file)?;
     let packing = Packing::choose(args.compress.as_deref(), &target)?;
-    // The archive's size at most: the data, an extent header per 58 clusters (well under
-    // 1/4096 of it), the header, the extent index and the seal.
-    let bound = total + total / 4096 + (16 << 20);
+    let bound = vma_writer::max_archive_len(total);
     let (sink, mut command) = Sink::open(&target, Some(bound))?;
     let sink = packing.wrap(sink)?;
     let writer = builder.build(sink)?;
