@@ -160,8 +160,11 @@ impl Sink {
                 (Sink::Exec(stdin), Some(running))
             }
             Target::S3(at) => {
+                // Installed before the upload is initiated, so that no signal can come
+                // between the upload's start and its cancel flag.
+                let interrupted = interrupt_flag();
                 let mut upload = crate::remote::create(at, size_hint)?;
-                upload.cancel_when(interrupt_flag());
+                upload.cancel_when(interrupted);
                 (Sink::S3(Box::new(upload)), None)
             }
         })

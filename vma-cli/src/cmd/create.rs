@@ -232,19 +232,35 @@ pub(crate) fn run(args: Args) -> Result<()> {
     let target = Target::parse(&args.file)?;
     let packing = Packing::choose(args.compress.as_deref(), &target)?;
     let bound = vma_writer::max_archive_len(total);
-    let (sink, mut command) = Sink::open(&target, Some(bound))?;
-    let sink = packing.wrap(sink)?;
-    let writer = builder.build(sink)?;
+    // The handler goes in before anything is opened: a signal that comes while the
+    // output is being set up (an upload being initiated) is then an interrupt like any
+    // other, not the end of a process that leaves an upload behind.
     let interrupted = &*output::interrupt_flag();
+    let was_interrupted = || {
+        CliError::new(
+            Exit::Io,
+            format!("{}: interrupted: no archive was written", target.describe()),
+        )
+    };
+    let or_interrupted = |e: CliError| {
+        if interrupted.load(Ordering::Relaxed) {
+            was_interrupted()
+        } else {
+            e
+        }
+    };
+    let (sink, mut command) = Sink::open(&target, Some(bound)).map_err(or_interrupted)?;
+    let sink = packing.wrap(sink).map_err(or_interrupted)?;
+    let writer = builder
+        .build(sink)
+        .map_err(CliError::from)
+        .map_err(or_interrupted)?;
     let failed = write_disks(&writer, &disks, &devices, !args.verbose, interrupted);
     if let Some((path, e)) = failed {
         let _ = writer.abort();
         if interrupted.load(Ordering::Relaxed) {
             command.as_mut().and_then(output::Running::stop);
-            return Err(CliError::new(
-                Exit::Io,
-                format!("{}: interrupted: no archive was written", target.describe()),
-            ));
+            return Err(was_interrupted());
         }
         return Err(failure(&target, command.as_mut(), Some(path), e));
     }
