@@ -11,7 +11,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -498,28 +498,60 @@ impl Drop for S3Server {
 
 /// A TCP proxy on a free loopback port that holds back each request `delay` before
 /// passing it upstream (the first bytes a client sends after the last answer, so one
-/// delay per request of a kept-alive connection); threads, no async. Stops on drop.
+/// delay per request of a kept-alive connection), or that answers the first requests
+/// itself with `503 Slow Down` as S3 does when throttling ([`SlowProxy::throttling`]);
+/// threads, no async. Stops on drop.
 #[derive(Debug)]
 pub struct SlowProxy {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
     connections: Arc<Mutex<Vec<TcpStream>>>,
+    throttled: Arc<AtomicUsize>,
 }
 
 impl SlowProxy {
     /// Starts proxying to `upstream` with `delay` per request.
     pub fn start(upstream: SocketAddr, delay: Duration) -> SlowProxy {
+        Self::spawn(upstream, delay, 0)
+    }
+
+    /// Starts proxying to `upstream`, answering the first request of each of the first
+    /// `connections` connections with `503 Slow Down` (S3's throttling answer, which
+    /// clients are to retry with backoff) and closing it; later connections are passed
+    /// through untouched. [`SlowProxy::throttled`] counts the answers given.
+    pub fn throttling(upstream: SocketAddr, connections: usize) -> SlowProxy {
+        Self::spawn(upstream, Duration::ZERO, connections)
+    }
+
+    /// How many requests were answered `503 Slow Down` so far.
+    pub fn throttled(&self) -> usize {
+        self.throttled.load(Ordering::SeqCst)
+    }
+
+    fn spawn(upstream: SocketAddr, delay: Duration, throttle: usize) -> SlowProxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
         let addr = listener.local_addr().expect("proxy address");
         let stop = Arc::new(AtomicBool::new(false));
         let connections = Arc::new(Mutex::new(Vec::new()));
-        let (stop2, conns) = (stop.clone(), connections.clone());
+        let throttled = Arc::new(AtomicUsize::new(0));
+        let (stop2, conns, answered) = (stop.clone(), connections.clone(), throttled.clone());
         std::thread::spawn(move || {
+            let mut to_throttle = throttle;
             for client in listener.incoming() {
                 if stop2.load(Ordering::SeqCst) {
                     break;
                 }
                 let Ok(client) = client else { continue };
+                if to_throttle > 0 {
+                    to_throttle -= 1;
+                    let answered = answered.clone();
+                    std::thread::spawn(move || {
+                        if slow_down(client) {
+                            answered.fetch_add(1, Ordering::SeqCst);
+                        }
+                    });
+                    continue;
+                }
                 let Ok(server) = TcpStream::connect(upstream) else {
                     continue;
                 };
@@ -544,6 +576,7 @@ impl SlowProxy {
             addr,
             stop,
             connections,
+            throttled,
         }
     }
 
@@ -556,6 +589,46 @@ impl SlowProxy {
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
+}
+
+/// Reads one request (its head, and its body as long as `Content-Length` says) and
+/// answers it as a throttling S3 does, then closes the connection; whether it answered.
+fn slow_down(mut client: TcpStream) -> bool {
+    let _ = client.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut head = Vec::new();
+    let mut buf = [0u8; 64 << 10];
+    let end = loop {
+        if let Some(at) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        match client.read(&mut buf) {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    };
+    let text = String::from_utf8_lossy(&head[..end]).to_ascii_lowercase();
+    let length: usize = text
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let mut left = length.saturating_sub(head.len() - end);
+    while left > 0 {
+        match client.read(&mut buf[..left.min(64 << 10)]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => left -= n,
+        }
+    }
+    let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>SlowDown</Code>\
+                <Message>Please reduce your request rate.</Message></Error>";
+    let answer = format!(
+        "HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let sent = client.write_all(answer.as_bytes()).is_ok();
+    let _ = client.shutdown(Shutdown::Both);
+    sent
 }
 
 /// Client to server: sleeps before the first bytes of each request.

@@ -386,3 +386,80 @@ fn the_server_gone_mid_read_is_retried_then_a_clear_error() {
         "bounded by the retries"
     );
 }
+
+#[test]
+fn throttling_is_retried_with_backoff_and_persistent_throttling_is_a_clear_error() {
+    let s = server();
+    let dir = tempfile::tempdir().unwrap();
+    let disk = image(dir.path(), "d.raw", 8, 9);
+    let spec = format!("drive-scsi0={}", disk.display());
+    let through = |proxy: &SlowProxy, args: &[&str]| {
+        let mut c = vma(&s, args);
+        c.env("AWS_ENDPOINT_URL", proxy.endpoint());
+        c
+    };
+    // The first three requests of a backup into the bucket and of a restore from it are
+    // answered 503 Slow Down: both retry and succeed, and the bytes are right.
+    let proxy = SlowProxy::throttling(s.addr(), 3);
+    ok(through(&proxy, &["create", &url("t.vma.zst"), &spec]));
+    assert_eq!(proxy.throttled(), 3, "the backup met the throttling");
+    let proxy = SlowProxy::throttling(s.addr(), 3);
+    let cat = ok(through(&proxy, &["cat", &url("t.vma.zst"), "drive-scsi0"]));
+    assert_eq!(proxy.throttled(), 3, "the restore met the throttling");
+    assert_eq!(vma_testkit::sha256_hex(&cat.stdout), sha256_file(&disk));
+    // A bucket that throttles every request: the retries give out, exit 4, and the error
+    // names the object and what the server said.
+    let proxy = SlowProxy::throttling(s.addr(), usize::MAX);
+    let mut c = through(&proxy, &["list", &url("t.vma.zst")]);
+    c.env("AWS_MAX_ATTEMPTS", "3");
+    let said = fails(c, 4, "s3://backups/t.vma.zst");
+    assert!(said.contains("503"), "says the server's answer: {said}");
+    assert_eq!(
+        proxy.throttled(),
+        3,
+        "tried as often as AWS_MAX_ATTEMPTS says"
+    );
+    let mut c = through(&proxy, &["create", &url("never.vma"), &spec]);
+    c.env("AWS_MAX_ATTEMPTS", "2");
+    fails(c, 4, "s3://backups/never.vma");
+    assert_eq!(s.multipart_uploads(BUCKET), Vec::<String>::new());
+    assert!(!s.objects(BUCKET).iter().any(|(k, _)| k == "never.vma"));
+}
+
+#[test]
+fn config_and_reorder_read_from_a_bucket() {
+    let s = server();
+    let dir = tempfile::tempdir().unwrap();
+    for v in vectors() {
+        s.put_object(BUCKET, &v.file, &v.bytes());
+        let local = v.path();
+        let local = local.to_str().unwrap();
+        let remote = url(&v.file);
+        // config: the same bytes (or the same refusal) as of the file.
+        let from_file = vma(&s, &["config", local]).output().unwrap();
+        let from_bucket = vma(&s, &["config", &remote]).output().unwrap();
+        assert_eq!(
+            from_bucket.status.code(),
+            from_file.status.code(),
+            "{}",
+            v.file
+        );
+        assert_eq!(from_bucket.stdout, from_file.stdout, "{}", v.file);
+        // reorder: the same archive as from the file.
+        let a = dir.path().join(format!("{}.file.vma", v.file));
+        let b = dir.path().join(format!("{}.s3.vma", v.file));
+        ok(vma(&s, &["reorder", local, a.to_str().unwrap()]));
+        ok(vma(&s, &["reorder", &remote, b.to_str().unwrap()]));
+        let into = dir.path().join(format!("{}.x", v.file));
+        ok(vma(
+            &s,
+            &["extract", b.to_str().unwrap(), into.to_str().unwrap()],
+        ));
+        v.assert_extracted(&into);
+        assert!(
+            std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(),
+            "{}: reordered from the bucket differs from reordered from the file",
+            v.file
+        );
+    }
+}
