@@ -555,6 +555,8 @@ struct FrameInfo {
     wd: u8,
     window: u64,
     checksum: bool,
+    /// The content size its header declares, if it declares one.
+    content_size: Option<u64>,
 }
 
 /// Reads a frame header after its magic (at `start`); feeds it to `truth`.
@@ -590,10 +592,12 @@ fn frame_header<R: Read>(
         return Err(bad("the frame needs a dictionary".into()));
     }
     let fcs = &rest[n - fcs_len..n];
-    let (wd, window) = if single {
+    let content_size = (fcs_len > 0).then(|| {
         let mut v = [0u8; 8];
         v[..fcs_len].copy_from_slice(fcs);
-        let size = u64::from_le_bytes(v) + if fcs_len == 2 { 256 } else { 0 };
+        u64::from_le_bytes(v) + if fcs_len == 2 { 256 } else { 0 }
+    });
+    let (wd, window) = if let (true, Some(size)) = (single, content_size) {
         let wd = descriptor_for(size.max(1 << 10)).unwrap_or(u8::MAX);
         (wd, size)
     } else {
@@ -620,6 +624,7 @@ fn frame_header<R: Read>(
         wd,
         window,
         checksum: fhd & 0x04 != 0,
+        content_size,
     })
 }
 
@@ -905,6 +910,7 @@ fn index_frame<R: Read, W: Write>(
     };
     let mut block = Vec::with_capacity(MAX_BLOCK + 3);
     let mut want = Vec::with_capacity(MAX_BLOCK);
+    let mut decoded = 0u64;
     loop {
         let boff = r.pos;
         let last = read_block(r, block_max, &mut block)?;
@@ -916,6 +922,7 @@ fn index_frame<R: Read, W: Write>(
         };
         feed(&mut truth, &block, &mut scratch, &mut sink)
             .map_err(|what| ZstdIndexError::Decode { offset: boff, what })?;
+        decoded += want.len() as u64;
         ix.block(boff, &block, &want, out)?;
         if last {
             break;
@@ -923,6 +930,13 @@ fn index_frame<R: Read, W: Write>(
     }
     let end = r.pos;
     let decode_err = |what: String| ZstdIndexError::Decode { offset: end, what };
+    // zstd's streaming decoder, fed block by block, does not compare the declared size
+    // with what an empty last block ends (its one-shot decoder and `zstd -t` do).
+    if let Some(declared) = info.content_size.filter(|&n| n != decoded) {
+        return Err(decode_err(format!(
+            "the frame declares {declared} bytes of content but holds {decoded}"
+        )));
+    }
     if info.checksum {
         let mut sum = [0u8; 4];
         r.fill(&mut sum, false)?;

@@ -521,3 +521,32 @@ fn a_stream_that_is_not_zstd_or_damaged_does_not_index() {
         "{e}"
     );
 }
+
+/// Found by the zstd_index fuzz target: a frame whose header declares 35 bytes and whose
+/// only block is an empty last raw block. zstd's streaming decoder, fed block by block,
+/// lets it through; `zstd -t` and the one-shot decoder call it corrupt, and so must the
+/// indexer.
+#[test]
+fn a_frame_holding_less_than_its_declared_content_size_does_not_index() {
+    let (zst, _) = small();
+    // Magic, single-segment with a 1-byte content size of 35, then an empty last raw
+    // block (block header 0x000001).
+    let lying = [0x28, 0xb5, 0x2f, 0xfd, 0x20, 35, 0x01, 0x00, 0x00];
+    let one_shot = zstd::bulk::decompress(&lying, 1 << 10);
+    assert!(one_shot.is_err(), "zstd itself refuses it: {one_shot:?}");
+    let mut data = zst.clone();
+    data.extend_from_slice(&lying);
+    let e = build(&data[..], &mut Vec::new()).unwrap_err();
+    assert!(
+        matches!(e, ZstdIndexError::Decode { offset, ref what }
+            if offset == data.len() as u64 && what.contains("declares 35 bytes")),
+        "{e}"
+    );
+    // The same size, honestly held (a raw block of 35 bytes), indexes.
+    let mut honest = vec![0x28, 0xb5, 0x2f, 0xfd, 0x20, 35, 0x19, 0x01, 0x00];
+    honest.extend_from_slice(&[7u8; 35]);
+    assert_eq!(zstd::bulk::decompress(&honest, 1 << 10).unwrap(), [7u8; 35]);
+    let mut data = zst;
+    data.extend_from_slice(&honest);
+    build(&data[..], &mut Vec::new()).expect("a frame that holds what it declares");
+}
