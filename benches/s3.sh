@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
 # Archives in a bucket against the same archives in local files, in one run, on S3
 # servers on loopback (benches/RESULTS.md, "Archives in a bucket"):
-#   - speed rows on s3s-fs (crates.io; stores objects as files and serves ranges from
-#     them): `vma create` into the bucket and into a file; the same archive put by curl
-#     in one PUT (the server's own ceiling for taking those bytes, whatever the client);
-#     `qemu-img convert` through `vma serve` of a seekable .vma.zst in the bucket and in
-#     a file;
+#   - speed rows on Garage (crates.io `garage`, a production S3 server; one node, blocks
+#     on this disk, compression off): `vma create` into the bucket, into a file and into
+#     a file with --sync; curl putting the finished archive in one PUT (what the server
+#     takes with no archive work at all: its own ceiling for these bytes); `qemu-img
+#     convert` through `vma serve` of a seekable .vma.zst in the bucket and in a file;
+#     curl getting that object whole (the server's read ceiling);
 #   - the request count of `vma verify --quick` of a large archive on moto's server
-#     (one log line per request).
-# Interleaved, RUNS runs each; prints "name seconds" lines, the ratios, the count.
+#     (it logs one line per request).
+# Interleaved, RUNS runs each; prints "name seconds" lines, the ratios and the count.
 #
 #   benches/s3.sh [SIZE_MIB] [RUNS] [QUICK_MIB]   (defaults: 1024, 3, 2048)
 #
-# Needs: scripts/install-deps (moto in .venv), qemu-img, curl; builds vma (release) and
-# installs s3s-fs 0.14.1 (the last that builds on this Rust) into target/s3s-fs.
+# Needs: scripts/install-deps (moto in .venv), qemu-img, curl, xxd; builds vma (release)
+# and, the first time, installs garage 2.5.0 into target/garage (8 minutes on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE=${1:-1024}
@@ -21,24 +22,46 @@ RUNS=${2:-3}
 QUICK=${3:-2048}
 cargo build --release -q -p vma-cli
 V=$PWD/target/release/vma
-S3S=$PWD/target/s3s-fs/bin/s3s-fs
-[ -x "$S3S" ] || cargo install -q --locked --root target/s3s-fs s3s-fs@0.14.1 --features binary
+G=$PWD/target/garage/bin/garage
+[ -x "$G" ] || cargo install -q --locked --root target/garage garage@2.5.0
 M=$(mktemp -d /var/tmp/vma-s3-bench.XXXXXX)
 PORT=$((20000 + RANDOM % 20000))
-FAST=$((PORT + 1))
 .venv/bin/moto_server -H 127.0.0.1 -p "$PORT" > "$M/moto.log" 2>&1 &
 MOTO=$!
-mkdir -p "$M/s3s/bench"
-"$S3S" --host 127.0.0.1 --port "$FAST" --access-key bench --secret-key bench "$M/s3s" \
-  > "$M/s3s.log" 2>&1 &
-S3SPID=$!
-trap 'kill $MOTO $S3SPID 2>/dev/null; rm -rf "$M"' EXIT
-export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench AWS_REGION=us-east-1 HOME=$M
+cat > "$M/garage.toml" <<CONFIG
+metadata_dir = "$M/garage/meta"
+data_dir = "$M/garage/data"
+db_engine = "lmdb"
+replication_factor = 1
+compression_level = "none"
+rpc_bind_addr = "127.0.0.1:$((PORT + 2))"
+rpc_public_addr = "127.0.0.1:$((PORT + 2))"
+rpc_secret = "$(head -c 32 /dev/urandom | xxd -p -c 64)"
+
+[s3_api]
+s3_region = "garage"
+api_bind_addr = "127.0.0.1:$((PORT + 1))"
+root_domain = ".s3.garage.localhost"
+CONFIG
+g() { "$G" -c "$M/garage.toml" "$@"; }
+g server > "$M/garage.log" 2>&1 &
+GARAGE=$!
+trap 'kill $MOTO $GARAGE 2>/dev/null; wait; rm -rf "$M"' EXIT
+for i in $(seq 100); do g status > /dev/null 2>&1 && break; sleep 0.1; done
+g layout assign -z dc1 -c 100G "$(g node id -q 2>/dev/null | cut -d@ -f1)" > /dev/null
+g layout apply --version 1 > /dev/null
+g bucket create bench > /dev/null
+KEY=GK$(head -c 12 /dev/urandom | xxd -p -c 24)
+SECRET=$(head -c 32 /dev/urandom | xxd -p -c 64)
+g key import --yes -n bench "$KEY" "$SECRET" > /dev/null
+g bucket allow --read --write --owner bench --key bench > /dev/null
+export AWS_ACCESS_KEY_ID=$KEY AWS_SECRET_ACCESS_KEY=$SECRET AWS_REGION=garage HOME=$M
+export AWS_ENDPOINT_URL=http://127.0.0.1:$((PORT + 1))
 MOTO_URL=http://127.0.0.1:$PORT
-export AWS_ENDPOINT_URL=http://127.0.0.1:$FAST
 for i in $(seq 100); do curl -s -o /dev/null "$MOTO_URL" && break; sleep 0.1; done
-for i in $(seq 100); do curl -s -o /dev/null "$AWS_ENDPOINT_URL" && break; sleep 0.1; done
 curl -s -X PUT -o /dev/null "$MOTO_URL/bench"
+# moto takes any credentials: the same ones serve, with its endpoint and region.
+moto() { AWS_ENDPOINT_URL=$MOTO_URL AWS_REGION=us-east-1 "$@"; }
 
 python3 benches/images.py "$M" "$SIZE" mixed
 IMG=$M/mixed.raw
@@ -51,22 +74,26 @@ conv() { # archive
   kill -INT $pid; wait $pid
   cmp -s "$M/out.raw" "$IMG" || { echo "convert of $1 DIFFERS"; exit 1; }
 }
-put() { # file key: one signed PUT by curl (payload unsigned)
-  curl -sf --aws-sigv4 "aws:amz:us-east-1:s3" --user bench:bench \
-    -H "x-amz-content-sha256: UNSIGNED-PAYLOAD" -T "$1" -o /dev/null "$AWS_ENDPOINT_URL/bench/$2"
+signed_curl() { # one request by curl, signed (the payload unsigned, as S3 allows)
+  curl -sf --aws-sigv4 "aws:amz:garage:s3" --user "$KEY:$SECRET" \
+    -H "x-amz-content-sha256: UNSIGNED-PAYLOAD" -o /dev/null "$@"
 }
+put() { signed_curl -T "$1" "$AWS_ENDPOINT_URL/bench/$2"; } # FILE KEY
+get() { signed_curl "$AWS_ENDPOINT_URL/bench/$1"; }         # KEY
 $V create "$M/conv.vma.zst" "drive-scsi0=$IMG"
 $V create s3://bench/conv.vma.zst "drive-scsi0=$IMG"
 for r in $(seq "$RUNS"); do
-  rm -f "$M/c.vma" "$M/s3s/bench/c"*.vma "$M/s3s/bench/put"*
+  rm -f "$M/c.vma" "$M/cs.vma"
   sync
   t create-file $V create "$M/c.vma" "drive-scsi0=$IMG"
+  t create-file-sync $V create --sync "$M/cs.vma" "drive-scsi0=$IMG"
   t create-s3 $V create "s3://bench/c$r.vma" "drive-scsi0=$IMG"
   t put-s3 put "$M/c.vma" "put$r"
   t convert-file conv "$M/conv.vma.zst"
   t convert-s3 conv s3://bench/conv.vma.zst
+  t get-s3 get conv.vma.zst
 done | tee "$M/times"
-ls -l "$M/c.vma"
+ls -l "$M/c.vma" "$M/conv.vma.zst"
 python3 - "$M/times" "$SIZE" <<'EOF'
 import statistics, sys
 t = {}
@@ -75,19 +102,25 @@ for line in open(sys.argv[1]):
     t.setdefault(n, []).append(float(s))
 m = {n: statistics.median(v) for n, v in t.items()}
 mib = int(sys.argv[2])
-for n in ("create-file", "create-s3", "put-s3"):
+for n in ("create-file", "create-file-sync", "create-s3", "put-s3"):
     print(f"{n}: median {m[n]:.2f} s, {mib / m[n]:.0f} MiB/s of disk")
-print(f"create: s3 throughput / file throughput = {m['create-file'] / m['create-s3']:.2f}")
-print(f"create: s3 throughput / curl's one PUT of the finished archive = {m['put-s3'] / m['create-s3']:.2f}")
-print(f"convert: s3 time / file time = {m['convert-s3'] / m['convert-file']:.2f} (median {m['convert-s3']:.2f} s vs {m['convert-file']:.2f} s)")
+r = lambda a, b: m[a] / m[b]
+print(f"create: s3 throughput / file throughput = {r('create-file', 'create-s3'):.2f} "
+      f"(/ file --sync: {r('create-file-sync', 'create-s3'):.2f})")
+print(f"create: s3 throughput / curl's one PUT of the finished archive = {r('put-s3', 'create-s3'):.2f}")
+print(f"create: curl's one PUT / vma create to a file = {r('create-file', 'put-s3'):.2f} "
+      f"(/ file --sync: {r('create-file-sync', 'put-s3'):.2f}): the server's own ceiling")
+print(f"convert: s3 time / file time = {r('convert-s3', 'convert-file'):.2f} "
+      f"(median {m['convert-s3']:.2f} s vs {m['convert-file']:.2f} s; "
+      f"curl GET of the object {m['get-s3']:.2f} s)")
 EOF
 
 # verify --quick of a QUICK_MIB archive: requests counted in the server's log.
 head -c "$((QUICK << 20))" /dev/urandom > "$M/big.raw"
-AWS_ENDPOINT_URL=$MOTO_URL $V create s3://bench/big.vma "drive-scsi0=$M/big.raw"
+moto $V create s3://bench/big.vma "drive-scsi0=$M/big.raw"
 rm -f "$M/big.raw"
 before=$(grep -c '" [0-9][0-9][0-9] ' "$M/moto.log" || true)
-AWS_ENDPOINT_URL=$MOTO_URL t verify-quick-s3 $V verify --quick s3://bench/big.vma
+moto t verify-quick-s3 $V verify --quick s3://bench/big.vma
 sleep 1  # werkzeug logs a request just after answering it
 after=$(grep -c '" [0-9][0-9][0-9] ' "$M/moto.log" || true)
 echo "verify --quick of a $QUICK MiB archive: $((after - before)) requests"
