@@ -9,7 +9,7 @@ use std::io::Write;
 use common::{extents, patch_extent, CountingReadAt};
 use vma_format::extent_index::{self, IndexExtent, IndexKind};
 use vma_format::integrity::SealHasher;
-use vma_format::{ArchiveHeader, ExtentHeader, VMA_CLUSTER_SIZE, VMA_EXTENT_HEADER_SIZE};
+use vma_format::{ArchiveHeader, ExtentHeader, Uuid, VMA_CLUSTER_SIZE, VMA_EXTENT_HEADER_SIZE};
 use vma_reader::{verify, Error, ExtentIndexStatus, SealStatus, SeekableArchive, VerifyOptions};
 use vma_writer::{Builder, ZstdOptions, ZstdWriter};
 
@@ -189,17 +189,9 @@ fn a_copy_altered_with_its_index_extent_md5_is_an_error_at_open() {
 #[test]
 fn an_altered_copy_with_a_valid_md5_fails_the_seal_at_open() {
     let mut bytes = archive(10, true);
-    let (total, start) = index_of(&bytes);
-    let mut copies = copies_of(&bytes);
+    let (_, start) = index_of(&bytes);
     // The data checksum entry of copy 3, re-encoded with a valid MD5.
-    let mut e = ExtentHeader::decode(&copies[3]).unwrap();
-    e.blockinfo[vma_format::integrity::CHECKSUM_SLOT].cluster ^= 1;
-    copies[3] = e.encode();
-    let index = extent_index::encode(e.uuid, &copies).unwrap();
-    assert_eq!(index.len() as u64, total);
-    for (i, x) in index.iter().enumerate() {
-        bytes[start + i * H..start + (i + 1) * H].copy_from_slice(x);
-    }
+    alter_copy(&mut bytes, 3);
     let err = open_counted(&bytes).0.unwrap_err();
     assert!(matches!(err, Error::SealMismatch { .. }), "{err}");
     // The streaming reader sees both: the copies differ, and so does the seal.
@@ -229,6 +221,23 @@ fn copies_of(bytes: &[u8]) -> Vec<[u8; 512]> {
     extent_index::decode(&x).unwrap()
 }
 
+/// Flips a cluster number in the data checksum entry of the index's copy `n`, re-encodes
+/// the copy (a valid MD5) and writes the index back in place; the copies now held, and
+/// the archive's uuid.
+fn alter_copy(bytes: &mut [u8], n: usize) -> (Vec<[u8; 512]>, Uuid) {
+    let (total, start) = index_of(bytes);
+    let mut copies = copies_of(bytes);
+    let mut e = ExtentHeader::decode(&copies[n]).unwrap();
+    e.blockinfo[vma_format::integrity::CHECKSUM_SLOT].cluster ^= 1;
+    copies[n] = e.encode();
+    let index = extent_index::encode(e.uuid, &copies).unwrap();
+    assert_eq!(index.len() as u64, total);
+    for (i, x) in index.iter().enumerate() {
+        bytes[start + i * H..start + (i + 1) * H].copy_from_slice(x);
+    }
+    (copies, e.uuid)
+}
+
 /// Rewrites the seal of `bytes` (the last 512) to hold for what precedes it.
 fn reseal(bytes: &mut [u8]) {
     let header = ArchiveHeader::decode(bytes).unwrap();
@@ -249,17 +258,7 @@ fn reseal(bytes: &mut [u8]) {
 fn copies_that_differ_from_the_headers_under_a_good_seal_are_found_by_verify() {
     let mut bytes = archive(10, true);
     let (_, start) = index_of(&bytes);
-    let mut copies = copies_of(&bytes);
-    let mut e = ExtentHeader::decode(&copies[4]).unwrap();
-    e.blockinfo[vma_format::integrity::CHECKSUM_SLOT].cluster ^= 1;
-    copies[4] = e.encode();
-    for (i, x) in extent_index::encode(e.uuid, &copies)
-        .unwrap()
-        .iter()
-        .enumerate()
-    {
-        bytes[start + i * H..start + (i + 1) * H].copy_from_slice(x);
-    }
+    let (copies, uuid) = alter_copy(&mut bytes, 4);
     // A seal computed over the copies in the place of the headers, as whoever rewrites
     // an archive can make one (a seal is not a signature).
     let header_size = ArchiveHeader::header_size_from_prefix(&bytes).unwrap();
@@ -271,7 +270,7 @@ fn copies_that_differ_from_the_headers_under_a_good_seal_are_found_by_verify() {
     for x in bytes[start..n - H].chunks(H) {
         hasher.extent(x);
     }
-    let seal = hasher.seal().to_extent(e.uuid).encode();
+    let seal = hasher.seal().to_extent(uuid).encode();
     bytes[n - H..].copy_from_slice(&seal);
     let vma = open_counted(&bytes).0.unwrap();
     assert!(matches!(
