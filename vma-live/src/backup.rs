@@ -177,6 +177,9 @@ pub struct DriveReport {
     /// Requests that did not start where the previous one ended (parallel
     /// copies overtaking each other, copy-before-write pushes).
     pub non_sequential: u64,
+    /// Copy-before-write pushes (guest writes that waited for one), when they
+    /// had an export of their own (with [`BackupOptions::cbw_buffer`]).
+    pub pushes: Option<u64>,
 }
 
 /// How consistent the archive's filesystems are.
@@ -224,7 +227,14 @@ pub struct BackupReport {
     pub qemu_version: String,
     /// One entry per drive, in archive order.
     pub drives: Vec<DriveReport>,
-    /// From the transaction to the last job's end.
+    /// The instant the archive holds: when the guest went on with our
+    /// copy-before-write filters attached (it is paused while they are), or,
+    /// with QEMU's own filter, when the transaction returned.
+    pub snapshot: Instant,
+    /// When the backup started the transaction (with our filters: when it
+    /// started attaching them).
+    pub copy_start: Instant,
+    /// From `copy_start` to the last job's end.
     pub copy_time: Duration,
     /// From the transaction to the archive's final rename (fsynced).
     pub durable_time: Duration,
@@ -262,19 +272,20 @@ impl fmt::Display for BackupReport {
         )?;
         writeln!(
             f,
-            "  {:<16} {:>11} {:>11} {:>11} {:>11} {:>9}",
-            "device", "size MiB", "copied MiB", "stored MiB", "zero MiB", "non-seq"
+            "  {:<16} {:>11} {:>11} {:>11} {:>11} {:>9} {:>9}",
+            "device", "size MiB", "copied MiB", "stored MiB", "zero MiB", "non-seq", "pushes"
         )?;
         for d in &self.drives {
             writeln!(
                 f,
-                "  {:<16} {:>11.1} {:>11.1} {:>11.1} {:>11.1} {:>9}",
+                "  {:<16} {:>11.1} {:>11.1} {:>11.1} {:>11.1} {:>9} {:>9}",
                 d.drive.device_name,
                 mib(d.drive.size),
                 mib(d.data_bytes + d.zero_request_bytes),
                 mib(d.stored_bytes),
                 mib(d.zero_bytes),
                 d.non_sequential,
+                d.pushes.map_or("-".to_string(), |n| n.to_string()),
             )?;
         }
         let secs = self.copy_time.as_secs_f64().max(1e-9);
@@ -454,6 +465,7 @@ pub fn run_backup(opts: &BackupOptions) -> Result<BackupReport, Error> {
             zero_bytes: dev.zero_bytes,
             requests: c.requests.load(Ordering::Relaxed),
             non_sequential: c.non_sequential.load(Ordering::Relaxed),
+            pushes: copied.buffered.then(|| c.pushes.load(Ordering::Relaxed)),
         })
         .collect();
     Ok(BackupReport {
@@ -461,6 +473,8 @@ pub fn run_backup(opts: &BackupOptions) -> Result<BackupReport, Error> {
         archive_bytes,
         qemu_version,
         drives: reports,
+        snapshot: copied.snapshot,
+        copy_start: copied.copy_start,
         copy_time: copied.copy_time,
         durable_time: copied.copy_start.elapsed(),
         total_time: started.elapsed(),
@@ -554,6 +568,7 @@ fn serve_and_copy(
     let mut result = add_targets(qmp, opts, drives, &targets, &sock, &mut undo);
     let mut copy_time = Duration::ZERO;
     let mut copy_start = Instant::now();
+    let mut snapshot = copy_start;
     let mut warnings = Vec::new();
     let mut consistency = not_frozen(opts);
     if result.is_ok() {
@@ -572,6 +587,7 @@ fn serve_and_copy(
         result = run_jobs(opts, qmp, graph, latch, progress.as_ref()).map(|s| {
             // The copy starts with the transaction, not with the freeze before it.
             copy_start = s.at;
+            snapshot = s.snapshot;
             consistency = s.consistency;
             warnings.extend(s.warnings);
         });
@@ -591,6 +607,7 @@ fn serve_and_copy(
     } else {
         drop(drain);
     }
+    let buffered = buffer.is_some();
     let push_peak = buffer.map_or(0, |b| b.peak());
     result?;
     // Every job completed, so every byte was received and acknowledged: a
@@ -608,7 +625,9 @@ fn serve_and_copy(
     }
     Ok(Copied {
         counters,
+        buffered,
         push_peak,
+        snapshot,
         copy_start,
         copy_time,
         consistency,
@@ -625,8 +644,11 @@ fn push_export(d: &Drive) -> String {
 /// What a successful copy leaves for the report.
 struct Copied {
     counters: Vec<Arc<Counters>>,
+    /// Whether pushes went through a buffer (and an export) of their own.
+    buffered: bool,
     /// The most bytes of pushes the buffer held at once.
     push_peak: u64,
+    snapshot: Instant,
     copy_start: Instant,
     copy_time: Duration,
     consistency: Consistency,
@@ -702,8 +724,9 @@ fn device_path(d: &Drive) -> Result<String, Error> {
 /// Puts our `copy-before-write` filter between each guest device and its
 /// drive, and a `snapshot-access` node over each filter. The snapshot of
 /// every drive is taken as its filter is attached; a running VM is paused
-/// for that (`stop` drains its I/O), and resumed whatever happened.
-fn insert_filters(qmp: &mut Qmp, graph: &mut Graph<'_>, secs: u32) -> Result<(), Error> {
+/// for that (`stop` drains its I/O), and resumed whatever happened. Returns
+/// when the guest went on with its filters attached.
+fn insert_filters(qmp: &mut Qmp, graph: &mut Graph<'_>, secs: u32) -> Result<Instant, Error> {
     let status = qmp.execute("query-status", Value::Null)?;
     let running = status.get("running").and_then(Value::as_bool) == Some(true);
     // Counted before the `stop` is sent, uncounted after the `cont` answered.
@@ -739,16 +762,20 @@ fn insert_filters(qmp: &mut Qmp, graph: &mut Graph<'_>, secs: u32) -> Result<(),
     } else {
         Ok(())
     };
+    let snapshot = Instant::now();
     drop(paused);
     attached?;
     resumed?;
     for t in graph.targets {
-        let args =
-            json!({ "driver": "snapshot-access", "node-name": t.snapshot, "file": t.filter });
+        // `discard: unmap`, or the job's `discard-source` discards nothing
+        // (QEMU drops discards on a node without it) and the filter goes on
+        // pushing every cluster the guest writes first, copied or not.
+        let args = json!({ "driver": "snapshot-access", "node-name": t.snapshot,
+                           "file": t.filter, "discard": "unmap" });
         qmp.execute("blockdev-add", args)?;
         graph.undo.push(Undo::Del(t.snapshot.clone()));
     }
-    Ok(())
+    Ok(snapshot)
 }
 
 #[derive(Debug)]
@@ -833,8 +860,11 @@ struct Started {
     consistency: Consistency,
     /// A failed thaw, say.
     warnings: Vec<String>,
-    /// When the transaction was sent.
+    /// When the transaction was sent (with our filter: when it was being
+    /// attached, before it).
     at: Instant,
+    /// The instant the archive holds ([`BackupReport::snapshot`]).
+    snapshot: Instant,
 }
 
 /// The consistency of a backup that froze nothing (yet).
@@ -858,24 +888,26 @@ fn start_jobs_frozen(
 ) -> Result<Started, Error> {
     let mut warnings = Vec::new();
     let Some(path) = &opts.guest_agent else {
-        let at = start_jobs(opts, qmp, graph)?;
+        let (at, snapshot) = start_jobs(opts, qmp, graph)?;
         let consistency = not_frozen(opts);
         return Ok(Started {
             consistency,
             warnings,
             at,
+            snapshot,
         });
     };
     let agent = match GuestAgent::connect(path, agent::SYNC_TIMEOUT) {
         Ok(a) => a,
         Err(e) => {
-            let at = start_jobs(opts, qmp, graph)?;
+            let (at, snapshot) = start_jobs(opts, qmp, graph)?;
             let reason = format!("{e}; no freeze");
             let consistency = Consistency::CrashConsistent { reason };
             return Ok(Started {
                 consistency,
                 warnings,
                 at,
+                snapshot,
             });
         }
     };
@@ -893,8 +925,8 @@ fn start_jobs_frozen(
              (thaw them with guest-fsfreeze-thaw)"
         ));
     }
-    let at = match started {
-        Some(at) => at?,
+    let (at, snapshot) = match started {
+        Some(times) => times?,
         None => start_jobs(opts, qmp, graph)?,
     };
     let consistency = match filesystems {
@@ -911,19 +943,22 @@ fn start_jobs_frozen(
         consistency,
         warnings,
         at,
+        snapshot,
     })
 }
 
 /// One `transaction` of `blockdev-backup` actions with grouped completion.
+/// Returns when it was started, and the instant of the snapshot.
 fn start_jobs(
     opts: &BackupOptions,
     qmp: &mut Qmp,
     graph: &mut Graph<'_>,
-) -> Result<Instant, Error> {
+) -> Result<(Instant, Instant), Error> {
     let at = Instant::now();
-    if let Some(secs) = opts.cbw_timeout {
-        insert_filters(qmp, graph, secs)?;
-    }
+    let filtered = match opts.cbw_timeout {
+        Some(secs) => Some(insert_filters(qmp, graph, secs)?),
+        None => None,
+    };
     let actions: Vec<Value> = graph
         .drives
         .iter()
@@ -960,7 +995,7 @@ fn start_jobs(
             "properties": { "completion-mode": "grouped" },
         }),
     )?;
-    Ok(at)
+    Ok((at, filtered.unwrap_or_else(Instant::now)))
 }
 
 /// Why the running jobs must be cancelled now, if they must.

@@ -133,6 +133,9 @@ pub struct Counters {
     pub non_sequential: AtomicU64,
     /// `NBD_CMD_FLUSH` requests.
     pub flushes: AtomicU64,
+    /// Write requests that came to the push export ([`DriveExport::pushes`]):
+    /// copy-before-write pushes, each a guest write that waited for it.
+    pub pushes: AtomicU64,
     last_end: AtomicU64,
 }
 
@@ -221,6 +224,13 @@ impl DriveExport {
         }
     }
 
+    fn note(&self, offset: u64, end: u64) {
+        self.counters.note(offset, end);
+        if self.buffer.is_some() {
+            self.counters.pushes.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// Claims the clusters of `offset..offset + len`; returns the runs of
     /// clusters not claimed before, as byte ranges (relative to `offset`).
     fn claim(&self, offset: u64, len: u64) -> Vec<(u64, u64)> {
@@ -297,7 +307,7 @@ impl Export for DriveExport {
             std::thread::sleep(d);
         }
         let len = data.len() as u64;
-        self.counters.note(offset, offset + len);
+        self.note(offset, offset + len);
         self.store(offset, len, || {
             for (at, n) in self.claim(offset, len) {
                 let piece = usize::try_from(at)
@@ -317,7 +327,7 @@ impl Export for DriveExport {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.counters.note(offset, offset + len);
+        self.note(offset, offset + len);
         self.store(offset, len, || {
             for (at, n) in self.claim(offset, len) {
                 match &self.buffer {
@@ -671,6 +681,10 @@ mod tests {
             ]
         );
         assert_eq!(buffer.peak(), 2 * CLUSTER);
+        // Four pushes, and five requests in all.
+        let c = copy.counters();
+        assert_eq!(c.pushes.load(Ordering::Relaxed), 4);
+        assert_eq!(c.requests.load(Ordering::Relaxed), 5);
     }
 
     #[test]
