@@ -4,9 +4,13 @@
  *
  * Writes 4 KiB blocks with O_DIRECT at random offsets of DEVICE's blocks
  * FIRST_BLOCK .. FIRST_BLOCK + BLOCKS - 1, sleeping INTERVAL_US between writes, and
- * times each pwrite with CLOCK_MONOTONIC. Prints "vmalb: probe N" (writes so far) once a
- * second; on SIGUSR1, "vmalb: lat n=.. p50=.. p99=.. max=.." in microseconds over the
- * writes since the previous report. */
+ * times each pwrite with CLOCK_MONOTONIC. Write number N (counted from 0) fills its block
+ * with N's low byte after the text "probe N", so a copy of the disk tells which writes it
+ * holds. Prints "vmalb: probe N" (writes so far) once a second. On SIGUSR1 it reports the
+ * writes since the previous report: first each write as "T,B,L" (hex: its start in µs
+ * since the probe started, its block, its time in µs), 16 to a "vmalb: w ..." line, then
+ * "vmalb: lat n=.. first=.. p50=.. p99=.. max=.." (µs; first: the number of the first
+ * of those writes). */
 #define _GNU_SOURCE
 #include <fcntl.h>
 #include <signal.h>
@@ -16,8 +20,9 @@
 #include <time.h>
 #include <unistd.h>
 
-#define MAX_SAMPLES 1000000
-static unsigned samples[MAX_SAMPLES];
+#define MAX_SAMPLES 400000
+static unsigned samples[MAX_SAMPLES], sorted[MAX_SAMPLES], blocks_of[MAX_SAMPLES];
+static unsigned long long starts[MAX_SAMPLES];
 static volatile sig_atomic_t want_report;
 
 static void on_usr1(int sig) { (void)sig; want_report = 1; }
@@ -27,13 +32,21 @@ static int cmp(const void *a, const void *b) {
     return x < y ? -1 : x > y;
 }
 
-static void report(size_t n) {
+static void report(size_t n, unsigned long long first) {
+    for (size_t i = 0; i < n; i++) {
+        printf("%s%llx,%x,%x", i % 16 == 0 ? "vmalb: w " : " ", starts[i], blocks_of[i],
+               samples[i]);
+        if (i % 16 == 15 || i == n - 1) {
+            printf("\n");
+        }
+    }
     if (n == 0) {
-        printf("vmalb: lat n=0\n");
+        printf("vmalb: lat n=0 first=%llu\n", first);
     } else {
-        qsort(samples, n, sizeof samples[0], cmp);
-        printf("vmalb: lat n=%zu p50=%u p99=%u max=%u\n", n, samples[n / 2],
-               samples[(n * 99) / 100], samples[n - 1]);
+        memcpy(sorted, samples, n * sizeof samples[0]);
+        qsort(sorted, n, sizeof sorted[0], cmp);
+        printf("vmalb: lat n=%zu first=%llu p50=%u p99=%u max=%u\n", n, first, sorted[n / 2],
+               sorted[(n * 99) / 100], sorted[n - 1]);
     }
     fflush(stdout);
 }
@@ -67,10 +80,11 @@ int main(int argc, char **argv) {
     sa.sa_handler = on_usr1;
     sigaction(SIGUSR1, &sa, NULL);
     unsigned seed = 16;
-    unsigned long long total = 0;
+    unsigned long long total = 0, reported = 0;
     size_t n = 0;
-    struct timespec t0, t1, last;
+    struct timespec t0, t1, last, origin;
     clock_gettime(CLOCK_MONOTONIC, &last);
+    origin = last;
     for (;;) {
         long long blk = first + (long long)(rand_r(&seed) % (unsigned long long)blocks);
         memset(buf, (int)(total & 0xff), 4096);
@@ -82,6 +96,8 @@ int main(int argc, char **argv) {
         }
         clock_gettime(CLOCK_MONOTONIC, &t1);
         if (n < MAX_SAMPLES) {
+            starts[n] = (unsigned long long)us_between(&origin, &t0);
+            blocks_of[n] = (unsigned)blk;
             samples[n++] = (unsigned)us_between(&t0, &t1);
         }
         total++;
@@ -92,8 +108,14 @@ int main(int argc, char **argv) {
         }
         if (want_report) {
             want_report = 0;
-            report(n);
+            if (total - reported > n) {
+                printf("vmalb: FATAL probe: %llu writes since the last report, %zu kept\n",
+                       total - reported, n);
+                fflush(stdout);
+            }
+            report(n, reported);
             n = 0;
+            reported = total;
         }
         if (interval > 0) {
             usleep((useconds_t)interval);

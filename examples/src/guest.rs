@@ -171,6 +171,25 @@ impl Console {
         }
     }
 
+    /// Like [`Console::wait_for`]; also returns the lines before that one
+    /// (since the previous line waited for) that start with `keep`.
+    pub fn wait_for_keeping(
+        &mut self,
+        start: &str,
+        keep: &str,
+        timeout: Duration,
+    ) -> Result<(String, Vec<String>)> {
+        let from = self.cursor;
+        let line = self.wait_for(start, timeout)?;
+        let lines = self.lines.0.lock().map_err(|_| "console lock poisoned")?;
+        let kept = lines[from..self.cursor - 1]
+            .iter()
+            .filter(|l| l.starts_with(keep))
+            .cloned()
+            .collect();
+        Ok((line, kept))
+    }
+
     /// Waits until a `WORD N` line with N above `above` arrives; returns N.
     pub fn wait_count(&mut self, word: &str, above: u64, timeout: Duration) -> Result<u64> {
         let deadline = Instant::now() + timeout;

@@ -3,20 +3,30 @@
 //!
 //! The guest ([`crate::guest`]) boots with a data disk fully written with
 //! pseudo-random bytes and runs only its probe: a 4 KiB O_DIRECT write at a
-//! random offset of the disk's first half every 2 ms, each timed with
-//! CLOCK_MONOTONIC (so writes land on areas a running backup has and has not
-//! copied yet). In one run, phases back to back: no backup; QEMU's own
-//! `blockdev-backup` of the data disk into a raw file on the same filesystem;
-//! `vma-live-backup` of the data disk (with its copy-before-write filter,
-//! `--cbw-timeout` 5 s) with QEMU's `x-perf`, with and without its push
-//! buffer, at nice 0 and at its default nice 10, and then with fewer and
-//! smaller background copy requests (the `OURS` table of settings); no backup
-//! again. The
-//! probe reports p50, p99 and max per phase. Figures, not asserts.
+//! random offset of the disk every 2 ms, each timed with CLOCK_MONOTONIC, so
+//! writes land on areas a running backup has and has not copied yet. In one
+//! run, phases back to back: no backup; QEMU's own `blockdev-backup` of the
+//! data disk into a raw file on the same filesystem; `vma-live-backup` of the
+//! data disk (with its copy-before-write filter, `--cbw-timeout` 5 s) with
+//! QEMU's `x-perf`, with and without its push buffer, at nice 0 and at its
+//! default nice 10, and then with fewer and smaller background copy requests
+//! (the `OURS` table of settings); no backup again. Each backup setting runs
+//! `rounds` times and its writes are pooled.
+//!
+//! The probe reports every write (start, block, time). The writes made while
+//! a copy ran are sorted by where they went ([`Split::classify`]): to a
+//! cluster the copy had not reached (the write waits for copy-before-write),
+//! or to one already copied. Where the copy stood comes from the job's
+//! progress, polled on the control socket; when the copy started, in the
+//! guest's writes, from the copy itself, which holds exactly the writes
+//! before its instant ([`Probed::first_after`]). p50, p99 and max per phase
+//! and per side. Figures, not asserts.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::io::Write;
-use std::path::Path;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -131,9 +141,31 @@ const fn xperf(max_workers: u32, max_chunk: u64) -> XPerf {
 }
 
 /// How long each phase without a backup lasts.
+/// How long each phase without a backup lasts.
 const IDLE: Duration = Duration::from_secs(5);
 
-/// The probe's figures over one phase, in microseconds.
+/// How long a backup starts after the probe's report: so that the copy's
+/// instant falls between two writes of the next report.
+const SETTLE: Duration = Duration::from_millis(100);
+
+/// How often the backup job's progress is polled while it runs.
+const POLL: Duration = Duration::from_millis(10);
+
+/// The granularity of copy-before-write: a guest write to a cluster the copy
+/// has not reached waits until the cluster's old data is copied.
+const CLUSTER: u64 = 64 << 10;
+
+/// The probe's block size.
+const BLOCK: u64 = 4096;
+
+/// QEMU's own `x-perf`: up to 64 copy requests of 1 MiB in flight.
+const QEMU_IN_FLIGHT: u64 = 64 << 20;
+
+/// How long the probe may take to report: its writes go out over the serial
+/// console, a 40 s phase's 20,000 of them as 400 KB.
+const REPORT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The probe's figures over a set of writes, in microseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Latency {
     /// Writes timed.
@@ -147,22 +179,306 @@ pub struct Latency {
 }
 
 impl Latency {
-    /// Parses the probe's `lat n=N p50=A p99=B max=C`.
+    /// Parses the probe's `lat n=N first=F p50=A p99=B max=C`.
     pub fn parse(line: &str) -> Option<Latency> {
-        let field = |k: &str| {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(k)?.strip_prefix('=')?.parse().ok())
-        };
-        let writes = field("n")?;
+        let writes = field(line, "n")?;
         if writes == 0 {
             return Some(Latency::default());
         }
         Some(Latency {
             writes,
-            p50: field("p50")?,
-            p99: field("p99")?,
-            max: field("max")?,
+            p50: field(line, "p50")?,
+            p99: field(line, "p99")?,
+            max: field(line, "max")?,
         })
+    }
+
+    /// The figures of `times` (µs), computed as the probe computes its own.
+    pub fn of(mut times: Vec<u64>) -> Latency {
+        times.sort_unstable();
+        let n = times.len();
+        match times.last() {
+            None => Latency::default(),
+            Some(&max) => Latency {
+                writes: n as u64,
+                p50: times[n / 2],
+                p99: times[n * 99 / 100],
+                max,
+            },
+        }
+    }
+}
+
+/// The number in `key=N` of a probe line.
+fn field(line: &str, key: &str) -> Option<u64> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+}
+
+/// One write the probe timed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProbeWrite {
+    /// When it started, in µs since the probe started (the guest's clock).
+    pub start_us: u64,
+    /// The 4 KiB block it wrote.
+    pub block: u64,
+    /// How long it took, in µs.
+    pub time_us: u64,
+}
+
+/// What the probe reported of its writes since its previous report.
+#[derive(Debug, Clone, Default)]
+pub struct Probed {
+    /// Its own figures over them.
+    pub latency: Latency,
+    /// The number of the first of them (the probe numbers its writes from 0,
+    /// and writes "probe N" into write N's block).
+    pub first: u64,
+    /// Each write, in order.
+    pub writes: Vec<ProbeWrite>,
+}
+
+impl Probed {
+    /// Parses the probe's report: its `w T,B,L ...` lines (hex) and its `lat`
+    /// line. The writes must be as many as the `lat` line counts.
+    pub fn parse(lat_line: &str, write_lines: &[String]) -> Result<Probed> {
+        let bad = |what: &str| format!("the probe's report: {what}");
+        let latency = Latency::parse(lat_line).ok_or_else(|| bad(lat_line))?;
+        let first = field(lat_line, "first").ok_or_else(|| bad(lat_line))?;
+        let mut writes = Vec::with_capacity(write_lines.len() * 16);
+        for line in write_lines {
+            for record in line.split_whitespace().skip(1) {
+                let mut f = record.split(',').map(|x| u64::from_str_radix(x, 16));
+                match (f.next(), f.next(), f.next(), f.next()) {
+                    (Some(Ok(start_us)), Some(Ok(block)), Some(Ok(time_us)), None) => {
+                        writes.push(ProbeWrite {
+                            start_us,
+                            block,
+                            time_us,
+                        })
+                    }
+                    _ => return Err(bad(record).into()),
+                }
+            }
+        }
+        if writes.len() as u64 != latency.writes {
+            return Err(bad(&format!(
+                "{} writes listed, {} counted (console lines lost?)",
+                writes.len(),
+                latency.writes
+            ))
+            .into());
+        }
+        Ok(Probed {
+            latency,
+            first,
+            writes,
+        })
+    }
+
+    /// The index of the first write a copy of the disk taken meanwhile does
+    /// not hold: the first after the copy's instant. `read` reads the copy
+    /// (`buf.len()` bytes at an offset). Each write's block begins with its
+    /// number, so the copy holds, of these writes, those up to its instant;
+    /// the probe writes one block at a time.
+    pub fn first_after(&self, read: impl Fn(&mut [u8], u64) -> Result<()>) -> Result<usize> {
+        let mut blocks: Vec<u64> = self.writes.iter().map(|w| w.block).collect();
+        blocks.sort_unstable();
+        blocks.dedup();
+        let ours = self.first..self.first + self.writes.len() as u64;
+        let mut last = None;
+        let mut head = [0u8; 32];
+        for b in blocks {
+            read(&mut head, b * BLOCK)?;
+            if let Some(n) = write_number(&head).filter(|n| ours.contains(n)) {
+                last = last.max(Some(n));
+            }
+        }
+        // `last` is in `ours`, so the index fits.
+        Ok(last.map_or(0, |n| (n - self.first + 1) as usize))
+    }
+}
+
+/// The number in a probe block's `probe N`.
+fn write_number(head: &[u8]) -> Option<u64> {
+    let rest = head.strip_prefix(b"probe ")?;
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()
+}
+
+/// What the host saw of one backup's copy.
+#[derive(Debug, Clone)]
+pub struct CopyTrace {
+    /// The instant the copy holds, on the host's clock: when
+    /// `blockdev-backup` returned, or [`vma_live::BackupReport::snapshot`].
+    pub start: Instant,
+    /// From then to the job's end.
+    pub time: Duration,
+    /// The job's progress, polled every [`POLL`] while it ran.
+    pub progress: Vec<Poll>,
+    /// The disk's size.
+    pub size: u64,
+    /// The most bytes the job copies at once (parallel requests × their size).
+    pub in_flight: u64,
+    /// Whether the job's progress counts the copy-before-write copies, which
+    /// its background copy then skips: so with QEMU's own filter, which shares
+    /// the job's copy state. Not with ours: the job copies every cluster from
+    /// the snapshot, pushed or not, and its progress is its own.
+    pub counts_pushes: bool,
+}
+
+/// One look at a backup job's progress.
+#[derive(Debug, Clone, Copy)]
+pub struct Poll {
+    /// When the query was sent.
+    pub sent: Instant,
+    /// When its answer came.
+    pub answered: Instant,
+    /// The bytes the job had copied, at some time between the two.
+    pub bytes: u64,
+}
+
+/// The writes a guest made while a backup's copy ran, by where they went.
+#[derive(Debug, Clone, Default)]
+pub struct Split {
+    /// Times (µs) of writes to clusters the copy had not reached yet: each
+    /// waited until its cluster's old data was copied (copy-before-write), or
+    /// for the copy of it already under way.
+    pub ahead: Vec<u64>,
+    /// Times of writes to clusters already copied (by the background copy,
+    /// or by an earlier write's copy-before-write): nothing to wait for.
+    pub behind: Vec<u64>,
+    /// First writes to a cluster so near the copy's front that the polled
+    /// progress cannot tell which side it was on.
+    pub unsure: u64,
+}
+
+impl Split {
+    /// Sorts the writes of `probed` from its `index`th (the first after the
+    /// copy's instant: [`Probed::first_after`]) to the copy's end.
+    ///
+    /// A write to a cluster written before during the copy is behind it. For
+    /// a first write, the polled progress P places the copy's front F. QEMU
+    /// copies in ascending order with up to `in_flight` bytes under way. With
+    /// our filter P is the bytes the job copied, so F ≤ P + `in_flight`: the
+    /// cluster is ahead if its start is at or past P (the first poll after
+    /// the write's start) + `in_flight`; behind if its end + `in_flight` is
+    /// below P (the last poll before the write), on the assumption that
+    /// copies end roughly in the order they start, so that none still under
+    /// way is more than `in_flight` bytes behind the front. With QEMU's own
+    /// filter P also counts the clusters copied before write, which the job
+    /// skips: F ≤ P + `in_flight` − C(F), C(x) being the bytes copied before
+    /// write at or past x; so the cluster's start x is ahead if x + C(x) ≥ P +
+    /// `in_flight`, C counting the writes found ahead so far, and its end y is
+    /// behind if y + C(y) + `in_flight` < P, C counting every first write not
+    /// found behind (all that may have been copied before write). The rest:
+    /// unsure. The host's clock is set against the guest's at the copy's
+    /// instant, which fell between write `index - 1`'s end and write
+    /// `index`'s start.
+    pub fn classify(probed: &Probed, index: usize, trace: &CopyTrace) -> Split {
+        let mut split = Split::default();
+        let w = &probed.writes;
+        let Some(next) = w.get(index) else {
+            return split;
+        };
+        // The instant, by the guest's clock, within `slack` of `tx`. (The guest's
+        // clock stands still while the VM is paused for our filters.)
+        let (tx, slack) = match index.checked_sub(1).map(|i| &w[i]) {
+            Some(prev) => {
+                let prev_end = prev.start_us + prev.time_us;
+                let gap = next.start_us.saturating_sub(prev_end);
+                (prev_end + gap / 2, gap.div_ceil(2))
+            }
+            // Before the first write the probe reported: no telling how long before.
+            None => (next.start_us, u64::MAX / 4),
+        };
+        let guest_us = |at: Instant| {
+            let d = at.saturating_duration_since(trace.start).as_micros();
+            tx.saturating_add(u64::try_from(d).unwrap_or(u64::MAX / 4))
+        };
+        let end = tx.saturating_add(u64::try_from(trace.time.as_micros()).unwrap_or(0));
+        // (sent, answered, bytes) by the guest's clock.
+        let polls: Vec<(u64, u64, u64)> = trace
+            .progress
+            .iter()
+            .map(|p| (guest_us(p.sent), guest_us(p.answered), p.bytes))
+            .collect();
+        let clusters = trace.size.div_ceil(CLUSTER) as usize;
+        // Clusters copied before write: surely (ahead), and maybe (ahead or unsure).
+        let (mut surely, mut maybe) = (Fenwick::new(clusters), Fenwick::new(clusters));
+        let mut written = HashSet::new();
+        for wr in w[index..].iter().take_while(|wr| wr.start_us < end) {
+            let cluster = wr.block * BLOCK / CLUSTER;
+            if !written.insert(cluster) {
+                split.behind.push(wr.time_us);
+                continue;
+            }
+            // Progress at the write's start: at least what a poll answered
+            // before it, at most what one sent after it saw.
+            let start = wr.start_us;
+            let i = polls.partition_point(|p| p.1.saturating_add(slack) <= start);
+            let before = i.checked_sub(1).map_or(0, |i| polls[i].2);
+            let j = polls.partition_point(|p| p.0 < start.saturating_add(slack));
+            let after = polls.get(j).map_or(trace.size, |p| p.2);
+            let (from, to) = (cluster * CLUSTER, (cluster + 1) * CLUSTER);
+            let at = cluster as usize;
+            let (surely_past, maybe_past) = if trace.counts_pushes {
+                (surely.from(at) * CLUSTER, maybe.from(at + 1) * CLUSTER)
+            } else {
+                (0, 0)
+            };
+            if from + surely_past >= after + trace.in_flight {
+                split.ahead.push(wr.time_us);
+                surely.add(at);
+                maybe.add(at);
+            } else if to + maybe_past + trace.in_flight < before {
+                split.behind.push(wr.time_us);
+            } else {
+                split.unsure += 1;
+                maybe.add(at);
+            }
+        }
+        split
+    }
+
+    fn extend(&mut self, other: Split) {
+        self.ahead.extend(other.ahead);
+        self.behind.extend(other.behind);
+        self.unsure += other.unsure;
+    }
+}
+
+/// Counts per cluster, summed over every cluster from a given one on.
+struct Fenwick(Vec<u64>);
+
+impl Fenwick {
+    fn new(len: usize) -> Fenwick {
+        Fenwick(vec![0; len + 1])
+    }
+
+    /// Counts one for cluster `at` (clusters past the end are not counted).
+    fn add(&mut self, at: usize) {
+        let mut i = at + 1;
+        while i < self.0.len() {
+            self.0[i] += 1;
+            i += i & i.wrapping_neg();
+        }
+    }
+
+    /// The counts of clusters below `at`.
+    fn below(&self, at: usize) -> u64 {
+        let mut i = at.min(self.0.len() - 1);
+        let mut sum = 0;
+        while i > 0 {
+            sum += self.0[i];
+            i &= i - 1;
+        }
+        sum
+    }
+
+    /// The counts of clusters `at` and on.
+    fn from(&self, at: usize) -> u64 {
+        self.below(self.0.len() - 1) - self.below(at)
     }
 }
 
@@ -171,12 +487,21 @@ impl Latency {
 pub struct Phase {
     /// What ran.
     pub name: &'static str,
-    /// How long the phase lasted (for a backup: transaction to job end).
+    /// How often (backups per setting).
+    pub rounds: u32,
+    /// How long it lasted (for backups: their copy times, summed).
     pub time: Duration,
-    /// The guest's writes meanwhile.
+    /// Every write the guest made meanwhile.
     pub latency: Latency,
+    /// Backups: the writes while the copy ran, to clusters not yet copied
+    /// and already copied, and how many could not be told.
+    pub split: Option<(Latency, Latency, u64)>,
     /// Our backups: the most bytes of pushes their buffer held at once.
     pub push_peak: Option<u64>,
+    /// Our backups with a push buffer: the copy-before-write pushes our
+    /// export received (a check on the split: at least the writes found
+    /// ahead of the copy, at most those and the unsure ones).
+    pub pushes: Option<u64>,
 }
 
 /// The figures `--measure-guest` prints.
@@ -188,12 +513,18 @@ pub struct GuestLatency {
     pub phases: Vec<Phase>,
 }
 
+fn ms(us: u64) -> String {
+    format!("{:.2} ms", us as f64 / 1000.0)
+}
+
 impl fmt::Display for GuestLatency {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mib = self.size as f64 / f64::from(1 << 20);
+        let rounds = self.phases.iter().map(|p| p.rounds).max().unwrap_or(1);
         writeln!(
             f,
-            "guest 4 KiB O_DIRECT write latency, {mib:.0} MiB data disk, TCG, one run:"
+            "guest 4 KiB O_DIRECT write latency, {mib:.0} MiB data disk, TCG, one run, \
+             {rounds} backup(s) per setting:"
         )?;
         writeln!(
             f,
@@ -202,12 +533,11 @@ impl fmt::Display for GuestLatency {
         writeln!(f, "|---|---|---|---|---|---|---|---|---|")?;
         for p in &self.phases {
             let secs = p.time.as_secs_f64().max(1e-9);
-            let rate = if p.name.starts_with("no backup") {
+            let rate = if p.split.is_none() {
                 "—".to_string()
             } else {
-                format!("{:.1}", mib / secs)
+                format!("{:.1}", mib * f64::from(p.rounds) / secs)
             };
-            let ms = |us: u64| format!("{:.2} ms", us as f64 / 1000.0);
             let peak = p.push_peak.map_or("—".to_string(), |b| {
                 format!("{:.1}", b as f64 / f64::from(1 << 20))
             });
@@ -222,12 +552,43 @@ impl fmt::Display for GuestLatency {
                 ms(p.latency.max)
             )?;
         }
+        writeln!(f)?;
+        writeln!(
+            f,
+            "writes while the copy ran, to clusters it had not reached (each waits for a \
+             copy-before-write) and to clusters already copied:"
+        )?;
+        writeln!(
+            f,
+            "| phase | not yet copied: writes | p50 | p99 | max | already copied: writes | p50 | p99 | max | could not tell | pushes our export received |"
+        )?;
+        writeln!(f, "|---|---|---|---|---|---|---|---|---|---|---|")?;
+        for p in &self.phases {
+            let Some((ahead, behind, unsure)) = &p.split else {
+                continue;
+            };
+            writeln!(
+                f,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {unsure} | {} |",
+                p.name,
+                ahead.writes,
+                ms(ahead.p50),
+                ms(ahead.p99),
+                ms(ahead.max),
+                behind.writes,
+                ms(behind.p50),
+                ms(behind.p99),
+                ms(behind.max),
+                p.pushes.map_or("—".to_string(), |n| n.to_string())
+            )?;
+        }
         Ok(())
     }
 }
 
-/// Runs the measurement with a data disk of `size_mib` MiB.
-pub fn run(size_mib: u64, cancel: Arc<AtomicBool>) -> Result<GuestLatency> {
+/// Runs the measurement with a data disk of `size_mib` MiB, `rounds`
+/// backups per setting.
+pub fn run(size_mib: u64, rounds: u32, cancel: Arc<AtomicBool>) -> Result<GuestLatency> {
     crate::qemu::run_tool(crate::qemu::QEMU_SYSTEM, &["--version"])?;
     let image = guest::image()?;
     let dir = tempfile::Builder::new()
@@ -247,7 +608,6 @@ pub fn run(size_mib: u64, cancel: Arc<AtomicBool>) -> Result<GuestLatency> {
     g.console.send("probe")?;
     g.console.wait_for("probing", guest::COMMAND_TIMEOUT)?;
     g.console.wait_for("probe ", guest::COMMAND_TIMEOUT)?;
-    let mut ctl = g.vm.control()?;
     let mut phases = Vec::new();
     let stop = |c: &AtomicBool| -> Result<()> {
         if c.load(Ordering::SeqCst) {
@@ -258,27 +618,103 @@ pub fn run(size_mib: u64, cancel: Arc<AtomicBool>) -> Result<GuestLatency> {
 
     phases.push(idle(&mut g, "no backup")?);
     stop(&cancel)?;
-    lat(&mut g)?;
-    let time = stock_backup(&mut ctl, dir.path(), size)?;
-    phases.push(Phase {
-        name: "stock blockdev-backup to a raw file",
-        time,
-        latency: lat(&mut g)?,
-        push_peak: None,
-    });
-    stop(&cancel)?;
-    for setting in OURS {
-        phases.push(ours(&mut g, setting, &cancel, dir.path())?);
+    let mut stock = Rounds::new("stock blockdev-backup to a raw file", rounds);
+    for _ in 0..rounds {
+        lat(&mut g)?;
+        thread::sleep(SETTLE);
+        let (trace, target) = stock_backup(&g, dir.path(), size)?;
+        let probed = lat(&mut g)?;
+        let file = std::fs::File::open(&target)?;
+        let index = probed.first_after(|buf, at| Ok(file.read_exact_at(buf, at)?))?;
+        stock.add(&probed, index, &trace, trace.time, None);
+        std::fs::remove_file(&target)?;
         stop(&cancel)?;
     }
+    phases.push(stock.phase());
+    for setting in OURS {
+        let mut ours = Rounds::new(setting.name, rounds);
+        for _ in 0..rounds {
+            our_backup(&mut g, setting, &cancel, dir.path(), size, &mut ours)?;
+            stop(&cancel)?;
+        }
+        phases.push(ours.phase());
+    }
     phases.push(idle(&mut g, "no backup again")?);
-    drop(ctl);
     g.poweroff()?;
     Ok(GuestLatency { size, phases })
 }
 
-/// One backup of the data disk by [`run_backup`] with `setting`.
-fn ours(g: &mut Guest, setting: &Setting, cancel: &Arc<AtomicBool>, dir: &Path) -> Result<Phase> {
+/// The writes of one setting's backups, pooled.
+struct Rounds {
+    name: &'static str,
+    rounds: u32,
+    time: Duration,
+    all: Vec<u64>,
+    split: Split,
+    push_peak: Option<u64>,
+    pushes: Option<u64>,
+}
+
+impl Rounds {
+    fn new(name: &'static str, rounds: u32) -> Rounds {
+        Rounds {
+            name,
+            rounds,
+            time: Duration::ZERO,
+            all: Vec::new(),
+            split: Split::default(),
+            push_peak: None,
+            pushes: None,
+        }
+    }
+
+    /// One backup's writes; `copy_time` for its throughput.
+    fn add(
+        &mut self,
+        probed: &Probed,
+        index: usize,
+        trace: &CopyTrace,
+        copy_time: Duration,
+        report: Option<&vma_live::BackupReport>,
+    ) {
+        self.time += copy_time;
+        if let Some(r) = report {
+            self.push_peak = self.push_peak.max(Some(r.push_buffer_peak));
+            if let Some(n) = r.drives.iter().map(|d| d.pushes).sum::<Option<u64>>() {
+                *self.pushes.get_or_insert(0) += n;
+            }
+        }
+        self.all.extend(probed.writes.iter().map(|w| w.time_us));
+        self.split.extend(Split::classify(probed, index, trace));
+    }
+
+    fn phase(self) -> Phase {
+        Phase {
+            name: self.name,
+            rounds: self.rounds,
+            time: self.time,
+            latency: Latency::of(self.all),
+            split: Some((
+                Latency::of(self.split.ahead),
+                Latency::of(self.split.behind),
+                self.split.unsure,
+            )),
+            push_peak: self.push_peak,
+            pushes: self.pushes,
+        }
+    }
+}
+
+/// One backup of the data disk by [`run_backup`] with `setting`, its job's
+/// progress polled on the control socket meanwhile.
+fn our_backup(
+    g: &mut Guest,
+    setting: &Setting,
+    cancel: &Arc<AtomicBool>,
+    dir: &Path,
+    size: u64,
+    rounds: &mut Rounds,
+) -> Result<()> {
     let archive = dir.join("vm.vma");
     let _ = std::fs::remove_file(&archive);
     let mut opts = BackupOptions::new(&g.vm.qmp_path, &archive);
@@ -289,45 +725,107 @@ fn ours(g: &mut Guest, setting: &Setting, cancel: &Arc<AtomicBool>, dir: &Path) 
     opts.bwlimit = setting.bwlimit;
     opts.cancel = Arc::clone(cancel);
     lat(g)?;
+    thread::sleep(SETTLE);
+    let mut ctl = g.vm.control()?;
+    let done = Arc::new(AtomicBool::new(false));
+    let polling = Arc::clone(&done);
+    let poller = thread::spawn(move || -> Result<Vec<Poll>> {
+        let mut progress = Vec::new();
+        while !polling.load(Ordering::SeqCst) {
+            if let Some(p) = poll(&mut ctl, None)? {
+                progress.push(p);
+            }
+            thread::sleep(POLL);
+        }
+        Ok(progress)
+    });
     let nice = setting.nice;
-    let report = thread::spawn(move || -> Result<_> {
+    let backup = thread::spawn(move || -> Result<_> {
         // As vma-live-backup does before starting its threads: this thread starts them.
         vma_live::lower_priority(nice)?;
         Ok(run_backup(&opts)?)
     })
-    .join()
-    .map_err(|_| "the backup thread panicked")??;
-    Ok(Phase {
-        name: setting.name,
-        time: report.copy_time,
-        latency: lat(g)?,
-        push_peak: Some(report.push_buffer_peak),
-    })
+    .join();
+    done.store(true, Ordering::SeqCst);
+    let progress = poller.join().map_err(|_| "the progress poller panicked")?;
+    let report = backup.map_err(|_| "the backup thread panicked")??;
+    let progress = progress?;
+    let probed = lat(g)?;
+    let vma = vma_reader::SeekableArchive::open(&archive)?;
+    let name = vma
+        .devices()
+        .first()
+        .ok_or("the archive holds no device")?
+        .name
+        .clone();
+    let device = vma.device(name.as_str())?;
+    let index = probed.first_after(|buf, at| {
+        if device.read_at(buf, at)? == buf.len() {
+            Ok(())
+        } else {
+            Err(format!("{}: short read at {at}", archive.display()).into())
+        }
+    })?;
+    let trace = CopyTrace {
+        start: report.snapshot,
+        time: (report.copy_start + report.copy_time).saturating_duration_since(report.snapshot),
+        progress,
+        size,
+        in_flight: setting
+            .x_perf
+            .map_or(QEMU_IN_FLIGHT, |x| u64::from(x.max_workers) * x.max_chunk),
+        counts_pushes: !setting.own_filter,
+    };
+    rounds.add(&probed, index, &trace, report.copy_time, Some(&report));
+    Ok(())
 }
 
-/// Asks the guest's write probe for its figures since the last ask.
-pub fn lat(g: &mut Guest) -> Result<Latency> {
+/// The progress of the backup job `id` (any backup job: `None`), or `None`
+/// if there is no such job.
+fn poll(ctl: &mut Qmp, id: Option<&str>) -> Result<Option<Poll>> {
+    let sent = Instant::now();
+    let jobs = ctl.execute("query-block-jobs", serde_json::Value::Null)?;
+    let answered = Instant::now();
+    let bytes = jobs.as_array().and_then(|jobs| {
+        jobs.iter()
+            .filter(|j| j.get("type").and_then(|t| t.as_str()) == Some("backup"))
+            .find(|j| id.is_none() || j.get("device").and_then(|d| d.as_str()) == id)
+            .and_then(|j| j.get("offset")?.as_u64())
+    });
+    Ok(bytes.map(|bytes| Poll {
+        sent,
+        answered,
+        bytes,
+    }))
+}
+
+/// Asks the guest's write probe for its writes since the last ask.
+pub fn lat(g: &mut Guest) -> Result<Probed> {
     g.console.send("lat")?;
-    let line = g.console.wait_for("lat ", guest::COMMAND_TIMEOUT)?;
-    Latency::parse(&line).ok_or_else(|| format!("the probe said {line:?}").into())
+    let (line, writes) = g.console.wait_for_keeping("lat ", "w ", REPORT_TIMEOUT)?;
+    Probed::parse(&line, &writes)
 }
 
 fn idle(g: &mut Guest, name: &'static str) -> Result<Phase> {
     lat(g)?;
     let start = Instant::now();
     thread::sleep(IDLE);
-    let latency = lat(g)?;
+    let probed = lat(g)?;
     Ok(Phase {
         name,
+        rounds: 1,
         time: start.elapsed(),
-        latency,
+        latency: probed.latency,
+        split: None,
         push_peak: None,
+        pushes: None,
     })
 }
 
-/// `blockdev-backup` of the node `data` into a raw file node; returns the
-/// time from the command to the job's end.
-fn stock_backup(ctl: &mut Qmp, dir: &Path, size: u64) -> Result<Duration> {
+/// `blockdev-backup` of the node `data` into a raw file node, its progress
+/// polled; returns what was seen and the file (the disk as of the backup).
+fn stock_backup(g: &Guest, dir: &Path, size: u64) -> Result<(CopyTrace, PathBuf)> {
+    let mut ctl = g.vm.control()?;
     let target = dir.join("stock-target.raw");
     std::fs::File::create(&target)?.set_len(size)?;
     ctl.execute(
@@ -335,16 +833,36 @@ fn stock_backup(ctl: &mut Qmp, dir: &Path, size: u64) -> Result<Duration> {
         json!({"driver": "raw", "node-name": "stocktarget",
                "file": {"driver": "file", "filename": target.to_str().ok_or("path")?}}),
     )?;
-    let start = Instant::now();
     ctl.execute(
         "blockdev-backup",
         json!({"device": "data", "target": "stocktarget", "sync": "full", "job-id": "stock"}),
     )?;
-    crate::fixture::wait_for_job_end(ctl, "stock", Duration::from_secs(600), "the stock backup")?;
+    let start = Instant::now();
+    let mut progress = Vec::new();
+    while let Some(p) = poll(&mut ctl, Some("stock"))? {
+        progress.push(p);
+        if start.elapsed() > Duration::from_secs(600) {
+            return Err("the stock backup did not end in 600 s".into());
+        }
+        thread::sleep(POLL);
+    }
     let time = start.elapsed();
+    crate::fixture::wait_for_job_end(
+        &mut ctl,
+        "stock",
+        Duration::from_secs(60),
+        "the stock backup",
+    )?;
     ctl.execute("blockdev-del", json!({ "node-name": "stocktarget" }))?;
-    let _ = std::fs::remove_file(&target);
-    Ok(time)
+    let trace = CopyTrace {
+        start,
+        time,
+        progress,
+        size,
+        in_flight: QEMU_IN_FLIGHT,
+        counts_pushes: true,
+    };
+    Ok((trace, target))
 }
 
 /// Writes `size` bytes of xorshift noise (no zero blocks for the backup to skip).
@@ -372,7 +890,7 @@ mod tests {
     #[test]
     fn probe_lines() {
         assert_eq!(
-            Latency::parse("lat n=10 p50=300 p99=900 max=1200"),
+            Latency::parse("lat n=10 first=7 p50=300 p99=900 max=1200"),
             Some(Latency {
                 writes: 10,
                 p50: 300,
@@ -380,7 +898,150 @@ mod tests {
                 max: 1200
             })
         );
-        assert_eq!(Latency::parse("lat n=0"), Some(Latency::default()));
+        assert_eq!(Latency::parse("lat n=0 first=3"), Some(Latency::default()));
         assert_eq!(Latency::parse("lat p50=1"), None);
+        let p = Probed::parse(
+            "lat n=3 first=40 p50=2 p99=3 max=3",
+            &["w a,1f,2 7d0,3,3".into(), "w 1000,0,1".into()],
+        )
+        .unwrap();
+        assert_eq!(p.first, 40);
+        assert_eq!(
+            p.writes,
+            [(10, 31, 2), (2000, 3, 3), (4096, 0, 1)].map(|(start_us, block, time_us)| {
+                ProbeWrite {
+                    start_us,
+                    block,
+                    time_us,
+                }
+            })
+        );
+        assert_eq!(
+            Latency::of(p.writes.iter().map(|w| w.time_us).collect()),
+            p.latency
+        );
+        // A lost console line, a mangled record: errors.
+        assert!(Probed::parse("lat n=3 first=0 p50=2 p99=3 max=3", &["w a,1f,2".into()]).is_err());
+        assert!(Probed::parse("lat n=1 first=0 p50=2 p99=2 max=2", &["w a,1f".into()]).is_err());
+        assert!(Probed::parse("lat n=1 p50=2 p99=2 max=2", &["w a,1f,2".into()]).is_err());
+    }
+
+    fn writes(list: &[(u64, u64, u64)]) -> Vec<ProbeWrite> {
+        list.iter()
+            .map(|&(start_us, block, time_us)| ProbeWrite {
+                start_us,
+                block,
+                time_us,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_copy_tells_which_writes_came_before_its_instant() {
+        // Writes 100..=104 to blocks 5, 6, 5, 7, 8; the copy was taken after 102.
+        let p = Probed {
+            latency: Latency::default(),
+            first: 100,
+            writes: writes(&[(0, 5, 1), (10, 6, 1), (20, 5, 1), (30, 7, 1), (40, 8, 1)]),
+        };
+        let mut copy = vec![0xa5u8; 16 * 4096];
+        for (n, block) in [(102, 5), (101, 6), (7, 7)] {
+            let text = format!("probe {n}");
+            copy[block * 4096..][..text.len()].copy_from_slice(text.as_bytes());
+        }
+        let reader = |copy: &[u8]| {
+            let copy = copy.to_vec();
+            move |buf: &mut [u8], at: u64| {
+                buf.copy_from_slice(&copy[at as usize..][..buf.len()]);
+                Ok(())
+            }
+        };
+        assert_eq!(p.first_after(reader(&copy)).unwrap(), 3);
+        // A copy holding none of them (an earlier phase's write 7 only): all came after.
+        copy[5 * 4096..][..9].copy_from_slice(b"probe 5\0\0");
+        copy[6 * 4096..][..9].copy_from_slice(b"xrobe 101");
+        assert_eq!(p.first_after(reader(&copy)).unwrap(), 0);
+    }
+
+    #[test]
+    fn cluster_counts_from_a_cluster_on() {
+        let mut f = Fenwick::new(10);
+        for at in [0, 3, 3, 9, 10, 12] {
+            f.add(at);
+        }
+        let naive = |at: usize| [0, 3, 3, 9].iter().filter(|&&c| c >= at).count() as u64;
+        for at in 0..=12 {
+            assert_eq!(f.from(at), naive(at), "from {at}");
+        }
+    }
+
+    #[test]
+    fn writes_are_sorted_by_the_side_of_the_copy_they_went_to() {
+        const MIB: u64 = 1 << 20;
+        let blk = |offset: u64| offset / BLOCK;
+        let start = Instant::now();
+        // A 64 MiB disk copied at 1 MiB/ms from the copy's instant on, 1 MiB in flight;
+        // polled every 10 ms; the copy took 64 ms.
+        let trace = CopyTrace {
+            start,
+            time: Duration::from_millis(64),
+            progress: (0..7)
+                .map(|i| {
+                    let at = start + Duration::from_millis(10 * i);
+                    Poll {
+                        sent: at,
+                        answered: at,
+                        bytes: 10 * i * MIB,
+                    }
+                })
+                .collect(),
+            size: 64 * MIB,
+            in_flight: MIB,
+            counts_pushes: true,
+        };
+        // Write 0 came before the copy's instant (at 1000 µs guest time, its end 1010);
+        // the instant, by the guest's clock, at (1010 + 1030) / 2 = 1020.
+        let p = Probed {
+            latency: Latency::default(),
+            first: 0,
+            writes: writes(&[
+                (1000, blk(0), 10),
+                // Just after the instant: 40 MiB is far ahead of the front (the next
+                // poll's 10 MiB + 1 MiB in flight at the most).
+                (1030, blk(40 * MIB), 900),
+                // At 25 ms: 2 MiB is far behind (20 MiB - 1 MiB - 64 KiB at the least).
+                (1020 + 25_000, blk(2 * MIB), 20),
+                // At 25 ms: 20 MiB is at the front: cannot tell.
+                (1020 + 25_000, blk(20 * MIB + 4096), 30),
+                // At 25.5 ms: the cluster at 18.875 MiB ends 1 MiB + 62.5 KiB behind
+                // P = 20 MiB: behind, unless P counts the two clusters past it that
+                // may have been copied before write (QEMU's own filter).
+                (1020 + 25_500, blk(18 * MIB + 896 * 1024), 35),
+                // A second write to the cluster at 40 MiB: already copied.
+                (1020 + 26_000, blk(40 * MIB) + 1, 40),
+                // After the copy's end: not counted.
+                (1020 + 64_000, blk(63 * MIB), 50),
+            ]),
+        };
+        let split = Split::classify(&p, 1, &trace);
+        assert_eq!(split.ahead, [900]);
+        assert_eq!(split.behind, [20, 40]);
+        assert_eq!(split.unsure, 2);
+        let ours = CopyTrace {
+            counts_pushes: false,
+            ..trace.clone()
+        };
+        let split = Split::classify(&p, 1, &ours);
+        assert_eq!(split.ahead, [900]);
+        assert_eq!(split.behind, [20, 35, 40]);
+        assert_eq!(split.unsure, 1);
+        // With the instant before every write reported, no telling how long before:
+        // every first write is unsure, the repeat is behind.
+        let split = Split::classify(&p, 0, &trace);
+        assert!(split.ahead.is_empty());
+        assert_eq!((split.behind, split.unsure), (vec![40], 5));
+        // With the instant after every write, nothing was written during the copy.
+        let none = Split::classify(&p, p.writes.len(), &trace);
+        assert!(none.ahead.is_empty() && none.behind.is_empty() && none.unsure == 0);
     }
 }

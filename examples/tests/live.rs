@@ -661,7 +661,7 @@ fn faults_during_backups_of_a_real_writing_guest_leave_it_running_and_thawed() {
     thread::sleep(STALL);
     let probes_stalled = g.console.last_count("probe");
     signal(pid, "CONT");
-    let lat = guest_latency::lat(&mut g).unwrap();
+    let lat = guest_latency::lat(&mut g).unwrap().latency;
     let out = child.wait_with_output().unwrap();
     eprintln!("guest writes while the archive writer was stopped: {probes} -> {probes_stalled} probes, {lat:?} (us)");
     assert!(

@@ -15,7 +15,7 @@ use vma_live::{run_backup, BackupOptions, Error, ErrorKind, XPerf};
 const USAGE: &str = "vma-live-backup --qmp SOCKET --output FILE [OPTIONS]
        vma-live-backup --demo
        vma-live-backup --measure [--size-mib N]
-       vma-live-backup --measure-guest [--size-mib N]";
+       vma-live-backup --measure-guest [--size-mib N] [--rounds N]";
 
 const EXIT_CODES: &str = "\
 Exit codes (0 to 5 mean what they mean for the vma command):
@@ -149,6 +149,14 @@ struct Cli {
         value_parser = clap::value_parser!(u64).range(16..=65536)
     )]
     size_mib: u64,
+    /// --measure-guest: backups per setting (their writes are pooled)
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 1,
+        value_parser = clap::value_parser!(u32).range(1..=20)
+    )]
+    rounds: u32,
 }
 
 /// `--x-perf`: `qemu`, or `WORKERS,CHUNK_KIB`.
@@ -189,7 +197,7 @@ enum Mode {
     Backup(Box<BackupOptions>, i32),
     Demo,
     Measure { size_mib: u64 },
-    MeasureGuest { size_mib: u64 },
+    MeasureGuest { size_mib: u64, rounds: u32 },
 }
 
 impl Cli {
@@ -200,6 +208,7 @@ impl Cli {
         if self.measure_guest {
             return Mode::MeasureGuest {
                 size_mib: self.size_mib,
+                rounds: self.rounds,
             };
         }
         if self.measure {
@@ -285,8 +294,8 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Mode::MeasureGuest { size_mib } => {
-            match vma_examples::guest_latency::run(size_mib, cancel) {
+        Mode::MeasureGuest { size_mib, rounds } => {
+            match vma_examples::guest_latency::run(size_mib, rounds, cancel) {
                 Ok(m) => {
                     println!("{m}");
                     ExitCode::SUCCESS
@@ -469,7 +478,17 @@ mod tests {
         ));
         assert!(matches!(
             mode(&["--measure-guest", "--size-mib", "64"]),
-            Ok(Mode::MeasureGuest { size_mib: 64 })
+            Ok(Mode::MeasureGuest {
+                size_mib: 64,
+                rounds: 1
+            })
+        ));
+        assert!(matches!(
+            mode(&["--measure-guest", "--rounds", "3"]),
+            Ok(Mode::MeasureGuest {
+                size_mib: 256,
+                rounds: 3
+            })
         ));
     }
 
@@ -499,6 +518,8 @@ mod tests {
             &["--output", "/o"],
             &["--measure", "--size-mib", "15"],
             &["--measure", "--size-mib", "65537"],
+            &["--measure-guest", "--rounds", "0"],
+            &["--measure-guest", "--rounds", "21"],
             &["--qmp"],
         ];
         for args in others
