@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::io::{self, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,12 +13,17 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
+use rustix::event::{PollFd, PollFlags, Timespec};
+
 use crate::handshake::{handshake, Outcome};
 use crate::proto::check_string;
 use crate::transmission::{lock, serve_inline, serve_pooled, ConnOptions};
 use crate::{Error, Export};
 
-/// How often a listener checks for shutdown while no client connects.
+/// How often a listener checks for shutdown while no client connects. A
+/// client that connects is accepted at once: the listener sleeps in poll(2)
+/// on its socket (QEMU's `blockdev-add` of an NBD node waits for the
+/// handshake with its main loop stopped, and the guest's I/O with it).
 const ACCEPT_POLL: Duration = Duration::from_millis(20);
 /// Read buffer of a connection (large write payloads bypass it).
 const READ_BUFFER: usize = 64 * 1024;
@@ -340,6 +346,22 @@ impl Listener {
             Listener::Tcp(l) => l.accept().map(|(s, _)| Peer::Tcp(s)),
         }
     }
+
+    /// Waits until a client is there to accept, or `timeout` passed.
+    fn wait(&self, timeout: Duration) {
+        let fd = match self {
+            Listener::Unix(l) => l.as_fd(),
+            Listener::Tcp(l) => l.as_fd(),
+        };
+        let mut fds = [PollFd::new(&fd, PollFlags::IN)];
+        let timeout = Timespec {
+            tv_sec: 0,
+            tv_nsec: i64::from(timeout.subsec_nanos()),
+        };
+        if rustix::event::poll(&mut fds, Some(&timeout)).is_err() {
+            thread::sleep(ACCEPT_POLL);
+        }
+    }
 }
 
 enum Peer {
@@ -430,7 +452,7 @@ fn accept_loop(
         let peer = match listener.accept() {
             Ok(peer) => peer,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                thread::sleep(ACCEPT_POLL);
+                listener.wait(ACCEPT_POLL);
                 continue;
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
