@@ -141,7 +141,6 @@ const fn xperf(max_workers: u32, max_chunk: u64) -> XPerf {
 }
 
 /// How long each phase without a backup lasts.
-/// How long each phase without a backup lasts.
 const IDLE: Duration = Duration::from_secs(5);
 
 /// How long a backup starts after the probe's report: so that the copy's
