@@ -313,7 +313,7 @@ pub struct CopyTrace {
     pub start: Instant,
     /// From then to the job's end.
     pub time: Duration,
-    /// The job's progress, polled every [`POLL`] while it ran.
+    /// The job's progress, polled every 10 ms while it ran.
     pub progress: Vec<Poll>,
     /// The disk's size.
     pub size: u64,
