@@ -501,6 +501,11 @@ pub struct Phase {
     /// export received (a check on the split: at least the writes found
     /// ahead of the copy, at most those and the unsure ones).
     pub pushes: Option<u64>,
+    /// Our backups with our filter: the longest time from the start of the
+    /// filters' attachment to the guest going on, which holds the VM's pause
+    /// for it (`stop` to `cont`). The guest's clock stands still meanwhile, so
+    /// the probe cannot see it.
+    pub paused: Option<Duration>,
 }
 
 /// The figures `--measure-guest` prints.
@@ -527,9 +532,9 @@ impl fmt::Display for GuestLatency {
         )?;
         writeln!(
             f,
-            "| phase | time | backup MiB/s | writes | writes/s | p50 | p99 | max | pushes buffered, most MiB |"
+            "| phase | time | backup MiB/s | writes | writes/s | p50 | p99 | max | pushes buffered, most MiB | VM paused, at most |"
         )?;
-        writeln!(f, "|---|---|---|---|---|---|---|---|---|")?;
+        writeln!(f, "|---|---|---|---|---|---|---|---|---|---|")?;
         for p in &self.phases {
             let secs = p.time.as_secs_f64().max(1e-9);
             let rate = if p.split.is_none() {
@@ -540,9 +545,12 @@ impl fmt::Display for GuestLatency {
             let peak = p.push_peak.map_or("—".to_string(), |b| {
                 format!("{:.1}", b as f64 / f64::from(1 << 20))
             });
+            let paused = p.paused.map_or("—".to_string(), |d| {
+                format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+            });
             writeln!(
                 f,
-                "| {} | {secs:.2} s | {rate} | {} | {:.0} | {} | {} | {} | {peak} |",
+                "| {} | {secs:.2} s | {rate} | {} | {:.0} | {} | {} | {} | {peak} | {paused} |",
                 p.name,
                 p.latency.writes,
                 p.latency.writes as f64 / secs,
@@ -652,6 +660,7 @@ struct Rounds {
     split: Split,
     push_peak: Option<u64>,
     pushes: Option<u64>,
+    paused: Option<Duration>,
 }
 
 impl Rounds {
@@ -664,6 +673,7 @@ impl Rounds {
             split: Split::default(),
             push_peak: None,
             pushes: None,
+            paused: None,
         }
     }
 
@@ -700,6 +710,7 @@ impl Rounds {
             )),
             push_peak: self.push_peak,
             pushes: self.pushes,
+            paused: self.paused,
         }
     }
 }
@@ -776,6 +787,11 @@ fn our_backup(
         counts_pushes: !setting.own_filter,
     };
     rounds.add(&probed, index, &trace, report.copy_time, Some(&report));
+    if setting.own_filter {
+        // From `query-status` before the `stop` to the `cont`'s answer.
+        let paused = report.snapshot.saturating_duration_since(report.copy_start);
+        rounds.paused = rounds.paused.max(Some(paused));
+    }
     Ok(())
 }
 
@@ -818,6 +834,7 @@ fn idle(g: &mut Guest, name: &'static str) -> Result<Phase> {
         split: None,
         push_peak: None,
         pushes: None,
+        paused: None,
     })
 }
 
@@ -864,7 +881,9 @@ fn stock_backup(g: &Guest, dir: &Path, size: u64) -> Result<(CopyTrace, PathBuf)
     Ok((trace, target))
 }
 
-/// Writes `size` bytes of xorshift noise (no zero blocks for the backup to skip).
+/// Writes `size` bytes of xorshift noise (no zero blocks for the backup to skip),
+/// and syncs them: QEMU's `stop` flushes the images, so dirty pages of the fill
+/// would lengthen the first backup's pause.
 fn fill_random(path: &Path, size: u64) -> Result<()> {
     let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -878,7 +897,7 @@ fn fill_random(path: &Path, size: u64) -> Result<()> {
         }
         f.write_all(&chunk)?;
     }
-    f.flush()?;
+    f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
     Ok(())
 }
 
