@@ -1,5 +1,7 @@
 //! The VM's disks as `query-block` reports them, and their archive names.
 
+use std::path::PathBuf;
+
 use serde_json::{json, Value};
 
 use crate::Error;
@@ -118,6 +120,24 @@ pub fn select(drives: Vec<Drive>, wanted: &[String]) -> Result<Vec<Drive>, Error
     Ok(out)
 }
 
+/// The host files and devices under the VM's block nodes, from a
+/// `query-named-block-nodes` reply: each `file` or `host_device` node's
+/// absolute path, once.
+pub fn image_files(named_nodes: &Value) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = named_nodes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|n| matches!(n["drv"].as_str(), Some("file" | "host_device")))
+        .filter_map(|n| n["file"].as_str())
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .collect();
+    files.sort();
+    files.dedup();
+    files
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,5 +213,26 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn image_files_of_the_vm() {
+        let nodes = json!([
+            {"node-name": "d0", "drv": "qcow2", "file": "/var/lib/vz/vm-100-disk-0.qcow2"},
+            {"node-name": "#block123", "drv": "file", "file": "/var/lib/vz/vm-100-disk-0.qcow2"},
+            {"node-name": "d1", "drv": "raw", "file": "/dev/pve/vm-100-disk-1"},
+            {"node-name": "#block456", "drv": "host_device", "file": "/dev/pve/vm-100-disk-1"},
+            {"node-name": "t", "drv": "nbd", "file": "nbd+unix:///x?socket=/run/x.sock"},
+            {"node-name": "r", "drv": "file", "file": "relative.raw"},
+            {"node-name": "again", "drv": "file", "file": "/var/lib/vz/vm-100-disk-0.qcow2"}
+        ]);
+        assert_eq!(
+            image_files(&nodes),
+            [
+                PathBuf::from("/dev/pve/vm-100-disk-1"),
+                PathBuf::from("/var/lib/vz/vm-100-disk-0.qcow2")
+            ]
+        );
+        assert!(image_files(&json!({"error": 1})).is_empty());
     }
 }
