@@ -355,7 +355,7 @@ impl Listener {
         };
         let mut fds = [PollFd::new(&fd, PollFlags::IN)];
         let timeout = Timespec {
-            tv_sec: 0,
+            tv_sec: i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX),
             tv_nsec: i64::from(timeout.subsec_nanos()),
         };
         if rustix::event::poll(&mut fds, Some(&timeout)).is_err() {
