@@ -887,7 +887,7 @@ fn start_jobs_frozen(
     graph: &mut Graph<'_>,
 ) -> Result<Started, Error> {
     if opts.cbw_timeout.is_some() {
-        flush_image_files(qmp)?;
+        flush_image_files(qmp);
     }
     let mut warnings = Vec::new();
     let Some(path) = &opts.guest_agent else {
@@ -954,16 +954,18 @@ fn start_jobs_frozen(
 /// runs (fdatasync, as far as this process may open them). QEMU's `stop`,
 /// which attaching our filters needs, flushes every image with the VM paused:
 /// with writeback caching that pause lasts as long as the host takes to write
-/// what the guest wrote since. Best effort: a file it cannot open or sync is
-/// left to the `stop`.
-fn flush_image_files(qmp: &mut Qmp) -> Result<(), Error> {
-    let nodes = qmp.execute("query-named-block-nodes", Value::Null)?;
+/// what the guest wrote since. Best effort: what it cannot list, open or
+/// sync is left to the `stop` (and a QMP connection gone fails the next
+/// command).
+fn flush_image_files(qmp: &mut Qmp) {
+    let Ok(nodes) = qmp.execute("query-named-block-nodes", Value::Null) else {
+        return;
+    };
     for path in drives::image_files(&nodes) {
         if let Ok(f) = std::fs::File::open(&path) {
             let _ = f.sync_data();
         }
     }
-    Ok(())
 }
 
 /// One `transaction` of `blockdev-backup` actions with grouped completion.
