@@ -979,6 +979,11 @@ mod tests {
         copy[5 * 4096..][..9].copy_from_slice(b"probe 5\0\0");
         copy[6 * 4096..][..9].copy_from_slice(b"xrobe 101");
         assert_eq!(p.first_after(reader(&copy)).unwrap(), 0);
+        // A copy that cannot be read: the error, not a guess.
+        let err = p
+            .first_after(|_, at| Err(format!("short read at {at}").into()))
+            .unwrap_err();
+        assert!(err.to_string().contains("short read at 20480"), "{err}");
     }
 
     #[test]
