@@ -6,7 +6,12 @@
 //! random offset of the disk every 2 ms, each timed with CLOCK_MONOTONIC, so
 //! writes land on areas a running backup has and has not copied yet. In one
 //! run, phases back to back: no backup; QEMU's own `blockdev-backup` of the
-//! data disk into a raw file on the same filesystem; `vma-live-backup` of the
+//! data disk into a raw file on the same filesystem; QEMU's own
+//! `blockdev-backup` into a raw file in memory (tmpfs), with QEMU's `x-perf`,
+//! with ours, and with ours at the job `speed` of 0.9 × the raw file's
+//! throughput (a target that costs nothing but a memory copy: what is left is
+//! QEMU's own reading of the disk and copy-before-write, which every backup
+//! through QEMU's backup job pays); `vma-live-backup` of the
 //! data disk (with its copy-before-write filter, `--cbw-timeout` 5 s) with
 //! QEMU's `x-perf`, with and without its push buffer, at nice 0 and at its
 //! default nice 10, and then with fewer and smaller background copy requests
@@ -26,7 +31,7 @@ use std::collections::HashSet;
 use std::fmt;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -138,6 +143,11 @@ const fn xperf(max_workers: u32, max_chunk: u64) -> XPerf {
         max_workers,
         max_chunk,
     }
+}
+
+/// The most bytes a backup job with `x_perf` copies at once.
+fn in_flight(x_perf: Option<XPerf>) -> u64 {
+    x_perf.map_or(QEMU_IN_FLIGHT, |x| u64::from(x.max_workers) * x.max_chunk)
 }
 
 /// How long each phase without a backup lasts.
@@ -402,8 +412,13 @@ impl Split {
             .iter()
             .map(|p| (guest_us(p.sent), guest_us(p.answered), p.bytes))
             .collect();
-        let clusters = trace.size.div_ceil(CLUSTER) as usize;
-        // Clusters copied before write: surely (ahead), and maybe (ahead or unsure).
+        // Clusters copied before write: surely (ahead), and maybe (ahead or unsure);
+        // counted only where the progress counts them.
+        let clusters = if trace.counts_pushes {
+            trace.size.div_ceil(CLUSTER) as usize
+        } else {
+            0
+        };
         let (mut surely, mut maybe) = (Fenwick::new(clusters), Fenwick::new(clusters));
         let mut written = HashSet::new();
         for wr in w[index..].iter().take_while(|wr| wr.start_us < end) {
@@ -625,19 +640,43 @@ pub fn run(size_mib: u64, rounds: u32, cancel: Arc<AtomicBool>) -> Result<GuestL
 
     phases.push(idle(&mut g, "no backup")?);
     stop(&cancel)?;
-    let mut stock = Rounds::new("stock blockdev-backup to a raw file", rounds);
-    for _ in 0..rounds {
-        lat(&mut g)?;
-        thread::sleep(SETTLE);
-        let (trace, target) = stock_backup(&g, dir.path(), size)?;
-        let probed = lat(&mut g)?;
-        let file = std::fs::File::open(&target)?;
-        let index = probed.first_after(|buf, at| Ok(file.read_exact_at(buf, at)?))?;
-        stock.add(&probed, index, &trace, trace.time, None);
-        std::fs::remove_file(&target)?;
-        stop(&cancel)?;
+    let stock = Stock {
+        name: "stock blockdev-backup to a raw file",
+        target: StockTarget::RawFile,
+        x_perf: None,
+        speed: None,
     }
+    .rounds(&mut g, dir.path(), size, rounds, &cancel)?;
+    // 0.9 x the raw file's throughput: the least ours must reach.
+    let speed = 0.9 * (size * u64::from(rounds)) as f64 / stock.time.as_secs_f64();
     phases.push(stock.phase());
+    let in_memory = [
+        Stock {
+            name: "stock blockdev-backup to tmpfs, QEMU's x-perf",
+            target: StockTarget::Memory,
+            x_perf: None,
+            speed: None,
+        },
+        Stock {
+            name: "stock blockdev-backup to tmpfs, x-perf 4 workers × 1 MiB",
+            target: StockTarget::Memory,
+            x_perf: Some(vma_live::DEFAULT_X_PERF),
+            speed: None,
+        },
+        Stock {
+            name: "stock blockdev-backup to tmpfs, 4 × 1 MiB, speed 0.9 × the raw file's MiB/s",
+            target: StockTarget::Memory,
+            x_perf: Some(vma_live::DEFAULT_X_PERF),
+            speed: Some(speed as u64),
+        },
+    ];
+    for stock in in_memory {
+        phases.push(
+            stock
+                .rounds(&mut g, dir.path(), size, rounds, &cancel)?
+                .phase(),
+        );
+    }
     for setting in OURS {
         let mut ours = Rounds::new(setting.name, rounds);
         for _ in 0..rounds {
@@ -781,9 +820,7 @@ fn our_backup(
         time: (report.copy_start + report.copy_time).saturating_duration_since(report.snapshot),
         progress,
         size,
-        in_flight: setting
-            .x_perf
-            .map_or(QEMU_IN_FLIGHT, |x| u64::from(x.max_workers) * x.max_chunk),
+        in_flight: in_flight(setting.x_perf),
         counts_pushes: !setting.own_filter,
     };
     rounds.add(&probed, index, &trace, report.copy_time, Some(&report));
@@ -838,21 +875,90 @@ fn idle(g: &mut Guest, name: &'static str) -> Result<Phase> {
     })
 }
 
-/// `blockdev-backup` of the node `data` into a raw file node, its progress
-/// polled; returns what was seen and the file (the disk as of the backup).
-fn stock_backup(g: &Guest, dir: &Path, size: u64) -> Result<(CopyTrace, PathBuf)> {
+/// One setting of QEMU's own `blockdev-backup` ([`stock_backup`]).
+struct Stock {
+    name: &'static str,
+    target: StockTarget,
+    /// `None`: QEMU's own, 64 workers and 1 MiB requests.
+    x_perf: Option<XPerf>,
+    /// The job's `speed`, bytes per second.
+    speed: Option<u64>,
+}
+
+impl Stock {
+    /// `rounds` backups of the data disk with this setting.
+    fn rounds(
+        &self,
+        g: &mut Guest,
+        dir: &Path,
+        size: u64,
+        rounds: u32,
+        cancel: &AtomicBool,
+    ) -> Result<Rounds> {
+        let mut pooled = Rounds::new(self.name, rounds);
+        for _ in 0..rounds {
+            lat(g)?;
+            thread::sleep(SETTLE);
+            let (trace, target) = stock_backup(g, dir, size, self)?;
+            let probed = lat(g)?;
+            let file = std::fs::File::open(&target)?;
+            let index = probed.first_after(|buf, at| Ok(file.read_exact_at(buf, at)?))?;
+            pooled.add(&probed, index, &trace, trace.time, None);
+            if cancel.load(Ordering::SeqCst) {
+                return Err("interrupted".into());
+            }
+        }
+        Ok(pooled)
+    }
+}
+
+/// Where [`stock_backup`] copies the data disk to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StockTarget {
+    /// A raw file beside the disk's image.
+    RawFile,
+    /// A raw file in memory (tmpfs, `/dev/shm`): storing costs QEMU a copy
+    /// into the page cache and nothing else, so what remains is QEMU's own
+    /// reading of the disk and its copy-before-write. A backup whose data
+    /// leaves QEMU (as ours, over NBD) cannot do less.
+    Memory,
+}
+
+/// QEMU's `blockdev-backup` of the node `data` into a raw file as `stock`
+/// says, its progress polled; returns what was seen and the file (the disk
+/// as of the backup), removed when dropped.
+fn stock_backup(
+    g: &Guest,
+    dir: &Path,
+    size: u64,
+    stock: &Stock,
+) -> Result<(CopyTrace, tempfile::TempPath)> {
     let mut ctl = g.vm.control()?;
-    let target = dir.join("stock-target.raw");
-    std::fs::File::create(&target)?.set_len(size)?;
-    ctl.execute(
-        "blockdev-add",
-        json!({"driver": "raw", "node-name": "stocktarget",
-               "file": {"driver": "file", "filename": target.to_str().ok_or("path")?}}),
-    )?;
-    ctl.execute(
-        "blockdev-backup",
-        json!({"device": "data", "target": "stocktarget", "sync": "full", "job-id": "stock"}),
-    )?;
+    let file = match stock.target {
+        StockTarget::RawFile => tempfile::Builder::new()
+            .prefix("stock-target-")
+            .tempfile_in(dir),
+        StockTarget::Memory => tempfile::Builder::new()
+            .prefix("vma-live-latency-")
+            .tempfile_in("/dev/shm"),
+    }?
+    .into_temp_path();
+    std::fs::File::options()
+        .write(true)
+        .open(&file)?
+        .set_len(size)?;
+    let node = json!({"driver": "raw", "node-name": "stocktarget",
+                      "file": {"driver": "file", "filename": file.to_str().ok_or("path")?}});
+    ctl.execute("blockdev-add", node)?;
+    let mut args =
+        json!({"device": "data", "target": "stocktarget", "sync": "full", "job-id": "stock"});
+    if let Some(x) = stock.x_perf {
+        args["x-perf"] = json!({"max-workers": x.max_workers, "max-chunk": x.max_chunk});
+    }
+    if let Some(speed) = stock.speed {
+        args["speed"] = json!(speed);
+    }
+    ctl.execute("blockdev-backup", args)?;
     let start = Instant::now();
     let mut progress = Vec::new();
     while let Some(p) = poll(&mut ctl, Some("stock"))? {
@@ -875,10 +981,10 @@ fn stock_backup(g: &Guest, dir: &Path, size: u64) -> Result<(CopyTrace, PathBuf)
         time,
         progress,
         size,
-        in_flight: QEMU_IN_FLIGHT,
+        in_flight: in_flight(stock.x_perf),
         counts_pushes: true,
     };
-    Ok((trace, target))
+    Ok((trace, file))
 }
 
 /// Writes `size` bytes of xorshift noise (no zero blocks for the backup to skip),
