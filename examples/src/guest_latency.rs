@@ -505,6 +505,8 @@ pub struct Phase {
     pub rounds: u32,
     /// How long it lasted (for backups: their copy times, summed).
     pub time: Duration,
+    /// Whether it copied (or read) the whole disk, `rounds` times in `time`.
+    pub copied: bool,
     /// Every write the guest made meanwhile.
     pub latency: Latency,
     /// Backups: the writes while the copy ran, to clusters not yet copied
@@ -552,7 +554,7 @@ impl fmt::Display for GuestLatency {
         writeln!(f, "|---|---|---|---|---|---|---|---|---|---|")?;
         for p in &self.phases {
             let secs = p.time.as_secs_f64().max(1e-9);
-            let rate = if p.split.is_none() {
+            let rate = if !p.copied {
                 "—".to_string()
             } else {
                 format!("{:.1}", mib * f64::from(p.rounds) / secs)
@@ -621,7 +623,7 @@ pub fn run(size_mib: u64, rounds: u32, cancel: Arc<AtomicBool>) -> Result<GuestL
     let data = dir.path().join("data.raw");
     fill_random(&data, size)?;
     disks[1] = Disk {
-        path: data,
+        path: data.clone(),
         format: "raw".into(),
         node_name: "data".into(),
         qdev_id: "vd1".into(),
@@ -677,6 +679,8 @@ pub fn run(size_mib: u64, rounds: u32, cancel: Arc<AtomicBool>) -> Result<GuestL
                 .phase(),
         );
     }
+    phases.push(host_read(&mut g, &data, size, rounds, speed)?);
+    stop(&cancel)?;
     for setting in OURS {
         let mut ours = Rounds::new(setting.name, rounds);
         for _ in 0..rounds {
@@ -741,6 +745,7 @@ impl Rounds {
             name: self.name,
             rounds: self.rounds,
             time: self.time,
+            copied: true,
             latency: Latency::of(self.all),
             split: Some((
                 Latency::of(self.split.ahead),
@@ -858,6 +863,50 @@ pub fn lat(g: &mut Guest) -> Result<Probed> {
     Probed::parse(&line, &writes)
 }
 
+/// No backup, but this process reads the data disk's image file `rounds`
+/// times, in 1 MiB requests at `speed` bytes per second, at the backup's
+/// default nice value: what reading the disk at that rate costs the guest,
+/// the least any backup of it does on this host.
+fn host_read(g: &mut Guest, image: &Path, size: u64, rounds: u32, speed: f64) -> Result<Phase> {
+    lat(g)?;
+    thread::sleep(SETTLE);
+    let image = image.to_path_buf();
+    let reader = thread::spawn(move || -> Result<Duration> {
+        vma_live::lower_priority(DEFAULT_NICE)?;
+        let file = std::fs::File::open(&image)?;
+        let mut buf = vec![0u8; 1 << 20];
+        let start = Instant::now();
+        let mut read = 0u64;
+        for _ in 0..rounds {
+            let mut at = 0;
+            while at < size {
+                let n = file.read_at(&mut buf, at)?;
+                if n == 0 {
+                    return Err(format!("{}: ends at {at}", image.display()).into());
+                }
+                at += n as u64;
+                read += n as u64;
+                let due = Duration::from_secs_f64(read as f64 / speed);
+                thread::sleep(due.saturating_sub(start.elapsed()));
+            }
+        }
+        Ok(start.elapsed())
+    });
+    let time = reader.join().map_err(|_| "the reader panicked")??;
+    let probed = lat(g)?;
+    Ok(Phase {
+        name: "no backup, the host reads the disk's image at 0.9 × the raw file's MiB/s",
+        rounds,
+        time,
+        copied: true,
+        latency: probed.latency,
+        split: None,
+        push_peak: None,
+        pushes: None,
+        paused: None,
+    })
+}
+
 fn idle(g: &mut Guest, name: &'static str) -> Result<Phase> {
     lat(g)?;
     let start = Instant::now();
@@ -867,6 +916,7 @@ fn idle(g: &mut Guest, name: &'static str) -> Result<Phase> {
         name,
         rounds: 1,
         time: start.elapsed(),
+        copied: false,
         latency: probed.latency,
         split: None,
         push_peak: None,
