@@ -2,10 +2,12 @@
 //!
 //! During a live backup QEMU (the guest's vCPUs, the copy-before-write pushes, the
 //! backup job feeding us) and this process share the host's cores. Measured in
-//! benches/RESULTS.md ("The backup's CPU priority"), on 2 cores with a TCG guest, the
-//! backup process at nice 10 halved the guest's write p99 during the backup and did not
-//! lose throughput: when the cores are contended the scheduler runs QEMU first, and the
-//! archive work takes what is left; when they are not, nice changes nothing.
+//! benches/RESULTS.md ("The backup's CPU priority", and the 2 GiB runs after it), on 2
+//! cores with a TCG guest, the backup process at nice 10 lowered the guest's write p99
+//! during the backup (by 11–23% on an idle host, more on a busy one) and cost
+//! throughput (6–35% less than at nice 0 on an idle host): when the cores are contended
+//! the scheduler runs QEMU first, and the archive work takes what is left; when they are
+//! not, nice changes nothing. `--nice 0` trades the guest's latency for speed.
 
 use std::io;
 
