@@ -614,24 +614,11 @@ impl fmt::Display for GuestLatency {
 /// backups per setting.
 pub fn run(size_mib: u64, rounds: u32, cancel: Arc<AtomicBool>) -> Result<GuestLatency> {
     crate::qemu::run_tool(crate::qemu::QEMU_SYSTEM, &["--version"])?;
-    let image = guest::image()?;
     let dir = tempfile::Builder::new()
         .prefix("vma-live-latency-")
         .tempdir()?;
     let size = size_mib << 20;
-    let mut disks = guest::make_disks(dir.path(), &image)?;
-    let data = dir.path().join("data.raw");
-    fill_random(&data, size)?;
-    disks[1] = Disk {
-        path: data.clone(),
-        format: "raw".into(),
-        node_name: "data".into(),
-        qdev_id: "vd1".into(),
-    };
-    let mut g = Guest::boot(dir.path(), &image, disks, BootOptions::default())?;
-    g.console.send("probe")?;
-    g.console.wait_for("probing", guest::COMMAND_TIMEOUT)?;
-    g.console.wait_for("probe ", guest::COMMAND_TIMEOUT)?;
+    let (mut g, data) = boot_probing(dir.path(), size)?;
     let mut phases = Vec::new();
     let stop = |c: &AtomicBool| -> Result<()> {
         if c.load(Ordering::SeqCst) {
@@ -692,6 +679,76 @@ pub fn run(size_mib: u64, rounds: u32, cancel: Arc<AtomicBool>) -> Result<GuestL
     phases.push(idle(&mut g, "no backup again")?);
     g.poweroff()?;
     Ok(GuestLatency { size, phases })
+}
+
+/// Boots the guest in `dir` with a data disk (node `data`) of `size` bytes
+/// of noise, its probe writing; returns it and the data disk's image.
+fn boot_probing(dir: &Path, size: u64) -> Result<(Guest, std::path::PathBuf)> {
+    let image = guest::image()?;
+    let mut disks = guest::make_disks(dir, &image)?;
+    let data = dir.join("data.raw");
+    fill_random(&data, size)?;
+    disks[1] = Disk {
+        path: data.clone(),
+        format: "raw".into(),
+        node_name: "data".into(),
+        qdev_id: "vd1".into(),
+    };
+    let mut g = Guest::boot(dir, &image, disks, BootOptions::default())?;
+    g.console.send("probe")?;
+    g.console.wait_for("probing", guest::COMMAND_TIMEOUT)?;
+    g.console.wait_for("probe ", guest::COMMAND_TIMEOUT)?;
+    Ok((g, data))
+}
+
+/// What [`check_split`] saw of one backup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SplitCheck {
+    /// First writes to a cluster the split found not yet copied: each of
+    /// them, by the split's reasoning, made QEMU push the cluster.
+    pub ahead: u64,
+    /// First writes the split could not place.
+    pub unsure: u64,
+    /// The copy-before-write pushes our export received.
+    pub pushes: u64,
+    /// The clusters the guest wrote from the copy's instant on: the most
+    /// pushes there can have been.
+    pub clusters_written: u64,
+}
+
+/// Boots a guest with a `size_mib` MiB data disk and backs it up once with
+/// our filter, push buffer and 4 × 1 MiB copies, limited to `bwlimit` bytes
+/// per second, its probe writing; returns the split's findings beside the
+/// pushes QEMU really made, so that a test can hold one against the other.
+pub fn check_split(size_mib: u64, bwlimit: u64) -> Result<SplitCheck> {
+    crate::qemu::run_tool(crate::qemu::QEMU_SYSTEM, &["--version"])?;
+    let dir = tempfile::Builder::new()
+        .prefix("vma-live-split-")
+        .tempdir()?;
+    let size = size_mib << 20;
+    let (mut g, _) = boot_probing(dir.path(), size)?;
+    let setting = Setting {
+        name: "our defaults with a bandwidth limit",
+        own_filter: true,
+        x_perf: Some(vma_live::DEFAULT_X_PERF),
+        cbw_buffer_mib: vma_live::DEFAULT_CBW_BUFFER >> 20,
+        bwlimit: Some(bwlimit),
+        nice: 0,
+    };
+    let mut rounds = Rounds::new(setting.name, 1);
+    let cancel = Arc::new(AtomicBool::new(false));
+    let (probed, index) = our_backup(&mut g, &setting, &cancel, dir.path(), size, &mut rounds)?;
+    g.poweroff()?;
+    let clusters: HashSet<u64> = probed.writes[index..]
+        .iter()
+        .map(|w| w.block * BLOCK / CLUSTER)
+        .collect();
+    Ok(SplitCheck {
+        ahead: rounds.split.ahead.len() as u64,
+        unsure: rounds.split.unsure,
+        pushes: rounds.pushes.ok_or("our export counted no pushes")?,
+        clusters_written: clusters.len() as u64,
+    })
 }
 
 /// The writes of one setting's backups, pooled.
@@ -760,7 +817,9 @@ impl Rounds {
 }
 
 /// One backup of the data disk by [`run_backup`] with `setting`, its job's
-/// progress polled on the control socket meanwhile.
+/// progress polled on the control socket meanwhile, added to `rounds`;
+/// returns the probe's report of it and the first write after the copy's
+/// instant.
 fn our_backup(
     g: &mut Guest,
     setting: &Setting,
@@ -768,7 +827,7 @@ fn our_backup(
     dir: &Path,
     size: u64,
     rounds: &mut Rounds,
-) -> Result<()> {
+) -> Result<(Probed, usize)> {
     let archive = dir.join("vm.vma");
     let _ = std::fs::remove_file(&archive);
     let mut opts = BackupOptions::new(&g.vm.qmp_path, &archive);
@@ -834,7 +893,7 @@ fn our_backup(
         let paused = report.snapshot.saturating_duration_since(report.copy_start);
         rounds.paused = rounds.paused.max(Some(paused));
     }
-    Ok(())
+    Ok((probed, index))
 }
 
 /// The progress of the backup job `id` (any backup job: `None`), or `None`
