@@ -10,8 +10,9 @@
 //! `blockdev-backup` into a raw file in memory (tmpfs), with QEMU's `x-perf`,
 //! with ours, and with ours at the job `speed` of 0.9 × the raw file's
 //! throughput (a target that costs nothing but a memory copy: what is left is
-//! QEMU's own reading of the disk and copy-before-write, which every backup
-//! through QEMU's backup job pays); `vma-live-backup` of the
+//! QEMU's backup job itself, its reads of the disk and its copy-before-write);
+//! no backup while this process reads the disk's image at that rate (what
+//! reading the data costs the guest, with no QEMU job); `vma-live-backup` of the
 //! data disk (with its copy-before-write filter, `--cbw-timeout` 5 s) with
 //! QEMU's `x-perf`, with and without its push buffer, at nice 0 and at its
 //! default nice 10, and then with fewer and smaller background copy requests
@@ -613,12 +614,8 @@ impl fmt::Display for GuestLatency {
 /// Runs the measurement with a data disk of `size_mib` MiB, `rounds`
 /// backups per setting.
 pub fn run(size_mib: u64, rounds: u32, cancel: Arc<AtomicBool>) -> Result<GuestLatency> {
-    crate::qemu::run_tool(crate::qemu::QEMU_SYSTEM, &["--version"])?;
-    let dir = tempfile::Builder::new()
-        .prefix("vma-live-latency-")
-        .tempdir()?;
     let size = size_mib << 20;
-    let (mut g, data) = boot_probing(dir.path(), size)?;
+    let (dir, mut g, data) = boot_probing("vma-live-latency-", size)?;
     let mut phases = Vec::new();
     let stop = |c: &AtomicBool| -> Result<()> {
         if c.load(Ordering::SeqCst) {
@@ -681,9 +678,13 @@ pub fn run(size_mib: u64, rounds: u32, cancel: Arc<AtomicBool>) -> Result<GuestL
     Ok(GuestLatency { size, phases })
 }
 
-/// Boots the guest in `dir` with a data disk (node `data`) of `size` bytes
-/// of noise, its probe writing; returns it and the data disk's image.
-fn boot_probing(dir: &Path, size: u64) -> Result<(Guest, std::path::PathBuf)> {
+/// Boots the guest in a new temporary directory named from `prefix`, with a
+/// data disk (node `data`) of `size` bytes of noise, its probe writing;
+/// returns the directory, the guest and the data disk's image.
+fn boot_probing(prefix: &str, size: u64) -> Result<(tempfile::TempDir, Guest, std::path::PathBuf)> {
+    crate::qemu::run_tool(crate::qemu::QEMU_SYSTEM, &["--version"])?;
+    let tmp = tempfile::Builder::new().prefix(prefix).tempdir()?;
+    let dir = tmp.path();
     let image = guest::image()?;
     let mut disks = guest::make_disks(dir, &image)?;
     let data = dir.join("data.raw");
@@ -698,7 +699,7 @@ fn boot_probing(dir: &Path, size: u64) -> Result<(Guest, std::path::PathBuf)> {
     g.console.send("probe")?;
     g.console.wait_for("probing", guest::COMMAND_TIMEOUT)?;
     g.console.wait_for("probe ", guest::COMMAND_TIMEOUT)?;
-    Ok((g, data))
+    Ok((tmp, g, data))
 }
 
 /// What [`check_split`] saw of one backup.
@@ -721,12 +722,8 @@ pub struct SplitCheck {
 /// per second, its probe writing; returns the split's findings beside the
 /// pushes QEMU really made, so that a test can hold one against the other.
 pub fn check_split(size_mib: u64, bwlimit: u64) -> Result<SplitCheck> {
-    crate::qemu::run_tool(crate::qemu::QEMU_SYSTEM, &["--version"])?;
-    let dir = tempfile::Builder::new()
-        .prefix("vma-live-split-")
-        .tempdir()?;
     let size = size_mib << 20;
-    let (mut g, _) = boot_probing(dir.path(), size)?;
+    let (dir, mut g, _) = boot_probing("vma-live-split-", size)?;
     let setting = Setting {
         name: "our defaults with a bandwidth limit",
         own_filter: true,
@@ -1027,9 +1024,9 @@ enum StockTarget {
     /// A raw file beside the disk's image.
     RawFile,
     /// A raw file in memory (tmpfs, `/dev/shm`): storing costs QEMU a copy
-    /// into the page cache and nothing else, so what remains is QEMU's own
-    /// reading of the disk and its copy-before-write. A backup whose data
-    /// leaves QEMU (as ours, over NBD) cannot do less.
+    /// into the page cache and nothing else, so what the guest feels is
+    /// QEMU's backup job itself, its reads of the disk and its
+    /// copy-before-write (each waiting for that copy into memory).
     Memory,
 }
 
