@@ -720,6 +720,9 @@ fn read_block<R: Read>(r: &mut Counted<R>, block_max: usize, block: &mut Vec<u8>
     let h = u32::from(h[0]) | u32::from(h[1]) << 8 | u32::from(h[2]) << 16;
     let size = (h >> 3) as usize;
     let body = match (h >> 1) & 3 {
+        // zstd calls an empty compressed block corrupt, but its streaming decoder, fed
+        // block by block, takes the 0 bytes it then wants next for the frame's end.
+        2 if size == 0 => return Err(bad("compressed block of 0 bytes".into())),
         0 | 2 => size,
         1 => 1,
         _ => return Err(bad("block of the reserved type 3".into())),

@@ -550,3 +550,36 @@ fn a_frame_holding_less_than_its_declared_content_size_does_not_index() {
     data.extend_from_slice(&honest);
     build(&data[..], &mut Vec::new()).expect("a frame that holds what it declares");
 }
+
+/// Found by the zstd_index fuzz target: a frame whose only block is an empty compressed
+/// last block. zstd's streaming decoder, fed block by block, takes it for the frame's end;
+/// `zstd -t` and the one-shot decoder call it corrupt, and so must the indexer.
+#[test]
+fn an_empty_compressed_block_does_not_index() {
+    let (zst, _) = small();
+    // Magic; a 4-byte content size of 0, a window descriptor and a 4-byte dictionary ID
+    // of 0; then a last compressed block of 0 bytes (block header 0x000005).
+    let empty = [
+        0x28, 0xb5, 0x2f, 0xfd, 0x93, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x05, 0x00, 0x00,
+    ];
+    let one_shot = zstd::bulk::decompress(&empty, 1 << 10);
+    assert!(one_shot.is_err(), "zstd itself refuses it: {one_shot:?}");
+    let mut data = zst.clone();
+    data.extend_from_slice(&empty);
+    let e = build(&data[..], &mut Vec::new()).unwrap_err();
+    let block = (zst.len() + 14) as u64;
+    assert!(
+        matches!(e, ZstdIndexError::Stream { offset, ref what }
+            if offset == block && what.contains("compressed block of 0 bytes")),
+        "{e}"
+    );
+    // Not last, followed by a raw last block: refused the same way.
+    let mut data = zst;
+    data.extend_from_slice(&empty[..14]);
+    data.extend_from_slice(&[0x04, 0x00, 0x00, 0x01, 0x00, 0x00]);
+    let e = build(&data[..], &mut Vec::new()).unwrap_err();
+    assert!(
+        matches!(e, ZstdIndexError::Stream { offset, .. } if offset == block),
+        "{e}"
+    );
+}
