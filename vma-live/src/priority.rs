@@ -4,10 +4,11 @@
 //! backup job feeding us) and this process share the host's cores. Measured in
 //! benches/RESULTS.md ("The backup's CPU priority", and the 2 GiB runs after it), on 2
 //! cores with a TCG guest, the backup process at nice 10 lowered the guest's write p99
-//! during the backup (by 11–23% on an idle host, more on a busy one) and cost
-//! throughput (6–35% less than at nice 0 on an idle host): when the cores are contended
-//! the scheduler runs QEMU first, and the archive work takes what is left; when they are
-//! not, nice changes nothing. `--nice 0` trades the guest's latency for speed.
+//! during the backup (by 11–23% in five runs on an idle host, more on a busy one): when
+//! the cores are contended the scheduler runs QEMU first, and the archive work takes what
+//! is left; when they are not, nice changes nothing. What it costs in throughput is not
+//! settled: 6–35% less than nice 0 where nice 0 ran just before it, but nothing beyond
+//! the run-to-run spread (about ±15%) when the two alternated.
 
 use std::io;
 

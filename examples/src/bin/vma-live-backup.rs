@@ -113,8 +113,8 @@ struct Cli {
     x_perf: XPerfArg,
     /// Run the backup at this nice value (0 to 19; 0 keeps the priority it was started
     /// with): below the guest, so that on contended cores QEMU's vCPUs and the guest's
-    /// copy-before-write pushes run first (which costs the backup speed when the cores
-    /// are contended). Never raises the priority
+    /// copy-before-write pushes run first (which may cost the backup speed when the
+    /// cores are contended). Never raises the priority
     #[arg(
         long,
         value_name = "N",
