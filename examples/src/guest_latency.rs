@@ -510,9 +510,8 @@ pub struct Phase {
     pub copied: bool,
     /// Every write the guest made meanwhile.
     pub latency: Latency,
-    /// Backups: the writes while the copy ran, to clusters not yet copied
-    /// and already copied, and how many could not be told.
-    pub split: Option<(Latency, Latency, u64)>,
+    /// Backups: the writes while the copy ran, by where they went.
+    pub split: Option<SplitLatency>,
     /// Our backups: the most bytes of pushes their buffer held at once.
     pub push_peak: Option<u64>,
     /// Our backups with a push buffer: the copy-before-write pushes our
@@ -524,6 +523,17 @@ pub struct Phase {
     /// for it (`stop` to `cont`). The guest's clock stands still meanwhile, so
     /// the probe cannot see it.
     pub paused: Option<Duration>,
+}
+
+/// The figures of a [`Split`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SplitLatency {
+    /// Writes to clusters not yet copied.
+    pub ahead: Latency,
+    /// Writes to clusters already copied.
+    pub behind: Latency,
+    /// First writes that could not be told.
+    pub unsure: u64,
 }
 
 /// The figures `--measure-guest` prints.
@@ -589,7 +599,12 @@ impl fmt::Display for GuestLatency {
         )?;
         writeln!(f, "|---|---|---|---|---|---|---|---|---|---|---|")?;
         for p in &self.phases {
-            let Some((ahead, behind, unsure)) = &p.split else {
+            let Some(SplitLatency {
+                ahead,
+                behind,
+                unsure,
+            }) = &p.split
+            else {
                 continue;
             };
             writeln!(
@@ -801,11 +816,11 @@ impl Rounds {
             time: self.time,
             copied: true,
             latency: Latency::of(self.all),
-            split: Some((
-                Latency::of(self.split.ahead),
-                Latency::of(self.split.behind),
-                self.split.unsure,
-            )),
+            split: Some(SplitLatency {
+                ahead: Latency::of(self.split.ahead),
+                behind: Latency::of(self.split.behind),
+                unsure: self.split.unsure,
+            }),
             push_peak: self.push_peak,
             pushes: self.pushes,
             paused: self.paused,
