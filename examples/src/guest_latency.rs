@@ -632,12 +632,6 @@ pub fn run(size_mib: u64, rounds: u32, cancel: Arc<AtomicBool>) -> Result<GuestL
     let size = size_mib << 20;
     let (dir, mut g, data) = boot_probing("vma-live-latency-", size)?;
     let mut phases = Vec::new();
-    let stop = |c: &AtomicBool| -> Result<()> {
-        if c.load(Ordering::SeqCst) {
-            return Err("interrupted".into());
-        }
-        Ok(())
-    };
 
     phases.push(idle(&mut g, "no backup")?);
     stop(&cancel)?;
@@ -691,6 +685,14 @@ pub fn run(size_mib: u64, rounds: u32, cancel: Arc<AtomicBool>) -> Result<GuestL
     phases.push(idle(&mut g, "no backup again")?);
     g.poweroff()?;
     Ok(GuestLatency { size, phases })
+}
+
+/// Ends the measurement if `cancel` is set (Ctrl-C).
+fn stop(cancel: &AtomicBool) -> Result<()> {
+    if cancel.load(Ordering::SeqCst) {
+        return Err("interrupted".into());
+    }
+    Ok(())
 }
 
 /// Boots the guest in a new temporary directory named from `prefix`, with a
@@ -1025,9 +1027,7 @@ impl Stock {
             let file = std::fs::File::open(&target)?;
             let index = probed.first_after(|buf, at| Ok(file.read_exact_at(buf, at)?))?;
             pooled.add(&probed, index, &trace, trace.time, None);
-            if cancel.load(Ordering::SeqCst) {
-                return Err("interrupted".into());
-            }
+            stop(cancel)?;
         }
         Ok(pooled)
     }
